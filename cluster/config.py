@@ -150,6 +150,7 @@ class TrainingConfig:
     lr: float = doc("Peak learning rate.", 2e-5)
     epochs: int = doc("Epochs per training phase.", 1)
     micro_batch_size: int = doc("Sequences per rank per micro step (pairs for SPIN).", 4)
+    max_tokens_per_batch: int = doc("Padded-token budget of a micro step (0 = no budget).", 0)
     grad_accum: int = doc("Micro steps per optimizer step.", 1)
     max_length: int = doc("Longest prompt + response in tokens; longer sequences are truncated and counted.", 512)
     max_prompt_length: int = doc("Longest prompt in tokens (left part kept by truncating from the left).", 256)
@@ -158,6 +159,7 @@ class TrainingConfig:
     optimizer: Literal["adamw", "rmsprop"] = doc("Optimizer (SPIN code: RMSprop; LLM2LLM: AdamW).", "adamw")
     weight_decay: float = doc("Weight decay.", 0.0)
     grad_clip: float = doc("Gradient clipping norm.", 1.0)
+    threads_per_worker: int = doc("torch intra-op threads per training worker (0 = the worker's CPUs).", 0)
     checkpoint_every: int = doc("Optimizer steps between resumable DeepSpeed checkpoints (0 = only at end).", 0)
     deepspeed: DeepSpeedConfig = doc("DeepSpeed section.", factory=DeepSpeedConfig)
 

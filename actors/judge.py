@@ -1,0 +1,196 @@
+"""One verdict interface for every method: rule verifiers where the task has a checkable answer, an LLM
+judge on the judge pool otherwise.
+
+Design note: parsing and verifying are pure functions (unit-tested on adversarial outputs); ``Judge``
+only decides which one applies and batches LLM calls through an ``EnginePool``. Output that cannot be
+parsed is the verdict ``unknown`` and is counted, never raised. Prompts live in ``actors/prompts/``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from cluster.data import meta, prompt_text
+
+YES, NO, UNKNOWN = "yes", "no", "unknown"
+WIN, LOSE, TIE = "win", "lose", "tie"
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def _to_number(text: str) -> float | None:
+    cleaned = text.replace(",", "").replace("$", "").rstrip(".")
+    try:
+        return float(cleaned)
+    except ValueError:
+        return None
+
+
+def extract_final_number(response: str) -> float | None:
+    """GSM8K/MATH-style final answer: the number after the last '####' (or 'answer is'), else the last number."""
+    for marker in ("####", "answer is", "Answer:"):
+        if marker in response:
+            tail = response.rsplit(marker, 1)[1]
+            match = _NUMBER.search(tail)
+            if match:
+                return _to_number(match.group())
+    numbers = _NUMBER.findall(response)
+    return _to_number(numbers[-1]) if numbers else None
+
+
+def verify_number(response: str, label: str) -> str:
+    gold = _to_number(label)
+    got = extract_final_number(response)
+    if gold is None or got is None:
+        return NO
+    return YES if abs(got - gold) < 1e-6 else NO
+
+
+def extract_label(response: str, labels: list[str]) -> str | None:
+    """The label word the response commits to: the first one it mentions (whole word, any case)."""
+    lowered = response.lower()
+    hits = []
+    for label in labels:
+        match = re.search(rf"\b{re.escape(label.lower())}\b", lowered)
+        if match:
+            hits.append((match.start(), label))
+    return min(hits)[1] if hits else None
+
+
+def verify_label(response: str, label: str, labels: list[str]) -> str:
+    return YES if extract_label(response, labels or [label]) == label else NO
+
+
+_LETTER_PATTERNS = [
+    re.compile(r"answer is\s*:?\s*\(?([A-J])\b"),
+    re.compile(r"^\s*\(?([A-J])[\).:\s]", re.M),
+    re.compile(r"^\s*\(?([A-J])\)?\s*$", re.M),
+    re.compile(r"\(([A-J])\)"),
+]
+
+
+def extract_letter(response: str) -> str | None:
+    for pattern in _LETTER_PATTERNS:
+        match = pattern.search(response)
+        if match:
+            return match.group(1)
+    return None
+
+
+def verify_choice(response: str, label: str, choices: list[str] | None = None) -> str:
+    letter = extract_letter(response)
+    if letter is None and choices:
+        # "The answer is Paris" without a letter: accept the exact choice text when only one appears.
+        found = [i for i, c in enumerate(choices) if c and c.lower() in response.lower()]
+        letter = "ABCDEFGHIJ"[found[0]] if len(found) == 1 else None
+    return YES if letter == label else NO
+
+
+def rule_verdict(row: dict, response: str) -> str | None:
+    """Verdict of the task's rule verifier, or None when the task has none."""
+    task, label = row.get("task", "none"), row.get("label", "")
+    if not label:
+        return None
+    if task == "gsm8k":
+        return verify_number(response, label)
+    if task == "classification":
+        return verify_label(response, label, meta(row).get("labels", []))
+    if task == "multiple_choice":
+        return verify_choice(response, label, meta(row).get("choices"))
+    return None
+
+
+def parse_yes_no(text: str) -> str:
+    """'Verdict: yes' / 'Verdict: no'; a bare yes/no as last word; anything ambiguous is unknown."""
+    verdicts = re.findall(r"verdict\s*[:\-]?\s*\**\s*(yes|no)\b", text, re.I)
+    if verdicts:
+        return verdicts[-1].lower() if len({v.lower() for v in verdicts}) == 1 else UNKNOWN
+    words = set(re.findall(r"\b(yes|no)\b", text.lower()))
+    return words.pop() if len(words) == 1 else UNKNOWN
+
+
+def parse_preference(text: str) -> str:
+    """'Verdict: A' / 'B' / 'tie' -> 'A', 'B', 'tie' or unknown."""
+    verdicts = re.findall(r"verdict\s*[:\-]?\s*\**\s*(A|B|tie)\b", text, re.I)
+    values = {v.upper() if v.lower() != "tie" else "tie" for v in verdicts}
+    return values.pop() if len(values) == 1 else UNKNOWN
+
+
+def combine_orders(first: str, swapped: str) -> str:
+    """A-vs-B asked as (A, B) and (B, A): agreement wins, disagreement or a tie is a tie."""
+    if UNKNOWN in (first, swapped):
+        return UNKNOWN
+    forward = {"A": WIN, "B": LOSE, "tie": TIE}[first]
+    backward = {"A": LOSE, "B": WIN, "tie": TIE}[swapped]
+    return forward if forward == backward else TIE
+
+
+def load_prompt(prompts_dir: str | Path, name: str) -> str:
+    path = Path(prompts_dir)
+    if not path.is_absolute():
+        path = Path(__file__).resolve().parent.parent / path
+    return (path / f"{name}.txt").read_text()
+
+
+class Judge:
+    """Equivalence (yes/no/unknown) and pairwise preference (win/lose/tie/unknown) for all methods."""
+
+    def __init__(self, kind: str, prompts_dir: str, max_tokens: int, pool=None):
+        self.kind, self.pool, self.max_tokens = kind, pool, max_tokens
+        self.equivalence_prompt = load_prompt(prompts_dir, "equivalence")
+        self.pairwise_prompt = load_prompt(prompts_dir, "pairwise")
+        self.counts: Counter = Counter()
+
+    def needs_llm(self, rows: list[dict]) -> bool:
+        return self.kind == "llm" or (self.kind == "auto" and any(rule_verdict(r, "") is None for r in rows))
+
+    def equivalent(self, items: list[dict]) -> dict[str, str]:
+        """items: {id, row (the dataset record), response} -> {id: yes/no/unknown}."""
+        verdicts: dict[str, str] = {}
+        llm_items = []
+        for item in items:
+            verdict = None if self.kind == "llm" else rule_verdict(item["row"], item["response"])
+            if verdict is None:
+                llm_items.append(item)
+            else:
+                verdicts[item["id"]] = verdict
+                self.counts[f"rule_{verdict}"] += 1
+        if llm_items:
+            if self.pool is None:
+                raise RuntimeError("judge: these rows have no rule verifier and no judge pool was started")
+            from actors.engine import Sampling
+
+            requests = [{"id": it["id"], "messages": [{"role": "user", "content": self.equivalence_prompt.format(
+                question=prompt_text(it["row"]), reference=it["row"]["reference"], response=it["response"])}]}
+                for it in llm_items]
+            sampling = Sampling(temperature=0.0, max_tokens=self.max_tokens)
+            for out in self.pool.generate_all(requests, sampling, desc="judge").values():
+                verdict = parse_yes_no(out["samples"][0]["text"])
+                verdicts[out["id"]] = verdict
+                self.counts[f"llm_{verdict}"] += 1
+            for it in llm_items:  # rows whose judge request failed twice
+                if it["id"] not in verdicts:
+                    verdicts[it["id"]] = UNKNOWN
+                    self.counts["llm_failed"] += 1
+        return verdicts
+
+    def compare(self, items: list[dict]) -> dict[str, str]:
+        """items: {id, question, a, b} -> {id: win/lose/tie/unknown} for A, asked in both orders."""
+        from actors.engine import Sampling
+
+        requests = []
+        for it in items:
+            for order, (x, y) in (("ab", (it["a"], it["b"])), ("ba", (it["b"], it["a"]))):
+                text = self.pairwise_prompt.format(question=it["question"], a=x, b=y)
+                requests.append({"id": f"{it['id']}::{order}", "messages": [{"role": "user", "content": text}]})
+        outputs = self.pool.generate_all(requests, Sampling(temperature=0.0, max_tokens=self.max_tokens),
+                                         desc="judge pairwise")
+        results = {}
+        for it in items:
+            parsed = [parse_preference(outputs[f"{it['id']}::{o}"]["samples"][0]["text"])
+                      if f"{it['id']}::{o}" in outputs else UNKNOWN for o in ("ab", "ba")]
+            results[it["id"]] = combine_orders(*parsed)
+            self.counts[f"pairwise_{results[it['id']]}"] += 1
+        return results

@@ -1,0 +1,209 @@
+"""LLM roles as Ray actors, and a driver-side pool that spreads work across a role's replicas.
+
+Design note: ``LLMActor`` is thin: it owns one engine (actors/engine.py), renders chat prompts with the
+model's template and times its own busy seconds. ``EnginePool`` is the driver's view of one pool
+(generator, judge or teacher): it sends batches of rows to free replicas, yields results batch by batch
+as they finish (so judging can start before generation ends), retries a batch once when its replica died
+(Ray restarts the actor, max_restarts from config; we reload the current weights into it), and reports
+rows whose batch failed twice instead of failing the whole call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from tqdm import tqdm
+
+from actors.engine import Sampling, build_engine, render_prompt, response_ids
+from cluster.config import EngineConfig, PoolConfig
+from cluster.pools import actor_options, check_pool_fits, wait_ready
+
+log = logging.getLogger(__name__)
+
+
+class LLMActor:
+    """One engine replica. Rows in: ``{"id", "messages"}``; dicts with text, token ids and log-probs out."""
+
+    def __init__(self, role: str, model_path: str, engine: dict, tensor_parallel_size: int = 1,
+                 seed: int = 0, trust_remote_code: bool = False):
+        self.role = role
+        options = dict(engine)
+        backend = options.pop("backend")
+        options.pop("batch_size", None)
+        if backend == "hf":
+            options = {"dtype": options["dtype"]}
+        else:
+            options.update(tensor_parallel_size=tensor_parallel_size, seed=seed)
+        start = time.perf_counter()
+        self.engine = build_engine(backend, model_path, trust_remote_code=trust_remote_code, **options)
+        self.build_s = time.perf_counter() - start
+        self.tokenizer = self.engine.tokenizer
+        self.busy_s = 0.0
+
+    def ready(self) -> dict:
+        import os
+
+        return {"role": self.role, "pid": os.getpid(), "build_s": self.build_s, "model": self.engine.model_path}
+
+    def generate(self, rows: list[dict], sampling: dict) -> list[dict]:
+        start = time.perf_counter()
+        prompts = [render_prompt(self.tokenizer, row["messages"]) for row in rows]
+        outputs = self.engine.generate(prompts, Sampling(**sampling))
+        results = []
+        for row, prompt, completions in zip(rows, prompts, outputs):
+            results.append({
+                "id": row["id"],
+                "prompt_tokens": len(prompt),
+                "samples": [{"text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
+                             "finish_reason": c.finish_reason, "truncated": c.truncated} for c in completions],
+            })
+        self.busy_s += time.perf_counter() - start
+        return results
+
+    def score(self, rows: list[dict], sampling: dict | None = None) -> list[dict]:
+        """Per-token log-probs of ``row["response"]`` given ``row["messages"]``."""
+        start = time.perf_counter()
+        prompts = [render_prompt(self.tokenizer, row["messages"]) for row in rows]
+        responses = [response_ids(self.tokenizer, row["response"]) for row in rows]
+        scores = self.engine.score(prompts, responses)
+        self.busy_s += time.perf_counter() - start
+        return [{"id": row["id"], "logprobs": s} for row, s in zip(rows, scores)]
+
+    def load_weights(self, path: str) -> float:
+        return self.engine.load_weights(path)
+
+    def stats(self) -> dict:
+        return {"busy_s": self.busy_s}
+
+
+@dataclass
+class PoolStats:
+    started: float = field(default_factory=time.monotonic)
+    busy_s: float = 0.0
+    output_tokens: int = 0
+    generate_s: float = 0.0
+    failed_rows: list[str] = field(default_factory=list)
+    retried_batches: int = 0
+    weight_loads: list[float] = field(default_factory=list)
+
+    def idle_s(self, replicas: int) -> float:
+        return max(0.0, (time.monotonic() - self.started) * replicas - self.busy_s)
+
+
+class EnginePool:
+    """The driver's handle on one role's replicas."""
+
+    def __init__(self, role: str, model_path: str, pool: PoolConfig, engine: EngineConfig, timeout_s: float,
+                 seed: int = 0, trust_remote_code: bool = False):
+        check_pool_fits(role, pool)
+        self.role, self.pool, self.batch_size = role, pool, engine.batch_size
+        self.model_path = model_path
+        env = {}
+        if engine.backend == "vllm" and pool.num_gpus == 0:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(engine.kv_cache_gib)))
+        remote = ray.remote(LLMActor)
+        engine_dict = {k: getattr(engine, k) for k in engine.__dataclass_fields__}
+        self.actors = [
+            remote.options(**actor_options(pool, extra_env=env)).remote(
+                role, model_path, engine_dict, pool.tensor_parallel_size, seed + i, trust_remote_code)
+            for i in range(pool.replicas)
+        ]
+        self.info = wait_ready(role, [a.ready.remote() for a in self.actors], timeout_s, pool)
+        self.stats = PoolStats()
+
+    # -- work ------------------------------------------------------------------------------------------
+
+    def _batches(self, rows: list[dict]) -> list[list[dict]]:
+        return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+
+    def map(self, method: str, rows: list[dict], args: dict | None = None, desc: str | None = None,
+            progress: bool = True) -> Iterator[list[dict]]:
+        """Run ``actor.<method>(batch, args)`` over all rows; yield each finished batch's results.
+
+        One batch in flight per replica keeps every replica busy without queueing work on a replica
+        that might die. A batch whose replica died is retried once (on the restarted replica); a batch
+        that fails twice is reported in ``stats.failed_rows`` and skipped.
+        """
+        pending = [(batch, 0) for batch in self._batches(rows)]
+        in_flight: dict[Any, tuple[int, list[dict], int, float]] = {}
+        free = list(range(len(self.actors)))
+        bar = tqdm(total=len(rows), desc=desc or f"{self.role}.{method}", disable=not progress, leave=False)
+        start = time.perf_counter()
+        tokens = 0
+        try:
+            while pending or in_flight:
+                while pending and free:
+                    replica = free.pop(0)
+                    batch, attempt = pending.pop(0)
+                    ref = getattr(self.actors[replica], method).remote(batch, args)
+                    in_flight[ref] = (replica, batch, attempt, time.perf_counter())
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                ref = done[0]
+                replica, batch, attempt, sent = in_flight.pop(ref)
+                try:
+                    results = ray.get(ref)
+                except (RayActorError, RayTaskError) as err:
+                    self._recover(replica)
+                    free.append(replica)
+                    if attempt == 0:
+                        self.stats.retried_batches += 1
+                        log.warning("%s replica %d failed a batch (%s); retrying it once", self.role, replica,
+                                    type(err).__name__)
+                        pending.insert(0, (batch, 1))
+                    else:
+                        ids = [row["id"] for row in batch]
+                        self.stats.failed_rows.extend(ids)
+                        log.error("%s: batch failed twice, rows %s reported and skipped: %s", self.role, ids, err)
+                    continue
+                free.append(replica)
+                self.stats.busy_s += time.perf_counter() - sent
+                new_tokens = sum(len(s["token_ids"]) for r in results for s in r.get("samples", []))
+                tokens += new_tokens
+                self.stats.output_tokens += new_tokens
+                bar.update(len(batch))
+                elapsed = time.perf_counter() - start
+                if tokens:
+                    bar.set_postfix(tok_s=f"{tokens / elapsed:.0f}")
+                yield results
+        finally:
+            bar.close()
+            self.stats.generate_s += time.perf_counter() - start
+
+    def generate(self, rows: list[dict], sampling: Sampling, desc: str | None = None) -> Iterator[list[dict]]:
+        yield from self.map("generate", rows, sampling.as_dict(), desc)
+
+    def generate_all(self, rows: list[dict], sampling: Sampling, desc: str | None = None) -> dict[str, dict]:
+        return {r["id"]: r for batch in self.generate(rows, sampling, desc) for r in batch}
+
+    def score_all(self, rows: list[dict]) -> dict[str, list[float]]:
+        return {r["id"]: r["logprobs"] for batch in self.map("score", rows, None, progress=False) for r in batch}
+
+    def _recover(self, replica: int) -> None:
+        """After a failure: wait for Ray's restart, then put the current weights back."""
+        actor = self.actors[replica]
+        try:
+            info = ray.get(actor.ready.remote(), timeout=600)
+        except Exception as err:  # restarts exhausted: the replica stays failed, later batches report it
+            log.error("%s replica %d did not come back: %s", self.role, replica, err)
+            return
+        if info["model"] != self.model_path:
+            ray.get(actor.load_weights.remote(self.model_path))
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def load_weights(self, path: str) -> float:
+        """Load a new checkpoint into every replica in place; returns the slowest replica's seconds."""
+        seconds = max(ray.get([a.load_weights.remote(path) for a in self.actors]))
+        self.model_path = path
+        self.stats.weight_loads.append(seconds)
+        return seconds
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

@@ -1,0 +1,117 @@
+"""Teacher prompt families: LLM2LLM augmentation and S3FT paraphrase.
+
+Design note: prompt building, output parsing and ROUGE-L near-duplicate filtering are pure functions;
+``Teacher`` batches requests through an ``EnginePool`` and asks again (up to ``max_attempts``) for the
+examples a reply did not deliver. ROUGE-L comes from Google's ``rouge-score`` package, the implementation
+the LLM2LLM code uses.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from actors.judge import load_prompt
+from cluster.data import prompt_text, record
+
+_PAIR = re.compile(r"Question\s*(\d+)\s*:\s*(.*?)\s*Answer\s*\1\s*:\s*(.*?)(?=\n\s*Question\s*\d+\s*:|\Z)", re.S | re.I)
+
+
+def augmentation_messages(prompts_dir: str, question: str, reference: str, k: int) -> list[dict]:
+    """System job description, one worked example exchange, then the seed question and answer key."""
+    return [
+        {"role": "system", "content": load_prompt(prompts_dir, "augment_system").strip()},
+        {"role": "user", "content": load_prompt(prompts_dir, "augment_example_user").strip()},
+        {"role": "assistant", "content": load_prompt(prompts_dir, "augment_example_assistant").strip()},
+        {"role": "user", "content": load_prompt(prompts_dir, "augment_user").strip().format(
+            question=question, reference=reference, k=k)},
+    ]
+
+
+def parse_augmentations(text: str) -> list[tuple[str, str]]:
+    """'Question i: ... Answer i: ...' blocks -> [(question, answer)]; incomplete blocks are dropped."""
+    pairs = []
+    for _, question, answer in _PAIR.findall(text):
+        question, answer = question.strip(), answer.strip()
+        if question and answer:
+            pairs.append((question, answer))
+    return pairs
+
+
+@lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(a: str, b: str) -> float:
+    return _scorer().score(a, b)["rougeL"].fmeasure
+
+
+def is_near_duplicate(question: str, existing: list[str], threshold: float) -> bool:
+    return any(rouge_l(question, other) > threshold for other in existing)
+
+
+def paraphrase_messages(prompts_dir: str, row: dict) -> list[dict]:
+    text = load_prompt(prompts_dir, "paraphrase").format(question=prompt_text(row), reference=row["reference"])
+    return [{"role": "user", "content": text}]
+
+
+def new_example(seed: dict, question: str, answer: str, index: int, iteration: int) -> dict:
+    """A teacher-made record: keeps the seed's task and instruction suffix, never eligible for augmentation."""
+    seed_prompt = prompt_text(seed)
+    suffix = ""
+    for marker in ("\n\nSolve the problem", "\n\nAnswer with", "\nAnswer yes or no"):
+        if marker in seed_prompt:
+            suffix = seed_prompt[seed_prompt.index(marker):]
+    from actors.judge import extract_final_number
+
+    label = ""
+    if seed["task"] == "gsm8k":
+        number = extract_final_number(answer)
+        label = "" if number is None else f"{number:g}"
+    return record(f"{seed['id']}-aug{iteration}-{index}", question + suffix, answer, label, seed["task"],
+                  origin="teacher", seed_id=seed["id"], iteration=iteration)
+
+
+class Teacher:
+    def __init__(self, pool, prompts_dir: str, k: int, temperature: float, top_p: float, max_tokens: int,
+                 rouge_threshold: float, max_attempts: int, seed: int = 0):
+        self.pool, self.prompts_dir, self.k = pool, prompts_dir, k
+        self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
+        self.rouge_threshold, self.max_attempts, self.seed = rouge_threshold, max_attempts, seed
+        self.stats = {"requested": 0, "parsed": 0, "duplicates": 0, "missing": 0, "unparseable_replies": 0}
+
+    def augment(self, wrong_seeds: list[dict], existing_questions: list[str], iteration: int) -> list[dict]:
+        """k new examples per wrong seed, near-duplicates of anything so far dropped, missing ones re-asked."""
+        from actors.engine import Sampling
+
+        existing = list(existing_questions)
+        made: dict[str, list[dict]] = {s["id"]: [] for s in wrong_seeds}
+        by_id = {s["id"]: s for s in wrong_seeds}
+        self.stats["requested"] += self.k * len(wrong_seeds)
+        for attempt in range(self.max_attempts):
+            todo = [s for s in wrong_seeds if len(made[s["id"]]) < self.k]
+            if not todo:
+                break
+            requests = [{"id": s["id"], "messages": augmentation_messages(
+                self.prompts_dir, prompt_text(s), s["reference"], self.k - len(made[s["id"]]))} for s in todo]
+            sampling = Sampling(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                                seed=self.seed + 1000 * iteration + attempt)
+            for out in self.pool.generate_all(requests, sampling, desc=f"teacher augment {attempt}").values():
+                seed = by_id[out["id"]]
+                pairs = parse_augmentations(out["samples"][0]["text"])
+                if not pairs:
+                    self.stats["unparseable_replies"] += 1
+                for question, answer in pairs:
+                    if len(made[seed["id"]]) >= self.k:
+                        break
+                    self.stats["parsed"] += 1
+                    if is_near_duplicate(question, existing, self.rouge_threshold):
+                        self.stats["duplicates"] += 1
+                        continue
+                    existing.append(question)
+                    made[seed["id"]].append(new_example(seed, question, answer, len(made[seed["id"]]), iteration))
+        self.stats["missing"] += sum(self.k - len(v) for v in made.values())
+        return [example for seed in wrong_seeds for example in made[seed["id"]]]

@@ -1,0 +1,86 @@
+"""Examples -> token sequences -> micro-batches, the same way on every rank.
+
+The prompt is rendered with ``render_prompt`` (the generator's own function) so the trainer sees exactly
+the tokens the generator saw; the response gets the end-of-turn token. Prompts longer than
+``max_prompt_length`` keep their last tokens, responses are cut to fit ``max_length``; both are counted.
+Micro-batches are built once, globally, by sequence count and a padded-token budget, then dealt to ranks
+round-robin; a rank short of one micro-batch gets a zero-weight copy so every rank runs the same number
+of ZeRO-3 collectives.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from actors.engine import render_prompt, response_ids
+from training.losses import IGNORE
+
+
+@dataclass
+class Sequence:
+    example_id: str
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TruncationReport:
+    sequences: int = 0
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+
+
+def build_sequence(tokenizer, example_id: str, messages: list[dict], response: str, max_length: int,
+                   max_prompt_length: int, report: TruncationReport) -> Sequence:
+    prompt = render_prompt(tokenizer, messages)
+    answer = response_ids(tokenizer, response)
+    report.sequences += 1
+    if len(prompt) > max_prompt_length:
+        prompt = prompt[-max_prompt_length:]
+        report.prompts_truncated += 1
+    if len(prompt) + len(answer) > max_length:
+        answer = answer[: max_length - len(prompt)]
+        report.responses_truncated += 1
+    return Sequence(example_id, prompt + answer, [IGNORE] * len(prompt) + answer)
+
+
+def micro_batches(n_items: int, lengths: list[int], micro_batch_size: int, max_tokens: int, seed: int,
+                  epoch: int) -> list[list[int]]:
+    """Index groups: shuffled per epoch, at most ``micro_batch_size`` items and ``max_tokens`` padded tokens."""
+    order = list(range(n_items))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = max([lengths[i] for i in current] + [lengths[index]])
+        if current and (len(current) >= micro_batch_size or (max_tokens and longest * (len(current) + 1) > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def deal(batches: list[list[int]], rank: int, world_size: int) -> list[tuple[list[int], float]]:
+    """This rank's micro-batches with weights; zero-weight padding keeps step counts equal across ranks."""
+    mine = [(b, 1.0) for b in batches[rank::world_size]]
+    per_rank = -(-len(batches) // world_size)
+    while len(mine) < per_rank:
+        mine.append((batches[0], 0.0))
+    return mine
+
+
+def collate(sequences: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s.input_ids) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        labels[row, : len(s.labels)] = torch.tensor(s.labels)
+        attention[row, : len(s.input_ids)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}

@@ -1,0 +1,137 @@
+"""The driver's handle on training: one long-lived Ray Train ``TorchTrainer`` fed phase by phase.
+
+``TrainingService.train(spec)`` puts a phase spec on the ``PhaseQueue`` actor and blocks until rank 0
+reports the result, forwarding rank 0's step metrics to the tracker as they arrive. The ``fit()`` runs in
+a background thread for the life of the job; if its workers die, Ray Train restarts the group
+(``FailureConfig``) and the loop resumes the unfinished phase from its DeepSpeed checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import ray
+
+from cluster.config import JobConfig
+from cluster.connect import worker_env
+from cluster.pools import check_pool_fits
+
+
+@ray.remote(num_cpus=0)
+class PhaseQueue:
+    def __init__(self):
+        self.specs: dict[int, dict | None] = {}
+        self.results: dict[int, dict] = {}
+        self.logs: list[dict] = []
+        self.changed = asyncio.Event()
+
+    def _notify(self):
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def put(self, index: int, spec: dict | None) -> None:
+        self.specs[index] = spec
+        self._notify()
+
+    async def get(self, index: int) -> dict | None:
+        while index not in self.specs:
+            await self.changed.wait()
+        return self.specs[index]
+
+    async def first_unfinished(self) -> int:
+        return len(self.results)
+
+    async def done(self, index: int, result: dict) -> None:
+        self.results[index] = result
+        self._notify()
+
+    async def fail(self, index: int, error: str) -> None:
+        self.results[index] = {"error": error}
+        self._notify()
+
+    async def result(self, index: int, timeout: float) -> dict | None:
+        try:
+            while index not in self.results:
+                await asyncio.wait_for(self.changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            return None
+        return self.results[index]
+
+    async def log(self, metrics: dict) -> None:
+        self.logs.append(metrics)
+
+    async def drain_logs(self) -> list[dict]:
+        logs, self.logs = self.logs, []
+        return logs
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class TrainingService:
+    def __init__(self, config: JobConfig, on_metrics: Callable[[dict], None] | None = None):
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from training.worker import train_loop_per_worker
+
+        pool = config.pools.train
+        check_pool_fits("train", pool)
+        self.on_metrics = on_metrics or (lambda m: None)
+        self.queue = PhaseQueue.remote()
+        self.next_index = 0
+        resources = {"CPU": pool.num_cpus, **pool.resources}
+        if pool.num_gpus:
+            resources["GPU"] = pool.num_gpus
+        threads = config.training.threads_per_worker or max(1, int(pool.num_cpus))
+        self.trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"queue": self.queue, "threads": threads, "env": {**worker_env(), **pool.env}},
+            scaling_config=ScalingConfig(num_workers=pool.replicas, use_gpu=pool.num_gpus > 0,
+                                         resources_per_worker=resources,
+                                         label_selector=dict(pool.label_selector) or None),
+            run_config=RunConfig(name="train", storage_path=str(Path(config.run_dir).resolve() / "ray_train"),
+                                 failure_config=FailureConfig(max_failures=pool.max_restarts)),
+        )
+        self.error: BaseException | None = None
+        self.started = time.perf_counter()
+        self.thread = threading.Thread(target=self._fit, daemon=True, name="ray-train-fit")
+        self.thread.start()
+        self.busy_s = 0.0
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as err:  # surfaced to the caller of train()
+            self.error = err
+
+    def train(self, spec: dict) -> dict:
+        index = self.next_index
+        start = time.perf_counter()
+        ray.get(self.queue.put.remote(index, spec))
+        while True:
+            result = ray.get(self.queue.result.remote(index, 2.0))
+            for metrics in ray.get(self.queue.drain_logs.remote()):
+                self.on_metrics(metrics)
+            if result is not None:
+                break
+            if not self.thread.is_alive():
+                raise TrainingError(f"training workers stopped during phase {spec['name']}: {self.error!r}")
+        if "error" in result:
+            raise TrainingError(f"phase {spec['name']} failed on the train pool: {result['error']}")
+        self.next_index += 1
+        self.busy_s += time.perf_counter() - start
+        return result
+
+    def idle_s(self, replicas: int) -> float:
+        return max(0.0, (time.perf_counter() - self.started - self.busy_s) * replicas)
+
+    def shutdown(self) -> None:
+        if self.thread.is_alive():
+            ray.get(self.queue.put.remote(self.next_index, None))
+            self.thread.join(timeout=120)

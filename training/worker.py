@@ -1,0 +1,284 @@
+"""The function every Ray Train worker runs: a long-lived loop that trains one phase per spec it receives.
+
+Design note: Ray Train's ``fit()`` costs 30-45 s of controller, worker and process-group start-up here,
+so a method with many short training phases would spend most of its time starting. Instead one ``fit()``
+lives for the whole job: each rank pulls phase specs from a ``PhaseQueue`` actor, loads the phase's
+starting model (already partitioned, ``HfDeepSpeedConfig``), trains it with DeepSpeed ZeRO-3 on the
+process group Ray Train made (gloo on CPU, NCCL on GPU), writes a consolidated HF folder, and waits for
+the next spec. A phase interrupted mid-way resumes from its last ``save_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.losses import sequence_logps, sft_loss, spin_loss
+from training.sequences import TruncationReport, build_sequence, collate, deal, micro_batches
+
+
+def deepspeed_config(t: dict, world_size: int) -> dict:
+    ds = t["deepspeed"]
+    zero: dict[str, Any] = {"stage": ds["zero_stage"], "overlap_comm": ds["overlap_comm"],
+                            "contiguous_gradients": True}
+    if ds["zero_stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": t["micro_batch_size"],
+        "gradient_accumulation_steps": t["grad_accum"],
+        "gradient_clipping": t["grad_clip"],
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds["bf16"]},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _read_examples(path: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+class PhaseRunner:
+    """Runs one training phase on this rank."""
+
+    def __init__(self, spec: dict, rank: int, world_size: int, log_fn):
+        self.spec, self.rank, self.world_size, self.log = spec, rank, world_size, log_fn
+        self.t = spec["training"]
+        self.phase_dir = Path(spec["phase_dir"])
+        self.ckpt_dir = self.phase_dir / "ckpt"
+
+    def run(self) -> dict:
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.integrations import HfDeepSpeedConfig
+
+        spec, t = self.spec, self.t
+        started = time.perf_counter()
+        torch.manual_seed(spec["seed"])
+        tokenizer = AutoTokenizer.from_pretrained(spec["init_model"])
+        examples = _read_examples(spec["data"])
+        report = TruncationReport()
+        kind = spec["kind"]
+        build = lambda ex, text: build_sequence(tokenizer, ex["id"], ex["messages"], text,  # noqa: E731
+                                                t["max_length"], t["max_prompt_length"], report)
+        if kind == "spin":
+            items = [(build(ex, ex["chosen"]), build(ex, ex["rejected"])) for ex in examples]
+            lengths = [max(len(a.input_ids), len(b.input_ids)) * 2 for a, b in items]
+        else:
+            items = [build(ex, ex["response"]) for ex in examples]
+            lengths = [len(s.input_ids) for s in items]
+
+        deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo / NCCL)
+        ds_config = deepspeed_config(t, self.world_size)
+        dtype = torch.bfloat16 if t["deepspeed"]["bf16"] else torch.float32
+        keep_alive = HfDeepSpeedConfig(ds_config) if t["deepspeed"]["zero_stage"] == 3 else None  # noqa: F841
+        model = AutoModelForCausalLM.from_pretrained(spec["init_model"], dtype=dtype,
+                                                     trust_remote_code=spec.get("trust_remote_code", False))
+        model.config.use_cache = False
+
+        epochs = [deal(micro_batches(len(items), lengths, t["micro_batch_size"], t["max_tokens_per_batch"],
+                                     spec["seed"], e), self.rank, self.world_size) for e in range(t["epochs"])]
+        micro_per_epoch = len(epochs[0])
+        total_steps = max(1, math.ceil(micro_per_epoch * t["epochs"] / t["grad_accum"]))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if t["optimizer"] == "rmsprop":
+            optimizer = torch.optim.RMSprop(params, lr=t["lr"], weight_decay=t["weight_decay"])
+        else:
+            optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, t["warmup_ratio"], t["schedule"]))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+        ref_logps = self._reference_logps(engine, items, lengths, pad_id) if kind == "spin" else None
+
+        start_micro = 0
+        if (self.ckpt_dir / "latest").exists():
+            _, client = engine.load_checkpoint(str(self.ckpt_dir))
+            start_micro = int(client["micro_step"])
+        startup_s = time.perf_counter() - started
+
+        engine.train()
+        micro_step = 0
+        step_tokens, step_start, train_tokens, train_time = 0, time.perf_counter(), 0, 0.0
+        last: dict[str, float] = {}
+        for epoch, plan in enumerate(epochs):
+            for indices, weight in plan:
+                micro_step += 1
+                if micro_step <= start_micro:
+                    continue
+                if kind == "spin":
+                    loss, metrics, tokens = self._spin_step(engine, items, indices, ref_logps, pad_id)
+                else:
+                    loss, metrics, tokens = self._sft_step(engine, items, indices, pad_id)
+                engine.backward(loss * weight)
+                engine.step()
+                step_tokens += tokens if weight else 0
+                if micro_step % t["grad_accum"] == 0 or micro_step == micro_per_epoch * t["epochs"]:
+                    elapsed = time.perf_counter() - step_start
+                    all_tokens = self._sum(step_tokens)
+                    optimizer_step = math.ceil(micro_step / t["grad_accum"])
+                    last = {"loss": self._mean(loss.item()), "lr": scheduler.get_last_lr()[0],
+                            "tokens_per_s": all_tokens / max(elapsed, 1e-9), "step_time_s": elapsed,
+                            "epoch": epoch, "step": optimizer_step,
+                            **{k: self._mean(v) for k, v in metrics.items()}}
+                    train_tokens += all_tokens
+                    train_time += elapsed
+                    if self.rank == 0:
+                        self.log({"phase": spec["name"], **last})
+                    if t["checkpoint_every"] and optimizer_step % t["checkpoint_every"] == 0:
+                        engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{optimizer_step}",
+                                               client_state={"micro_step": micro_step})
+                        self._after_checkpoint(spec)
+                    step_tokens, step_start = 0, time.perf_counter()
+
+        out = self._save(engine, model, tokenizer, spec["output"])
+        if self.rank == 0:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # the HF folder is the phase's result
+        return {"output": out, "steps": total_steps, "resumed_from_micro_step": start_micro,
+                "train_tokens": train_tokens, "train_time_s": train_time,
+                "train_tokens_per_s": train_tokens / max(train_time, 1e-9), "startup_s": startup_s,
+                "wall_s": time.perf_counter() - started, "truncation": report.__dict__, "final": last,
+                "examples": len(items)}
+
+    # -- steps -----------------------------------------------------------------------------------------
+
+    def _sft_step(self, engine, items, indices, pad_id):
+        batch = collate([items[i] for i in indices], pad_id)
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, n_tokens = sft_loss(logits, batch["labels"])
+        return loss, {}, int(batch["attention_mask"].sum())
+
+    def _pair_logps(self, engine, items, indices, pad_id) -> tuple[torch.Tensor, torch.Tensor, int]:
+        sequences = [items[i][0] for i in indices] + [items[i][1] for i in indices]
+        batch = collate(sequences, pad_id)
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps = sequence_logps(logits, batch["labels"])
+        return logps[: len(indices)], logps[len(indices):], int(batch["attention_mask"].sum())
+
+    def _spin_step(self, engine, items, indices, ref_logps, pad_id):
+        real, gen, tokens = self._pair_logps(engine, items, indices, pad_id)
+        ref_real = torch.tensor([ref_logps[items[i][0].example_id][0] for i in indices])
+        ref_gen = torch.tensor([ref_logps[items[i][0].example_id][1] for i in indices])
+        losses, rewards = spin_loss(real, gen, ref_real, ref_gen, self.spec["beta"], self.spec["loss_type"])
+        return losses.mean(), {k: v.mean().item() for k, v in rewards.items()}, tokens
+
+    def _reference_logps(self, engine, items, lengths, pad_id) -> dict[str, tuple[float, float]]:
+        """Frozen reference = the starting weights, evaluated once before training (and kept on disk for resume)."""
+        path = self.phase_dir / "reference_logps.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        import torch.distributed as dist
+
+        plan = deal(micro_batches(len(items), lengths, self.t["micro_batch_size"], self.t["max_tokens_per_batch"],
+                                  self.spec["seed"], 0), self.rank, self.world_size)
+        mine: dict[str, tuple[float, float]] = {}
+        engine.eval()
+        with torch.no_grad():
+            for indices, _ in plan:  # every rank runs every forward: ZeRO-3 gathers collectively
+                real, gen, _ = self._pair_logps(engine, items, indices, pad_id)
+                for i, r, g in zip(indices, real.tolist(), gen.tolist()):
+                    mine[items[i][0].example_id] = (r, g)
+        gathered: list[dict] = [None] * self.world_size  # type: ignore[list-item]
+        dist.all_gather_object(gathered, mine)
+        merged = {k: v for part in gathered for k, v in part.items()}
+        if self.rank == 0:
+            self.phase_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(merged))
+            tmp.rename(path)
+        dist.barrier()
+        return merged
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _after_checkpoint(self, spec: dict) -> None:
+        """Test hook: die right after a given checkpoint (simulates a crash mid-phase)."""
+        crash = os.environ.get("SELFIMPROVE_CRASH_AFTER_CHECKPOINT")
+        if crash and crash == spec["name"]:
+            os._exit(1)
+
+    def _mean(self, value: float) -> float:
+        import torch.distributed as dist
+
+        tensor = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.item() / self.world_size
+
+    def _sum(self, value: float) -> float:
+        import torch.distributed as dist
+
+        tensor = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.item()
+
+    def _save(self, engine, model, tokenizer, output: str) -> str:
+        """Consolidate ZeRO-3 shards (every rank joins the gather); rank 0 writes an HF folder atomically."""
+        import torch.distributed as dist
+
+        state = engine._zero3_consolidated_16bit_state_dict() if self.t["deepspeed"]["zero_stage"] == 3 \
+            else engine.module.state_dict()
+        if self.rank == 0:
+            out = Path(output)
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        dist.barrier()
+        return output
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: serve phase specs from the queue until it says stop."""
+    import ray
+    import ray.train
+
+    os.environ.update(config.get("env", {}))
+    threads = config.get("threads") or 1
+    torch.set_num_threads(threads)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    queue = config["queue"]
+    index = ray.get(queue.first_unfinished.remote())
+    while True:
+        spec = ray.get(queue.get.remote(index))
+        if spec is None:
+            break
+        runner = PhaseRunner(spec, rank, world_size, lambda m: queue.log.remote(m))
+        try:
+            result = runner.run()
+        except Exception as err:
+            if rank == 0:
+                ray.get(queue.fail.remote(index, f"{type(err).__name__}: {err}"))
+            raise
+        if rank == 0:
+            ray.get(queue.done.remote(index, result))
+        index += 1
