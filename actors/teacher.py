@@ -66,13 +66,22 @@ def new_example(seed: dict, question: str, answer: str, index: int, iteration: i
         if marker in seed_prompt:
             suffix = seed_prompt[seed_prompt.index(marker):]
     from actors.judge import extract_final_number
+    from actors.judge import extract_label, extract_letter
+    from cluster.data import meta
 
+    seed_meta = meta(seed)
     label = ""
     if seed["task"] == "gsm8k":
         number = extract_final_number(answer)
         label = "" if number is None else f"{number:g}"
-    return record(f"{seed['id']}-aug{iteration}-{index}", question + suffix, answer, label, seed["task"],
-                  origin="teacher", seed_id=seed["id"], iteration=iteration)
+    elif seed["task"] == "classification":
+        label = extract_label(answer, seed_meta.get("labels", [])) or ""
+    elif seed["task"] == "multiple_choice":
+        label = extract_letter(answer) or ""
+    row = record(f"{seed['id']}-aug{iteration}-{index}", question + suffix, answer, label, seed["task"],
+                 origin="teacher", seed_id=seed["id"], iteration=iteration, labels=seed_meta.get("labels"))
+    row["seed_id"] = seed["id"]  # lineage column: which wrong seed example this was written for
+    return row
 
 
 class Teacher:

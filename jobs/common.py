@@ -1,0 +1,239 @@
+"""Loop machinery shared by the four method drivers: the single controller's handles on its pools.
+
+``Controller`` owns the run folder, the Ray connection and the role pools (started lazily: a method that
+never needs a teacher never places one), and offers the few operations every driver is written in:
+``generate``, ``judge``, ``train`` and ``evaluate``, each a resumable phase whose rows land in Parquet
+with lineage (source id, model, iteration, sampling settings, verdict).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+from actors.engine import Sampling
+from actors.judge import Judge
+from actors.llm_actor import EnginePool
+from actors.teacher import Teacher
+from cluster.config import ConfigError, JobConfig, SamplingConfig, load_config, to_dict
+from cluster.connect import connect
+from cluster.data import load_dataset, split, take
+from cluster.models import resolve_model
+from cluster.tracking import Run
+
+log = logging.getLogger("selfimprove")
+
+
+def parse_args(method: str, argv: list[str] | None = None) -> JobConfig:
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{method}",
+                                     description=f"Run the {method} job. Overrides: section.key=value")
+    parser.add_argument("--config", default=f"configs/{method}.yaml")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, [f"run.method={method}", *args.overrides])
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return config
+
+
+def wilson_ci95(correct: int, n: int) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 0.0)
+    z, p = 1.96, correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+class Controller:
+    def __init__(self, config: JobConfig):
+        self.config = config
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        self.run = Run(config)
+        where = connect(config.cluster)
+        log.info("Ray: %s; run folder %s", where, self.run.dir)
+        self.base_model = resolve_model(config.model.name, config.model.cache_dir)
+        self._pools: dict[str, EnginePool] = {}
+        self._trainer = None
+        self._judge: Judge | None = None
+
+    # -- data ------------------------------------------------------------------------------------------
+
+    def datasets(self) -> tuple[list[dict], list[dict]]:
+        """(train, eval) rows: deterministic in the seed; malformed rows reported and skipped."""
+        c = self.config.data
+        rows, report = load_dataset(c.train)
+        log.info("data %s", report)
+        self.run.metric("data/malformed_rows", report.malformed)
+        if c.eval:
+            train = rows
+            eval_rows, eval_report = load_dataset(c.eval)
+            log.info("data %s", eval_report)
+        else:
+            train, eval_rows = split(rows, self.config.run.seed, c.eval_fraction)
+        train, eval_rows = take(train, c.n_train, self.config.run.seed), take(eval_rows, c.n_eval, self.config.run.seed)
+        if not train:
+            raise ValueError(f"data.train: {c.train!r} yielded no usable training rows ({report})")
+        return train, eval_rows
+
+    # -- pools -----------------------------------------------------------------------------------------
+
+    def pool(self, role: str, model: str | None = None) -> EnginePool:
+        if role not in self._pools:
+            c = self.config
+            path = resolve_model(model, c.model.cache_dir) if model else self.base_model
+            self._pools[role] = EnginePool(role, path, getattr(c.pools, role), c.engine, c.cluster.ready_timeout_s,
+                                           seed=c.run.seed, trust_remote_code=c.model.trust_remote_code)
+            log.info("pool %s ready: %s", role, self._pools[role].info)
+        return self._pools[role]
+
+    @property
+    def generator(self) -> EnginePool:
+        return self.pool("generator")
+
+    def use_generator_weights(self, model_path: str) -> None:
+        pool = self.generator
+        if pool.model_path != model_path:
+            seconds = pool.load_weights(model_path)
+            log.info("generator loaded %s in %.1f s", model_path, seconds)
+            self.run.log({"weight_load_s": seconds})
+
+    @property
+    def judge(self) -> Judge:
+        if self._judge is None:
+            c = self.config.judge
+            self._judge = Judge(c.kind, c.prompts_dir, c.max_tokens)
+        return self._judge
+
+    def judge_pool_for(self, rows: list[dict]) -> None:
+        """Place the judge pool only when some rows need an LLM judge."""
+        if self.judge.pool is None and self.judge.needs_llm(rows):
+            self.judge.pool = self.pool("judge", self.config.judge.model)
+
+    def teacher(self) -> Teacher:
+        c = self.config.teacher
+        return Teacher(self.pool("teacher", c.model), self.config.judge.prompts_dir, c.k, c.temperature, c.top_p,
+                       c.max_tokens, c.rouge_threshold, c.max_attempts, self.config.run.seed)
+
+    @property
+    def trainer(self):
+        if self._trainer is None:
+            from training.service import TrainingService
+
+            self._trainer = TrainingService(self.config, on_metrics=lambda m: self.run.log(
+                {f"train/{k}": v for k, v in m.items() if isinstance(v, (int, float))}))
+        return self._trainer
+
+    # -- operations ------------------------------------------------------------------------------------
+
+    def sampling(self, section: SamplingConfig, salt: int = 0, **overrides) -> Sampling:
+        return Sampling.from_config(section, seed=self.config.run.seed * 7919 + salt, **overrides)
+
+    def generate(self, name: str, rows: list[dict], sampling: Sampling, iteration: int = 0,
+                 pool: EnginePool | None = None) -> dict[str, dict]:
+        """A resumable generation phase: {row id: {response, ...lineage}} (first sample; all in 'samples')."""
+        pool = pool or self.generator
+        settings = json.dumps(sampling.as_dict())
+
+        def process(todo: list[dict]):
+            for batch in pool.generate(todo, sampling, desc=name):
+                yield [{"id": out["id"], "source_id": out["id"], "iteration": iteration, "model": pool.model_path,
+                        "sampling": settings, "response": out["samples"][0]["text"],
+                        "samples": [s["text"] for s in out["samples"]],
+                        "finish_reason": out["samples"][0]["finish_reason"],
+                        "truncated": out["samples"][0]["truncated"],
+                        "response_tokens": len(out["samples"][0]["token_ids"])} for out in batch]
+
+        outputs = self.run.row_phase(name, rows, process)
+        failed = [r["id"] for r in rows if r["id"] not in {o["id"] for o in outputs}]
+        if failed:
+            log.warning("%s: %d rows failed twice and are reported, not retried: %s", name, len(failed), failed[:10])
+        return {o["id"]: o for o in outputs}
+
+    def judge_equivalence(self, name: str, rows: list[dict], responses: dict[str, str]) -> dict[str, str]:
+        """A resumable judging phase: {row id: yes/no/unknown}."""
+        self.judge_pool_for(rows)
+        by_id = {r["id"]: r for r in rows}
+
+        def process(todo: list[dict]):
+            items = [{"id": r["id"], "row": r, "response": responses[r["id"]]} for r in todo if r["id"] in responses]
+            verdicts = self.judge.equivalent(items)
+            yield [{"id": k, "verdict": v, "judge": self.config.judge.kind} for k, v in verdicts.items()]
+
+        out = self.run.row_phase(name, [r for r in by_id.values() if r["id"] in responses], process)
+        verdicts = {o["id"]: o["verdict"] for o in out}
+        unknown = sum(v == "unknown" for v in verdicts.values())
+        if unknown:
+            log.warning("%s: %d verdicts could not be parsed (counted as unknown)", name, unknown)
+        self.run.metric(f"{name}/unknown_verdicts", unknown)
+        return verdicts
+
+    def train(self, name: str, kind: str, init_model: str, examples: list[dict], **extra) -> str:
+        """A training phase (SFT or SPIN) on the train pool; returns the HF folder it wrote."""
+        output = self.run.model_dir(name)
+
+        def run() -> dict:
+            data = self.run.write_rows(f"{name}-data", examples)
+            spec = {"name": name, "kind": kind, "init_model": init_model, "data": data,
+                    "phase_dir": self.run.phase_dir(f"{name}-train"), "output": output,
+                    "training": to_dict(self.config)["training"], "seed": self.config.run.seed,
+                    "trust_remote_code": self.config.model.trust_remote_code, **extra}
+            result = self.trainer.train(spec)
+            log.info("trained %s: %d steps, %.0f tok/s, truncation %s", name, result["steps"],
+                     result["train_tokens_per_s"], result["truncation"])
+            return result
+
+        result = self.run.once(name, run)
+        self.run.metric(f"{name}/train_tokens_per_s", round(result["train_tokens_per_s"], 1))
+        return result["output"]
+
+    def evaluate(self, name: str, rows: list[dict], model_path: str) -> float:
+        """Greedy answers from ``model_path`` on ``rows``, judged; accuracy with a 95% Wilson interval."""
+        if not rows:
+            return float("nan")
+        self.use_generator_weights(model_path)
+        outputs = self.generate(f"{name}-answers", rows, self.sampling(self.config.evaluation))
+        verdicts = self.judge_equivalence(f"{name}-verdicts", rows, {k: v["response"] for k, v in outputs.items()})
+        correct = sum(v == "yes" for v in verdicts.values())
+        accuracy = correct / len(rows)
+        low, high = wilson_ci95(correct, len(rows))
+        self.run.metric(f"{name}/accuracy", accuracy)
+        self.run.metric(f"{name}/ci95", [round(low, 4), round(high, 4)])
+        self.run.table(f"samples/{name}", [{"id": r["id"], "prompt": r["messages"][-1]["content"],
+                                            "reference": r["reference"], "response": outputs.get(r["id"], {}).get("response"),
+                                            "verdict": verdicts.get(r["id"])} for r in rows],
+                       ["id", "prompt", "reference", "response", "verdict"])
+        log.info("eval %s: accuracy %.3f (95%% CI %.3f-%.3f, n=%d)", name, accuracy, low, high, len(rows))
+        return accuracy
+
+    def close(self) -> dict:
+        idle = {role: round(p.stats.idle_s(len(p.actors)), 1) for role, p in self._pools.items()}
+        extra = {"failed_rows": {role: p.stats.failed_rows for role, p in self._pools.items() if p.stats.failed_rows},
+                 "judge_counts": dict(self.judge.counts) if self._judge else {}}
+        if self._trainer is not None:
+            idle["train"] = round(self._trainer.idle_s(self.config.pools.train.replicas), 1)
+            self._trainer.shutdown()
+        tok = {role: p.stats.output_tokens / p.stats.generate_s for role, p in self._pools.items() if p.stats.generate_s}
+        extra["generation_tokens_per_s"] = {k: round(v, 1) for k, v in tok.items()}
+        summary = self.run.close(idle, extra)
+        for pool in self._pools.values():
+            pool.shutdown()
+        return summary
+
+
+def main(method: str, algorithm: Callable[[Controller], None], argv: list[str] | None = None) -> dict:
+    config = parse_args(method, argv)
+    controller = Controller(config)
+    try:
+        algorithm(controller)
+    finally:
+        summary = controller.close()
+    Path(config.run_dir / "DONE").write_text("ok\n")
+    return summary

@@ -1,0 +1,51 @@
+"""LLM2LLM: iterative teacher-driven data augmentation (arXiv 2403.15042).
+
+data = seed
+for t = 0..T-1:
+    student_t = fine-tune the *base* model on data           (restarting avoids overfitting)
+    the student answers the seed set; the judge marks the wrong ones
+    only original seed examples are eligible (teacher-made ones are never augmented again)
+    the teacher writes k new examples per wrong seed example; near-duplicates (ROUGE-L) dropped
+    data = data + new examples
+    evaluate student_t
+"""
+
+from __future__ import annotations
+
+from cluster.data import prompt_text, take
+from jobs.common import Controller, main
+from methods.llm2llm import accumulate, wrong_seed_examples
+
+
+def llm2llm(ctl: Controller) -> None:
+    c = ctl.config
+    train_rows, eval_rows = ctl.datasets()
+    seed = take(train_rows, c.llm2llm.seed_size, c.run.seed) if c.llm2llm.seed_size else train_rows
+    base = ctl.base_model
+    ctl.evaluate("base/eval", eval_rows, base)
+    data = list(seed)
+    model = base
+    for t in range(c.llm2llm.iterations):
+        examples = [{"id": r["id"], "source_id": r["id"], "messages": r["messages"], "response": r["reference"]}
+                    for r in data]
+        model = ctl.train(f"iter{t}/student", "sft", init_model=base, examples=examples)
+        ctl.evaluate(f"iter{t}/eval", eval_rows, model)
+        ctl.use_generator_weights(model)
+        answers = ctl.generate(f"iter{t}/answer-seed", seed, ctl.sampling(c.generation, salt=t), iteration=t)
+        verdicts = ctl.judge_equivalence(f"iter{t}/judge-seed", seed, {k: v["response"] for k, v in answers.items()})
+        wrong = wrong_seed_examples(seed, verdicts)
+        ctl.run.metric(f"iter{t}/wrong_seed", len(wrong))
+        if t == c.llm2llm.iterations - 1:
+            break  # the last student is the result; more data would not be trained on
+        existing_questions = [prompt_text(r) for r in data]
+        new = ctl.run.row_phase(
+            f"iter{t}/augment", wrong,
+            lambda todo: [ctl.teacher().augment(todo, existing_questions, iteration=t)], key="seed_id")
+        ctl.run.metric(f"iter{t}/new_examples", len(new))
+        data = accumulate(data, new)
+        ctl.run.metric(f"iter{t}/data_size", len(data))
+    ctl.run.metric("final_model", model)
+
+
+if __name__ == "__main__":
+    main("llm2llm", llm2llm)

@@ -1,0 +1,62 @@
+"""S3FT: selective self-to-supervised fine-tuning (arXiv 2502.08130).
+
+the base model answers every training input; the judge checks each answer against the gold one
+    equivalent             -> target = the model's own answer
+    else the model paraphrases the gold answer; judged equivalent -> target = the paraphrase
+    else                   -> target = the gold answer
+one SFT pass on those targets; compare with plain SFT on gold answers, in-domain and on a general benchmark
+"""
+
+from __future__ import annotations
+
+from actors.teacher import paraphrase_messages
+from cluster.data import load_dataset, take
+from jobs.common import Controller, main
+from methods.s3ft import bucket_fractions, select_target
+
+
+def s3ft(ctl: Controller) -> None:
+    c = ctl.config
+    train_rows, eval_rows = ctl.datasets()
+    general_rows = take(load_dataset(c.data.general_eval)[0], c.data.n_eval, c.run.seed) if c.data.general_eval else []
+    base = ctl.base_model
+
+    own = ctl.generate("generate", train_rows, ctl.sampling(c.generation))
+    own_verdicts = ctl.judge_equivalence("judge-own", train_rows, {k: v["response"] for k, v in own.items()})
+
+    not_equivalent = [r for r in train_rows if own_verdicts.get(r["id"]) != "yes"]
+    paraphraser = ctl.generator if c.s3ft.paraphrase_by == "generator" else ctl.pool("teacher", c.teacher.model)
+    paraphrase_requests = [{**r, "messages": paraphrase_messages(c.judge.prompts_dir, r)} for r in not_equivalent]
+    paraphrases = ctl.generate("paraphrase", paraphrase_requests, ctl.sampling(c.generation, salt=1), pool=paraphraser)
+    paraphrase_verdicts = ctl.judge_equivalence(
+        "judge-paraphrase", not_equivalent, {k: v["response"] for k, v in paraphrases.items()})
+
+    examples, buckets = [], []
+    for row in train_rows:
+        paraphrase = paraphrases.get(row["id"])
+        bucket, target = select_target(row, own[row["id"]]["response"] if row["id"] in own else "",
+                                       own_verdicts.get(row["id"], "unknown"),
+                                       paraphrase["response"] if paraphrase else None,
+                                       paraphrase_verdicts.get(row["id"]))
+        buckets.append(bucket)
+        examples.append({"id": row["id"], "source_id": row["id"], "bucket": bucket, "messages": row["messages"],
+                         "response": target, "verdict": own_verdicts.get(row["id"], "unknown")})
+    for bucket, fraction in bucket_fractions(buckets).items():
+        ctl.run.metric(f"buckets/{bucket}", fraction)
+    ctl.run.table("samples/s3ft_targets", examples, ["source_id", "bucket", "response"])
+
+    ctl.evaluate("base/eval", eval_rows, base)
+    ctl.evaluate("base/general", general_rows, base)
+    model = ctl.train("s3ft", "sft", init_model=base, examples=examples)
+    ctl.evaluate("s3ft/eval", eval_rows, model)
+    ctl.evaluate("s3ft/general", general_rows, model)
+    if c.s3ft.baseline_sft:
+        gold = [{**e, "response": row["reference"], "bucket": "gold"} for e, row in zip(examples, train_rows)]
+        sft = ctl.train("sft", "sft", init_model=base, examples=gold)
+        ctl.evaluate("sft/eval", eval_rows, sft)
+        ctl.evaluate("sft/general", general_rows, sft)
+    ctl.run.metric("final_model", model)
+
+
+if __name__ == "__main__":
+    main("s3ft", s3ft)

@@ -1,0 +1,19 @@
+"""Smoke job: start the cluster, place the model on every LLM pool, generate a few answers, print them."""
+
+from __future__ import annotations
+
+from jobs.common import Controller, main
+
+
+def smoke(ctl: Controller) -> None:
+    rows, _ = ctl.datasets()
+    sampling = ctl.sampling(ctl.config.generation)
+    for role in ("generator", "judge", "teacher"):
+        outputs = ctl.generate(f"{role}-answers", rows, sampling, pool=ctl.pool(role))
+        for row in rows:
+            print(f"[{role}] {row['id']}: {outputs[row['id']]['response'][:200]!r}")
+    ctl.run.metric("answers", len(rows))
+
+
+if __name__ == "__main__":
+    main("smoke", smoke)

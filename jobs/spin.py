@@ -1,0 +1,36 @@
+"""SPIN: self-play fine-tuning (arXiv 2401.01335), read top to bottom as the paper's algorithm.
+
+for t = 0..T-1:
+    the opponent (model t, frozen) answers every SFT prompt        -> generated answers
+    pairs: (prompt, gold answer = real/chosen, own answer = rejected)
+    model t+1 = train(model t, SPIN loss, reference = model t, β_t) on pairs_t (+ pairs_{t-1})
+    evaluate model t+1 on the held-out split
+"""
+
+from __future__ import annotations
+
+from jobs.common import Controller, main
+from methods.spin import beta_for, build_pairs, training_pairs
+
+
+def spin(ctl: Controller) -> None:
+    c = ctl.config
+    train_rows, eval_rows = ctl.datasets()
+    model = ctl.base_model
+    ctl.evaluate("iter0/eval", eval_rows, model)
+    previous_pairs: list[dict] = []
+    for t in range(c.spin.iterations):
+        ctl.use_generator_weights(model)
+        generated = ctl.generate(f"iter{t}/generate", train_rows, ctl.sampling(c.generation, salt=t), iteration=t)
+        pairs = build_pairs(train_rows, generated, iteration=t)
+        ctl.run.table(f"samples/iter{t}/pairs", pairs, ["source_id", "chosen", "rejected"])
+        model = ctl.train(f"iter{t}/spin", "spin", init_model=model,
+                          examples=training_pairs(pairs, previous_pairs, c.spin.mix_previous),
+                          beta=beta_for(t, c.spin.beta), loss_type=c.spin.loss_type)
+        ctl.evaluate(f"iter{t + 1}/eval", eval_rows, model)
+        previous_pairs = pairs
+    ctl.run.metric("final_model", model)
+
+
+if __name__ == "__main__":
+    main("spin", spin)

@@ -1,0 +1,52 @@
+"""AFT (arXiv 2501.11877): aggregation examples and propose-and-aggregate inference.
+
+An aggregation example puts the proposals, numbered, in a system message after an aggregator instruction
+(Mixture-of-Agents layout) with the original query as the user turn; its target is the reference answer.
+``propose_and_aggregate`` is pure given a ``generate`` callback, so the same code runs on the generator
+pool, in Ray Serve and in tests.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+Generate = Callable[[list[dict], int, float], dict[str, list[str]]]
+"""generate(requests=[{id, messages}], n, temperature) -> {id: [n texts]}"""
+
+
+def aggregation_messages(system_template: str, messages: list[dict], proposals: list[str]) -> list[dict]:
+    numbered = "\n".join(f"{i}. {p.strip()}" for i, p in enumerate(proposals, 1))
+    system = {"role": "system", "content": system_template.format(responses=numbered)}
+    return [system] + [m for m in messages if m["role"] != "system"]
+
+
+def build_examples(rows: list[dict], proposals: dict[str, list[str]], system_template: str) -> list[dict]:
+    """Propose data (query -> reference) plus aggregate data (query + proposals -> reference)."""
+    examples = []
+    for row in rows:
+        if not row["reference"]:
+            continue
+        examples.append({"id": f"{row['id']}:propose", "source_id": row["id"], "kind": "propose",
+                         "messages": row["messages"], "response": row["reference"]})
+        drafts = proposals.get(row["id"])
+        if drafts:
+            examples.append({"id": f"{row['id']}:aggregate", "source_id": row["id"], "kind": "aggregate",
+                             "messages": aggregation_messages(system_template, row["messages"], drafts),
+                             "response": row["reference"]})
+    return examples
+
+
+def propose_and_aggregate(rows: list[dict], generate: Generate, system_template: str, n_proposals: int,
+                          layers: int, proposal_temperature: float, aggregate_temperature: float) -> dict[str, dict]:
+    """Layer 0: N proposals; L-1 intermediate layers of N aggregations, each seeing all of the previous
+    layer's responses; a final layer writes 1 answer. L=2: 5 proposals -> 5 aggregations -> 1 final."""
+    current = generate([{"id": r["id"], "messages": r["messages"]} for r in rows], n_proposals, proposal_temperature)
+    trace = {r["id"]: [current.get(r["id"], [])] for r in rows}
+    for layer in range(1, layers + 1):
+        n = 1 if layer == layers else n_proposals
+        requests = [{"id": r["id"], "messages": aggregation_messages(system_template, r["messages"], current[r["id"]])}
+                    for r in rows if current.get(r["id"])]
+        current = generate(requests, n, aggregate_temperature)
+        for r in rows:
+            trace[r["id"]].append(current.get(r["id"], []))
+    return {r["id"]: {"answer": (current.get(r["id"]) or [""])[0], "layers": trace[r["id"]]} for r in rows}
