@@ -26,6 +26,16 @@ from cluster.pools import actor_options, check_pool_fits, wait_ready
 log = logging.getLogger(__name__)
 
 
+def count_cores(bind: str) -> int:
+    """Cores in a VLLM_CPU_OMP_THREADS_BIND list such as '0-1', '0,2' or '0-3|4-7' (one TP rank's share)."""
+    first_rank = bind.split("|")[0]
+    total = 0
+    for part in first_rank.split(","):
+        low, _, high = part.partition("-")
+        total += int(high or low) - int(low) + 1
+    return total
+
+
 class LLMActor:
     """One engine replica. Rows in: ``{"id", "messages"}``; dicts with text, token ids and log-probs out."""
 
@@ -106,6 +116,11 @@ class EnginePool:
         env = {}
         if engine.backend == "vllm" and pool.num_gpus == 0:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(engine.kv_cache_gib)))
+            bind = pool.env.get("VLLM_CPU_OMP_THREADS_BIND")
+            if bind and "OMP_NUM_THREADS" not in pool.env:
+                # Ray sets OMP_NUM_THREADS from num_cpus (often 1); vLLM then runs one thread on the cores it
+                # bound, which measured ~6x slower here than one thread per bound core.
+                env["OMP_NUM_THREADS"] = str(count_cores(bind))
         remote = ray.remote(LLMActor)
         engine_dict = {k: getattr(engine, k) for k in engine.__dataclass_fields__}
         self.actors = [

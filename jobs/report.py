@@ -1,10 +1,9 @@
 """HTML report of one run folder: ``python -m jobs.report RUN_DIR [--out FILE]``.
 
-Writes ``RUN_DIR/report.html`` (or FILE) and its PNG charts into the folder next to it named after it
-(``RUN_DIR/report/``): eval accuracy per stage with 95% CIs, phase timings, S3FT bucket fractions, LLM2LLM
-augmentation counts, pool idle times, all metrics, and the first rows of the answer and training-data phases.
-An unfinished run (no ``summary.json`` yet) is reported from ``state.json``; missing or unreadable pieces
-are skipped, never fatal.
+Writes ``RUN_DIR/report.html`` (or FILE) and its PNG charts into the sibling folder of the same name
+(``RUN_DIR/report/``): eval accuracy per stage with 95% CIs, phase timings, S3FT buckets, LLM2LLM augmentation
+counts, pool idle times, all metrics and the first rows of the answer and training-data phases. An unfinished
+run (no ``summary.json``) is reported from ``state.json``; missing or unreadable pieces are skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,32 +29,29 @@ MAX_CELL_CHARS = 300
 AUGMENT_FIELDS = ("wrong_seed", "new_examples", "data_size")
 # Which columns of which phases are shown as samples (never the prompt `messages`).
 SAMPLE_COLUMNS = {"-answers": ["id", "response"], "-data": ["id", "bucket", "chosen", "rejected", "response"]}
-CSS = """body{font-family:sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}th,td{border:1px solid #ddd;padding:.25em .5em;
-text-align:left;vertical-align:top}th{background:#f3f3f3}td{white-space:pre-wrap;word-break:break-word;max-width:480px}
-img{max-width:100%;display:block;margin:.5em 0}.status{padding:.1em .5em;border-radius:4px;background:#dfd}
-.unfinished{background:#fed}.empty{color:#888;font-style:italic}"""
+CSS = """body{font-family:sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}h1{font-size:1.5em}
+h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}img{max-width:100%;display:block;margin:.5em 0}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}th{background:#f3f3f3}th,td{border:1px solid #ddd;
+padding:.25em .5em;text-align:left;vertical-align:top}td{white-space:pre-wrap;word-break:break-word;max-width:480px}
+.status{padding:.1em .5em;border-radius:4px;background:#dfd}.unfinished{background:#fed}.empty{color:#888}"""
 
 
-# ---------------------------------------------------------------- loading
-
-def _read_json(path: Path) -> dict | None:
+def _read(path: Path, parse: Callable[[str], Any] = json.loads) -> Any:
+    """Parsed file, or None when it is missing or not (yet) parseable."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
         return None
 
 
-def _natural_key(text: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+def _natural_key(path: Path) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.as_posix())]
 
 
 def load_samples(phases_dir: Path, limit: int = SAMPLE_ROWS) -> dict[str, list[dict]]:
     """First `limit` rows of each answers/data phase (finished phases only), with the eval verdict when known."""
     samples: dict[str, list[dict]] = {}
-    paths = sorted(phases_dir.rglob("*.parquet"), key=lambda p: _natural_key(p.as_posix())) if phases_dir.is_dir() else []
-    for path in paths:
+    for path in sorted(phases_dir.rglob("*.parquet"), key=_natural_key):
         name = path.relative_to(phases_dir).with_suffix("").as_posix()
         wanted = next((cols for suffix, cols in SAMPLE_COLUMNS.items() if name.endswith(suffix)), None)
         if wanted is None or path.name.startswith("part-"):
@@ -75,29 +72,19 @@ def load_samples(phases_dir: Path, limit: int = SAMPLE_ROWS) -> dict[str, list[d
 
 def load_run(run_dir: Path) -> dict[str, Any]:
     """The run's summary (rebuilt from state.json and config.yaml while unfinished) and its sample rows."""
-    summary = _read_json(run_dir / "summary.json")
-    finished = summary is not None
-    if summary is None:
-        state = _read_json(run_dir / "state.json") or {}
-        try:
-            config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            config = {}
+    summary = _read(run_dir / "summary.json")
+    finished = isinstance(summary, dict)
+    if not finished:
+        state = _read(run_dir / "state.json") or {}
+        config = _read(run_dir / "config.yaml", yaml.safe_load) or {}
         phases = {name: p.get("wall_s") for name, p in (state.get("phases") or {}).items() if isinstance(p, dict)}
         summary = {"method": (config.get("run") or {}).get("method", run_dir.parent.name), "run_dir": str(run_dir),
                    "phases": phases, "metrics": state.get("metrics") or {}}
     return {"summary": summary, "finished": finished, "samples": load_samples(run_dir / "phases")}
 
 
-# ---------------------------------------------------------------- data for the charts
-
 def _num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _stage_key(stage: str, order: list[str]) -> tuple:
-    match = re.fullmatch(r"iter(\d+)", stage)
-    return (0, 0) if stage == "base" else (1, int(match[1])) if match else (2, order.index(stage))
 
 
 def eval_series(metrics: dict) -> tuple[list[str], dict[str, dict[str, tuple]]]:
@@ -113,7 +100,10 @@ def eval_series(metrics: dict) -> tuple[list[str], dict[str, dict[str, tuple]]]:
         ci = tuple(ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(map(_num, ci)) else None
         series.setdefault(name, {})[stage] = (float(value), ci)
         seen += [stage] if stage not in seen else []
-    return sorted(seen, key=lambda s: _stage_key(s, seen)), series
+    iteration = {s: int(s[4:]) for s in seen if re.fullmatch(r"iter\d+", s)}
+    # base first, then iter0, iter1, ... numerically, then other stages in the order they were recorded
+    order = {s: (0, 0) if s == "base" else (1, iteration[s]) if s in iteration else (2, i) for i, s in enumerate(seen)}
+    return sorted(seen, key=order.__getitem__), series
 
 
 def augment_counts(metrics: dict) -> dict[int, dict[str, float]]:
@@ -129,8 +119,6 @@ def augment_counts(metrics: dict) -> dict[int, dict[str, float]]:
 def _numbers(mapping: Any) -> dict[str, float]:
     return {str(k): v for k, v in (mapping or {}).items() if _num(v)} if isinstance(mapping, dict) else {}
 
-
-# ---------------------------------------------------------------- charts
 
 def _axes(width: float, height: float) -> tuple[Figure, Any]:
     fig = Figure(figsize=(width, height), dpi=100)
@@ -155,9 +143,9 @@ def plot_eval(metrics: dict, path: Path) -> Path | None:
         ordered = sorted(points.items(), key=lambda item: stages.index(item[0]))
         xs = [stages.index(stage) + offset for stage, _ in ordered]
         ys = [acc for _, (acc, _) in ordered]
-        err = [[acc - ci[0] if ci else 0 for _, (acc, ci) in ordered],
-               [ci[1] - acc if ci else 0 for _, (acc, ci) in ordered]]
-        ax.errorbar(xs, ys, yerr=[[max(e, 0) for e in side] for side in err], marker="o", capsize=4, label=name)
+        yerr = [[max(acc - ci[0], 0) if ci else 0 for _, (acc, ci) in ordered],
+                [max(ci[1] - acc, 0) if ci else 0 for _, (acc, ci) in ordered]]
+        ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=4, label=name)
     ax.set_xticks(range(len(stages)), stages)
     ax.set(ylim=(-0.03, 1.03), ylabel="accuracy", title="Eval accuracy per stage (95% CI)")
     ax.grid(axis="y", alpha=0.3)
@@ -165,20 +153,16 @@ def plot_eval(metrics: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_bars(values: dict[str, float], path: Path, title: str, unit: str, horizontal: bool = True) -> Path | None:
+def plot_bars(values: dict[str, float], path: Path, title: str, unit: str) -> Path | None:
+    """Horizontal bars, first key on top."""
     if not values:
         return None
-    names = list(values)
-    fig, ax = _axes(9, max(2.2, 0.32 * len(names) + 1.2) if horizontal else 3.5)
-    if horizontal:
-        bars = ax.barh(names[::-1], [values[n] for n in names[::-1]], color="#4c78a8")
-        ax.set(xlabel=unit, title=title)
-        ax.margins(x=0.12)
-    else:
-        bars = ax.bar(names, [values[n] for n in names], color="#4c78a8")
-        ax.set(ylabel=unit, title=title)
-        ax.margins(y=0.15)
+    names = list(values)[::-1]
+    fig, ax = _axes(9, max(2.2, 0.32 * len(names) + 1.2))
+    bars = ax.barh(names, [values[n] for n in names], color="#4c78a8")
     ax.bar_label(bars, fmt="%.3g", fontsize="small", padding=2)
+    ax.set(xlabel=unit, title=title)
+    ax.margins(x=0.12)
     return _save(fig, path)
 
 
@@ -206,17 +190,15 @@ def make_charts(summary: dict, chart_dir: Path) -> dict[str, Path | None]:
         "Eval accuracy": plot_eval(metrics, chart_dir / "eval.png"),
         "Phase timings": plot_bars(_numbers(summary.get("phases")), chart_dir / "phases.png",
                                    "Phase wall time", "seconds"),
-        "Bucket fractions": plot_bars(buckets, chart_dir / "buckets.png", "S3FT target buckets", "fraction",
-                                      horizontal=False),
+        "Bucket fractions": plot_bars(buckets, chart_dir / "buckets.png", "S3FT target buckets", "fraction"),
         "Augmentation": plot_augment(augment_counts(metrics), chart_dir / "augment.png"),
         "Pool idle": plot_bars(_numbers(summary.get("pool_idle_s")), chart_dir / "pool_idle.png",
                                "Pool idle time", "seconds"),
     }
 
 
-# ---------------------------------------------------------------- HTML
-
 def _fmt(value: Any) -> str:
+    """Plain text of a metric or cell value."""
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, dict):
@@ -231,13 +213,15 @@ def html_table(rows: list[dict]) -> str:
         return '<p class="empty">no rows</p>'
     columns = list(dict.fromkeys(k for row in rows for k in row))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_clip(_fmt(row.get(c))))}</td>" for c in columns) + "</tr>"
-                   for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_CELL_CHARS else text[:MAX_CELL_CHARS] + "…"
+def _cell(value: Any) -> str:
+    """Escaped, clipped text; whitespace-only text is shown as its repr so it stays visible."""
+    text = _fmt(value)
+    text = repr(text) if text and not text.strip() else text
+    return html.escape(text if len(text) <= MAX_CELL_CHARS else text[:MAX_CELL_CHARS] + "…")
 
 
 def render_html(run: dict, charts: dict[str, Path | None], out: Path) -> str:
@@ -284,8 +268,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if not args.run_dir.is_dir():
         parser.error(f"not a run folder: {args.run_dir}")
-    out = build_report(args.run_dir, args.out)
-    print(out)
+    print(out := build_report(args.run_dir, args.out))
     return out
 
 

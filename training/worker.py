@@ -114,6 +114,8 @@ class PhaseRunner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, t["warmup_ratio"], t["schedule"]))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
         ref_logps = self._reference_logps(engine, items, lengths, pad_id) if kind == "spin" else None
@@ -165,7 +167,7 @@ class PhaseRunner:
                 "train_tokens": train_tokens, "train_time_s": train_time,
                 "train_tokens_per_s": train_tokens / max(train_time, 1e-9), "startup_s": startup_s,
                 "wall_s": time.perf_counter() - started, "truncation": report.__dict__, "final": last,
-                "examples": len(items)}
+                "examples": len(items), "local_param_fraction": local / total}
 
     # -- steps -----------------------------------------------------------------------------------------
 

