@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from tqdm import tqdm
 
 from actors.engine import Sampling, build_engine, render_prompt, response_ids
@@ -198,14 +198,22 @@ class EnginePool:
     def score_all(self, rows: list[dict]) -> dict[str, list[float]]:
         return {r["id"]: r["logprobs"] for batch in self.map("score", rows, None, progress=False) for r in batch}
 
-    def _recover(self, replica: int) -> None:
-        """After a failure: wait for Ray's restart, then put the current weights back."""
+    def _recover(self, replica: int, timeout_s: float = 600) -> None:
+        """After a failure: wait for Ray's restart (the engine rebuilds), then put the current weights back."""
         actor = self.actors[replica]
-        try:
-            info = ray.get(actor.ready.remote(), timeout=600)
-        except Exception as err:  # restarts exhausted: the replica stays failed, later batches report it
-            log.error("%s replica %d did not come back: %s", self.role, replica, err)
-            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                info = ray.get(actor.ready.remote(), timeout=timeout_s)
+                break
+            except ActorUnavailableError:  # restarting: the new process is still building its engine
+                if time.monotonic() > deadline:
+                    log.error("%s replica %d did not come back within %.0f s", self.role, replica, timeout_s)
+                    return
+                time.sleep(1.0)
+            except Exception as err:  # restarts exhausted: the replica stays failed, later batches report it
+                log.error("%s replica %d did not come back: %s", self.role, replica, err)
+                return
         if info["model"] != self.model_path:
             ray.get(actor.load_weights.remote(self.model_path))
 
