@@ -27,7 +27,7 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, section: Any, seed: int | None = None, **overrides: Any) -> "Sampling":
+    def from_config(cls, section: Any, seed: int | None = None, **overrides: Any) -> Sampling:
         values = {k: getattr(section, k) for k in ("temperature", "top_p", "max_tokens", "n", "stop")}
         values.update(overrides)
         return cls(seed=seed, **values)
@@ -68,19 +68,36 @@ class Engine(Protocol):
 
 
 class VLLMEngine:
-    def __init__(self, model_path: str, dtype: str = "bfloat16", max_model_len: int = 1024, max_num_seqs: int = 64,
-                 enforce_eager: bool = True, kv_cache_gib: float = 1.0, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.85, seed: int = 0, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "bfloat16",
+        max_model_len: int = 1024,
+        max_num_seqs: int = 64,
+        enforce_eager: bool = True,
+        kv_cache_gib: float = 1.0,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
         # In-process engine core: halves start-up inside a Ray actor and keeps collective_rpc local.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
         self.model_path = model_path
-        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-                       gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                       trust_remote_code=trust_remote_code)
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+        )
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
@@ -88,9 +105,15 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         params = [
-            SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                           max_tokens=sampling.max_tokens, stop=sampling.stop or None, logprobs=0,
-                           seed=None if sampling.seed is None else sampling.seed + i)
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                stop=sampling.stop or None,
+                logprobs=0,
+                seed=None if sampling.seed is None else sampling.seed + i,
+            )
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
@@ -113,8 +136,8 @@ class VLLMEngine:
         scores = []
         for out, prompt, response in zip(outputs, prompts, responses):
             ids = prompt + response
-            entries = out.prompt_logprobs[len(prompt):]
-            scores.append([entry[tok].logprob for entry, tok in zip(entries, ids[len(prompt):])])
+            entries = out.prompt_logprobs[len(prompt) :]
+            scores.append([entry[tok].logprob for entry, tok in zip(entries, ids[len(prompt) :])])
         return scores
 
     def load_weights(self, path: str) -> float:
@@ -130,7 +153,7 @@ class HFEngine:
 
     def __init__(self, model_path: str, dtype: str = "bfloat16", trust_remote_code: bool = False, **_: Any):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.torch = torch
         self.dtype = getattr(torch, dtype)
@@ -143,8 +166,9 @@ class HFEngine:
     def _load(self, path: str) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype,
-                                                          trust_remote_code=self.trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+        )
         self.model.to(self.device).eval()
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
@@ -156,9 +180,14 @@ class HFEngine:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed + i)
             inputs = torch.tensor([prompt], device=self.device)
-            kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n,
-                                          pad_token_id=pad, eos_token_id=eos, output_scores=True,
-                                          return_dict_in_generate=True)
+            kwargs: dict[str, Any] = dict(
+                max_new_tokens=sampling.max_tokens,
+                num_return_sequences=sampling.n,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
             if sampling.temperature > 0:
                 kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
             else:
@@ -170,14 +199,15 @@ class HFEngine:
             scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # [n, steps, vocab]
             completions = []
             for row in range(sampling.n):
-                new = out.sequences[row, len(prompt):].tolist()
+                new = out.sequences[row, len(prompt) :].tolist()
                 if eos in new:
                     new = new[: new.index(eos) + 1]
                 finish = "stop" if (eos in new or len(new) < sampling.max_tokens) else "length"
                 logprobs = [scores[row, t, tok].item() for t, tok in enumerate(new)]
                 text_ids = [t for t in new if t != eos]
-                completions.append(Completion(self.tokenizer.decode(text_ids, skip_special_tokens=True),
-                                              new, logprobs, finish))
+                completions.append(
+                    Completion(self.tokenizer.decode(text_ids, skip_special_tokens=True), new, logprobs, finish)
+                )
             results.append(completions)
         return results
 
@@ -187,8 +217,8 @@ class HFEngine:
         for prompt, response in zip(prompts, responses):
             ids = torch.tensor([prompt + response], device=self.device)
             with torch.no_grad():
-                logits = self.model(ids).logits[0, len(prompt) - 1:-1].float()
-            logprobs = logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None])[:, 0]
+                logits = self.model(ids).logits[0, len(prompt) - 1 : -1].float()
+            logprobs = logits.log_softmax(-1).gather(-1, ids[0, len(prompt) :, None])[:, 0]
             scores.append(logprobs.tolist())
         return scores
 

@@ -162,9 +162,22 @@ class Judge:
                 raise RuntimeError("judge: these rows have no rule verifier and no judge pool was started")
             from actors.engine import Sampling
 
-            requests = [{"id": it["id"], "messages": [{"role": "user", "content": self.equivalence_prompt.format(
-                question=prompt_text(it["row"]), reference=it["row"]["reference"], response=it["response"])}]}
-                for it in llm_items]
+            requests = [
+                {
+                    "id": it["id"],
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": self.equivalence_prompt.format(
+                                question=prompt_text(it["row"]),
+                                reference=it["row"]["reference"],
+                                response=it["response"],
+                            ),
+                        }
+                    ],
+                }
+                for it in llm_items
+            ]
             sampling = Sampling(temperature=0.0, max_tokens=self.max_tokens)
             for out in self.pool.generate_all(requests, sampling, desc="judge").values():
                 verdict = parse_yes_no(out["samples"][0]["text"])
@@ -185,12 +198,17 @@ class Judge:
             for order, (x, y) in (("ab", (it["a"], it["b"])), ("ba", (it["b"], it["a"]))):
                 text = self.pairwise_prompt.format(question=it["question"], a=x, b=y)
                 requests.append({"id": f"{it['id']}::{order}", "messages": [{"role": "user", "content": text}]})
-        outputs = self.pool.generate_all(requests, Sampling(temperature=0.0, max_tokens=self.max_tokens),
-                                         desc="judge pairwise")
+        outputs = self.pool.generate_all(
+            requests, Sampling(temperature=0.0, max_tokens=self.max_tokens), desc="judge pairwise"
+        )
         results = {}
         for it in items:
-            parsed = [parse_preference(outputs[f"{it['id']}::{o}"]["samples"][0]["text"])
-                      if f"{it['id']}::{o}" in outputs else UNKNOWN for o in ("ab", "ba")]
+            parsed = [
+                parse_preference(outputs[f"{it['id']}::{o}"]["samples"][0]["text"])
+                if f"{it['id']}::{o}" in outputs
+                else UNKNOWN
+                for o in ("ab", "ba")
+            ]
             results[it["id"]] = combine_orders(*parsed)
             self.counts[f"pairwise_{results[it['id']]}"] += 1
         return results

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -36,11 +37,33 @@ def count_cores(bind: str) -> int:
     return total
 
 
+def replica_binding(pool: PoolConfig, replica: int) -> dict[str, str]:
+    """CPU thread binding of one replica. ``VLLM_CPU_OMP_THREADS_BIND: "0;1"`` gives replica 0 core 0 and
+    replica 1 core 1 (one engine per core beats two engines sharing both). OMP_NUM_THREADS follows the
+    binding: Ray sets it from num_cpus (often 1), and one thread on two bound cores measured ~6x slower."""
+    bind = pool.env.get("VLLM_CPU_OMP_THREADS_BIND")
+    if not bind:
+        return {}
+    per_replica = bind.split(";")
+    mine = per_replica[replica % len(per_replica)]
+    env = {"VLLM_CPU_OMP_THREADS_BIND": mine}
+    if "OMP_NUM_THREADS" not in pool.env:
+        env["OMP_NUM_THREADS"] = str(count_cores(mine))
+    return env
+
+
 class LLMActor:
     """One engine replica. Rows in: ``{"id", "messages"}``; dicts with text, token ids and log-probs out."""
 
-    def __init__(self, role: str, model_path: str, engine: dict, tensor_parallel_size: int = 1,
-                 seed: int = 0, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        role: str,
+        model_path: str,
+        engine: dict,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
         self.role = role
         options = dict(engine)
         backend = options.pop("backend")
@@ -66,12 +89,22 @@ class LLMActor:
         outputs = self.engine.generate(prompts, Sampling(**sampling))
         results = []
         for row, prompt, completions in zip(rows, prompts, outputs):
-            results.append({
-                "id": row["id"],
-                "prompt_tokens": len(prompt),
-                "samples": [{"text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
-                             "finish_reason": c.finish_reason, "truncated": c.truncated} for c in completions],
-            })
+            results.append(
+                {
+                    "id": row["id"],
+                    "prompt_tokens": len(prompt),
+                    "samples": [
+                        {
+                            "text": c.text,
+                            "token_ids": c.token_ids,
+                            "logprobs": c.logprobs,
+                            "finish_reason": c.finish_reason,
+                            "truncated": c.truncated,
+                        }
+                        for c in completions
+                    ],
+                }
+            )
         self.busy_s += time.perf_counter() - start
         return results
 
@@ -108,24 +141,29 @@ class PoolStats:
 class EnginePool:
     """The driver's handle on one role's replicas."""
 
-    def __init__(self, role: str, model_path: str, pool: PoolConfig, engine: EngineConfig, timeout_s: float,
-                 seed: int = 0, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        role: str,
+        model_path: str,
+        pool: PoolConfig,
+        engine: EngineConfig,
+        timeout_s: float,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
         check_pool_fits(role, pool)
         self.role, self.pool, self.batch_size = role, pool, engine.batch_size
         self.model_path = model_path
-        env = {}
+        env: dict[str, str] = {}
         if engine.backend == "vllm" and pool.num_gpus == 0:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(engine.kv_cache_gib)))
-            bind = pool.env.get("VLLM_CPU_OMP_THREADS_BIND")
-            if bind and "OMP_NUM_THREADS" not in pool.env:
-                # Ray sets OMP_NUM_THREADS from num_cpus (often 1); vLLM then runs one thread on the cores it
-                # bound, which measured ~6x slower here than one thread per bound core.
-                env["OMP_NUM_THREADS"] = str(count_cores(bind))
+
         remote = ray.remote(LLMActor)
         engine_dict = {k: getattr(engine, k) for k in engine.__dataclass_fields__}
         self.actors = [
-            remote.options(**actor_options(pool, extra_env=env)).remote(
-                role, model_path, engine_dict, pool.tensor_parallel_size, seed + i, trust_remote_code)
+            remote.options(**actor_options(pool, extra_env={**env, **replica_binding(pool, i)})).remote(
+                role, model_path, engine_dict, pool.tensor_parallel_size, seed + i, trust_remote_code
+            )
             for i in range(pool.replicas)
         ]
         self.info = wait_ready(role, [a.ready.remote() for a in self.actors], timeout_s, pool)
@@ -134,10 +172,11 @@ class EnginePool:
     # -- work ------------------------------------------------------------------------------------------
 
     def _batches(self, rows: list[dict]) -> list[list[dict]]:
-        return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
 
-    def map(self, method: str, rows: list[dict], args: dict | None = None, desc: str | None = None,
-            progress: bool = True) -> Iterator[list[dict]]:
+    def map(
+        self, method: str, rows: list[dict], args: dict | None = None, desc: str | None = None, progress: bool = True
+    ) -> Iterator[list[dict]]:
         """Run ``actor.<method>(batch, args)`` over all rows; yield each finished batch's results.
 
         One batch in flight per replica keeps every replica busy without queueing work on a replica
@@ -167,8 +206,12 @@ class EnginePool:
                     free.append(replica)
                     if attempt == 0:
                         self.stats.retried_batches += 1
-                        log.warning("%s replica %d failed a batch (%s); retrying it once", self.role, replica,
-                                    type(err).__name__)
+                        log.warning(
+                            "%s replica %d failed a batch (%s); retrying it once",
+                            self.role,
+                            replica,
+                            type(err).__name__,
+                        )
                         pending.insert(0, (batch, 1))
                     else:
                         ids = [row["id"] for row in batch]

@@ -23,8 +23,12 @@ def augmentation_messages(prompts_dir: str, question: str, reference: str, k: in
         {"role": "system", "content": load_prompt(prompts_dir, "augment_system").strip()},
         {"role": "user", "content": load_prompt(prompts_dir, "augment_example_user").strip()},
         {"role": "assistant", "content": load_prompt(prompts_dir, "augment_example_assistant").strip()},
-        {"role": "user", "content": load_prompt(prompts_dir, "augment_user").strip().format(
-            question=question, reference=reference, k=k)},
+        {
+            "role": "user",
+            "content": load_prompt(prompts_dir, "augment_user")
+            .strip()
+            .format(question=question, reference=reference, k=k),
+        },
     ]
 
 
@@ -64,9 +68,8 @@ def new_example(seed: dict, question: str, answer: str, index: int, iteration: i
     suffix = ""
     for marker in ("\n\nSolve the problem", "\n\nAnswer with", "\nAnswer yes or no"):
         if marker in seed_prompt:
-            suffix = seed_prompt[seed_prompt.index(marker):]
-    from actors.judge import extract_final_number
-    from actors.judge import extract_label, extract_letter
+            suffix = seed_prompt[seed_prompt.index(marker) :]
+    from actors.judge import extract_final_number, extract_label, extract_letter
     from cluster.data import meta
 
     seed_meta = meta(seed)
@@ -78,15 +81,34 @@ def new_example(seed: dict, question: str, answer: str, index: int, iteration: i
         label = extract_label(answer, seed_meta.get("labels", [])) or ""
     elif seed["task"] == "multiple_choice":
         label = extract_letter(answer) or ""
-    row = record(f"{seed['id']}-aug{iteration}-{index}", question + suffix, answer, label, seed["task"],
-                 origin="teacher", seed_id=seed["id"], iteration=iteration, labels=seed_meta.get("labels"))
+    row = record(
+        f"{seed['id']}-aug{iteration}-{index}",
+        question + suffix,
+        answer,
+        label,
+        seed["task"],
+        origin="teacher",
+        seed_id=seed["id"],
+        iteration=iteration,
+        labels=seed_meta.get("labels"),
+    )
     row["seed_id"] = seed["id"]  # lineage column: which wrong seed example this was written for
     return row
 
 
 class Teacher:
-    def __init__(self, pool, prompts_dir: str, k: int, temperature: float, top_p: float, max_tokens: int,
-                 rouge_threshold: float, max_attempts: int, seed: int = 0):
+    def __init__(
+        self,
+        pool,
+        prompts_dir: str,
+        k: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        rouge_threshold: float,
+        max_attempts: int,
+        seed: int = 0,
+    ):
         self.pool, self.prompts_dir, self.k = pool, prompts_dir, k
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
         self.rouge_threshold, self.max_attempts, self.seed = rouge_threshold, max_attempts, seed
@@ -104,10 +126,21 @@ class Teacher:
             todo = [s for s in wrong_seeds if len(made[s["id"]]) < self.k]
             if not todo:
                 break
-            requests = [{"id": s["id"], "messages": augmentation_messages(
-                self.prompts_dir, prompt_text(s), s["reference"], self.k - len(made[s["id"]]))} for s in todo]
-            sampling = Sampling(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
-                                seed=self.seed + 1000 * iteration + attempt)
+            requests = [
+                {
+                    "id": s["id"],
+                    "messages": augmentation_messages(
+                        self.prompts_dir, prompt_text(s), s["reference"], self.k - len(made[s["id"]])
+                    ),
+                }
+                for s in todo
+            ]
+            sampling = Sampling(
+                temperature=self.temperature,
+                top_p=self.top_p,
+                max_tokens=self.max_tokens,
+                seed=self.seed + 1000 * iteration + attempt,
+            )
             for out in self.pool.generate_all(requests, sampling, desc=f"teacher augment {attempt}").values():
                 seed = by_id[out["id"]]
                 pairs = parse_augmentations(out["samples"][0]["text"])

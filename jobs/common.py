@@ -13,8 +13,8 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from actors.engine import Sampling
 from actors.judge import Judge
@@ -30,8 +30,9 @@ log = logging.getLogger("selfimprove")
 
 
 def parse_args(method: str, argv: list[str] | None = None) -> JobConfig:
-    parser = argparse.ArgumentParser(prog=f"python -m jobs.{method}",
-                                     description=f"Run the {method} job. Overrides: section.key=value")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m jobs.{method}", description=f"Run the {method} job. Overrides: section.key=value"
+    )
     parser.add_argument("--config", default=f"configs/{method}.yaml")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -89,8 +90,15 @@ class Controller:
         if role not in self._pools:
             c = self.config
             path = resolve_model(model, c.model.cache_dir) if model else self.base_model
-            self._pools[role] = EnginePool(role, path, getattr(c.pools, role), c.engine, c.cluster.ready_timeout_s,
-                                           seed=c.run.seed, trust_remote_code=c.model.trust_remote_code)
+            self._pools[role] = EnginePool(
+                role,
+                path,
+                getattr(c.pools, role),
+                c.engine,
+                c.cluster.ready_timeout_s,
+                seed=c.run.seed,
+                trust_remote_code=c.model.trust_remote_code,
+            )
             log.info("pool %s ready: %s", role, self._pools[role].info)
         return self._pools[role]
 
@@ -119,16 +127,29 @@ class Controller:
 
     def teacher(self) -> Teacher:
         c = self.config.teacher
-        return Teacher(self.pool("teacher", c.model), self.config.judge.prompts_dir, c.k, c.temperature, c.top_p,
-                       c.max_tokens, c.rouge_threshold, c.max_attempts, self.config.run.seed)
+        return Teacher(
+            self.pool("teacher", c.model),
+            self.config.judge.prompts_dir,
+            c.k,
+            c.temperature,
+            c.top_p,
+            c.max_tokens,
+            c.rouge_threshold,
+            c.max_attempts,
+            self.config.run.seed,
+        )
 
     @property
     def trainer(self):
         if self._trainer is None:
             from training.service import TrainingService
 
-            self._trainer = TrainingService(self.config, on_metrics=lambda m: self.run.log(
-                {f"train/{k}": v for k, v in m.items() if isinstance(v, (int, float))}))
+            self._trainer = TrainingService(
+                self.config,
+                on_metrics=lambda m: self.run.log(
+                    {f"train/{k}": v for k, v in m.items() if isinstance(v, (int, float))}
+                ),
+            )
         return self._trainer
 
     # -- operations ------------------------------------------------------------------------------------
@@ -136,20 +157,30 @@ class Controller:
     def sampling(self, section: SamplingConfig, salt: int = 0, **overrides) -> Sampling:
         return Sampling.from_config(section, seed=self.config.run.seed * 7919 + salt, **overrides)
 
-    def generate(self, name: str, rows: list[dict], sampling: Sampling, iteration: int = 0,
-                 pool: EnginePool | None = None) -> dict[str, dict]:
+    def generate(
+        self, name: str, rows: list[dict], sampling: Sampling, iteration: int = 0, pool: EnginePool | None = None
+    ) -> dict[str, dict]:
         """A resumable generation phase: {row id: {response, ...lineage}} (first sample; all in 'samples')."""
         pool = pool or self.generator
         settings = json.dumps(sampling.as_dict())
 
         def process(todo: list[dict]):
             for batch in pool.generate(todo, sampling, desc=name):
-                yield [{"id": out["id"], "source_id": out["id"], "iteration": iteration, "model": pool.model_path,
-                        "sampling": settings, "response": out["samples"][0]["text"],
+                yield [
+                    {
+                        "id": out["id"],
+                        "source_id": out["id"],
+                        "iteration": iteration,
+                        "model": pool.model_path,
+                        "sampling": settings,
+                        "response": out["samples"][0]["text"],
                         "samples": [s["text"] for s in out["samples"]],
                         "finish_reason": out["samples"][0]["finish_reason"],
                         "truncated": out["samples"][0]["truncated"],
-                        "response_tokens": len(out["samples"][0]["token_ids"])} for out in batch]
+                        "response_tokens": len(out["samples"][0]["token_ids"]),
+                    }
+                    for out in batch
+                ]
 
         outputs = self.run.row_phase(name, rows, process)
         failed = [r["id"] for r in rows if r["id"] not in {o["id"] for o in outputs}]
@@ -181,13 +212,26 @@ class Controller:
 
         def run() -> dict:
             data = self.run.write_rows(f"{name}-data", examples)
-            spec = {"name": name, "kind": kind, "init_model": init_model, "data": data,
-                    "phase_dir": self.run.phase_dir(f"{name}-train"), "output": output,
-                    "training": to_dict(self.config)["training"], "seed": self.config.run.seed,
-                    "trust_remote_code": self.config.model.trust_remote_code, **extra}
+            spec = {
+                "name": name,
+                "kind": kind,
+                "init_model": init_model,
+                "data": data,
+                "phase_dir": self.run.phase_dir(f"{name}-train"),
+                "output": output,
+                "training": to_dict(self.config)["training"],
+                "seed": self.config.run.seed,
+                "trust_remote_code": self.config.model.trust_remote_code,
+                **extra,
+            }
             result = self.trainer.train(spec)
-            log.info("trained %s: %d steps, %.0f tok/s, truncation %s", name, result["steps"],
-                     result["train_tokens_per_s"], result["truncation"])
+            log.info(
+                "trained %s: %d steps, %.0f tok/s, truncation %s",
+                name,
+                result["steps"],
+                result["train_tokens_per_s"],
+                result["truncation"],
+            )
             return result
 
         result = self.run.once(name, run)
@@ -206,21 +250,36 @@ class Controller:
         low, high = wilson_ci95(correct, len(rows))
         self.run.metric(f"{name}/accuracy", accuracy)
         self.run.metric(f"{name}/ci95", [round(low, 4), round(high, 4)])
-        self.run.table(f"samples/{name}", [{"id": r["id"], "prompt": r["messages"][-1]["content"],
-                                            "reference": r["reference"], "response": outputs.get(r["id"], {}).get("response"),
-                                            "verdict": verdicts.get(r["id"])} for r in rows],
-                       ["id", "prompt", "reference", "response", "verdict"])
+        self.run.metric(f"{name}/n", len(rows))
+        self.run.table(
+            f"samples/{name}",
+            [
+                {
+                    "id": r["id"],
+                    "prompt": r["messages"][-1]["content"],
+                    "reference": r["reference"],
+                    "response": outputs.get(r["id"], {}).get("response"),
+                    "verdict": verdicts.get(r["id"]),
+                }
+                for r in rows
+            ],
+            ["id", "prompt", "reference", "response", "verdict"],
+        )
         log.info("eval %s: accuracy %.3f (95%% CI %.3f-%.3f, n=%d)", name, accuracy, low, high, len(rows))
         return accuracy
 
     def close(self) -> dict:
         idle = {role: round(p.stats.idle_s(len(p.actors)), 1) for role, p in self._pools.items()}
-        extra = {"failed_rows": {role: p.stats.failed_rows for role, p in self._pools.items() if p.stats.failed_rows},
-                 "judge_counts": dict(self.judge.counts) if self._judge else {}}
+        extra = {
+            "failed_rows": {role: p.stats.failed_rows for role, p in self._pools.items() if p.stats.failed_rows},
+            "judge_counts": dict(self.judge.counts) if self._judge else {},
+        }
         if self._trainer is not None:
             idle["train"] = round(self._trainer.idle_s(self.config.pools.train.replicas), 1)
             self._trainer.shutdown()
-        tok = {role: p.stats.output_tokens / p.stats.generate_s for role, p in self._pools.items() if p.stats.generate_s}
+        tok = {
+            role: p.stats.output_tokens / p.stats.generate_s for role, p in self._pools.items() if p.stats.generate_s
+        }
         extra["generation_tokens_per_s"] = {k: round(v, 1) for k, v in tok.items()}
         summary = self.run.close(idle, extra)
         for pool in self._pools.values():

@@ -26,8 +26,9 @@ def llm2llm(ctl: Controller) -> None:
     data = list(seed)
     model = base
     for t in range(c.llm2llm.iterations):
-        examples = [{"id": r["id"], "source_id": r["id"], "messages": r["messages"], "response": r["reference"]}
-                    for r in data]
+        examples = [
+            {"id": r["id"], "source_id": r["id"], "messages": r["messages"], "response": r["reference"]} for r in data
+        ]
         model = ctl.train(f"iter{t}/student", "sft", init_model=base, examples=examples)
         ctl.evaluate(f"iter{t}/eval", eval_rows, model)
         ctl.use_generator_weights(model)
@@ -39,8 +40,11 @@ def llm2llm(ctl: Controller) -> None:
             break  # the last student is the result; more data would not be trained on
         existing_questions = [prompt_text(r) for r in data]
         new = ctl.run.row_phase(
-            f"iter{t}/augment", wrong,
-            lambda todo: [ctl.teacher().augment(todo, existing_questions, iteration=t)], key="seed_id")
+            f"iter{t}/augment",
+            wrong,
+            lambda todo, known=existing_questions, t=t: [ctl.teacher().augment(todo, known, iteration=t)],
+            key="seed_id",
+        )
         ctl.run.metric(f"iter{t}/new_examples", len(new))
         data = accumulate(data, new)
         ctl.run.metric(f"iter{t}/data_size", len(data))

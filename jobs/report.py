@@ -78,8 +78,12 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         state = _read(run_dir / "state.json") or {}
         config = _read(run_dir / "config.yaml", yaml.safe_load) or {}
         phases = {name: p.get("wall_s") for name, p in (state.get("phases") or {}).items() if isinstance(p, dict)}
-        summary = {"method": (config.get("run") or {}).get("method", run_dir.parent.name), "run_dir": str(run_dir),
-                   "phases": phases, "metrics": state.get("metrics") or {}}
+        summary = {
+            "method": (config.get("run") or {}).get("method", run_dir.parent.name),
+            "run_dir": str(run_dir),
+            "phases": phases,
+            "metrics": state.get("metrics") or {},
+        }
     return {"summary": summary, "finished": finished, "samples": load_samples(run_dir / "phases")}
 
 
@@ -143,8 +147,10 @@ def plot_eval(metrics: dict, path: Path) -> Path | None:
         ordered = sorted(points.items(), key=lambda item: stages.index(item[0]))
         xs = [stages.index(stage) + offset for stage, _ in ordered]
         ys = [acc for _, (acc, _) in ordered]
-        yerr = [[max(acc - ci[0], 0) if ci else 0 for _, (acc, ci) in ordered],
-                [max(ci[1] - acc, 0) if ci else 0 for _, (acc, ci) in ordered]]
+        yerr = [
+            [max(acc - ci[0], 0) if ci else 0 for _, (acc, ci) in ordered],
+            [max(ci[1] - acc, 0) if ci else 0 for _, (acc, ci) in ordered],
+        ]
         ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=4, label=name)
     ax.set_xticks(range(len(stages)), stages)
     ax.set(ylim=(-0.03, 1.03), ylabel="accuracy", title="Eval accuracy per stage (95% CI)")
@@ -188,12 +194,14 @@ def make_charts(summary: dict, chart_dir: Path) -> dict[str, Path | None]:
     buckets = {k.split("/", 1)[1]: v for k, v in _numbers(metrics).items() if k.startswith("buckets/")}
     return {
         "Eval accuracy": plot_eval(metrics, chart_dir / "eval.png"),
-        "Phase timings": plot_bars(_numbers(summary.get("phases")), chart_dir / "phases.png",
-                                   "Phase wall time", "seconds"),
+        "Phase timings": plot_bars(
+            _numbers(summary.get("phases")), chart_dir / "phases.png", "Phase wall time", "seconds"
+        ),
         "Bucket fractions": plot_bars(buckets, chart_dir / "buckets.png", "S3FT target buckets", "fraction"),
         "Augmentation": plot_augment(augment_counts(metrics), chart_dir / "augment.png"),
-        "Pool idle": plot_bars(_numbers(summary.get("pool_idle_s")), chart_dir / "pool_idle.png",
-                               "Pool idle time", "seconds"),
+        "Pool idle": plot_bars(
+            _numbers(summary.get("pool_idle_s")), chart_dir / "pool_idle.png", "Pool idle time", "seconds"
+        ),
     }
 
 
@@ -230,10 +238,15 @@ def render_html(run: dict, charts: dict[str, Path | None], out: Path) -> str:
     total = s.get("wall_s") if finished else sum(_numbers(s.get("phases")).values())
     overview = [{"": "wall time (s)" if finished else "finished phases (s)", "value": total}] + [
         {"": key.replace("_", " "), "value": s.get(key)}
-        for key in ("peak_memory_gib", "generation_tokens_per_s", "judge_counts", "failed_rows") if key in s]
-    parts = [f"<h1>{html.escape(str(s.get('method', '?')))} — {html.escape(str(s.get('run_dir', '')))}</h1>",
-             f'<p>Status: <span class="status{"" if finished else " unfinished"}">{html.escape(status)}</span></p>',
-             "<h2>Overview</h2>", html_table(overview)]
+        for key in ("peak_memory_gib", "generation_tokens_per_s", "judge_counts", "failed_rows")
+        if key in s
+    ]
+    parts = [
+        f"<h1>{html.escape(str(s.get('method', '?')))} — {html.escape(str(s.get('run_dir', '')))}</h1>",
+        f'<p>Status: <span class="status{"" if finished else " unfinished"}">{html.escape(status)}</span></p>',
+        "<h2>Overview</h2>",
+        html_table(overview),
+    ]
     for title, png in charts.items():
         if png is not None:
             src = Path(os.path.relpath(png, out.parent)).as_posix()
@@ -247,8 +260,10 @@ def render_html(run: dict, charts: dict[str, Path | None], out: Path) -> str:
     if not run["samples"]:
         parts.append('<p class="empty">no finished answer or data phases yet</p>')
     title = html.escape(f"{s.get('method', '?')} report")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
 
 
 def build_report(run_dir: Path, out: Path | None = None) -> Path:

@@ -29,18 +29,30 @@ def s3ft(ctl: Controller) -> None:
     paraphrase_requests = [{**r, "messages": paraphrase_messages(c.judge.prompts_dir, r)} for r in not_equivalent]
     paraphrases = ctl.generate("paraphrase", paraphrase_requests, ctl.sampling(c.generation, salt=1), pool=paraphraser)
     paraphrase_verdicts = ctl.judge_equivalence(
-        "judge-paraphrase", not_equivalent, {k: v["response"] for k, v in paraphrases.items()})
+        "judge-paraphrase", not_equivalent, {k: v["response"] for k, v in paraphrases.items()}
+    )
 
     examples, buckets = [], []
     for row in train_rows:
         paraphrase = paraphrases.get(row["id"])
-        bucket, target = select_target(row, own[row["id"]]["response"] if row["id"] in own else "",
-                                       own_verdicts.get(row["id"], "unknown"),
-                                       paraphrase["response"] if paraphrase else None,
-                                       paraphrase_verdicts.get(row["id"]))
+        bucket, target = select_target(
+            row,
+            own[row["id"]]["response"] if row["id"] in own else "",
+            own_verdicts.get(row["id"], "unknown"),
+            paraphrase["response"] if paraphrase else None,
+            paraphrase_verdicts.get(row["id"]),
+        )
         buckets.append(bucket)
-        examples.append({"id": row["id"], "source_id": row["id"], "bucket": bucket, "messages": row["messages"],
-                         "response": target, "verdict": own_verdicts.get(row["id"], "unknown")})
+        examples.append(
+            {
+                "id": row["id"],
+                "source_id": row["id"],
+                "bucket": bucket,
+                "messages": row["messages"],
+                "response": target,
+                "verdict": own_verdicts.get(row["id"], "unknown"),
+            }
+        )
     for bucket, fraction in bucket_fractions(buckets).items():
         ctl.run.metric(f"buckets/{bucket}", fraction)
     ctl.run.table("samples/s3ft_targets", examples, ["source_id", "bucket", "response"])

@@ -24,9 +24,14 @@ def spin(ctl: Controller) -> None:
         generated = ctl.generate(f"iter{t}/generate", train_rows, ctl.sampling(c.generation, salt=t), iteration=t)
         pairs = build_pairs(train_rows, generated, iteration=t)
         ctl.run.table(f"samples/iter{t}/pairs", pairs, ["source_id", "chosen", "rejected"])
-        model = ctl.train(f"iter{t}/spin", "spin", init_model=model,
-                          examples=training_pairs(pairs, previous_pairs, c.spin.mix_previous),
-                          beta=beta_for(t, c.spin.beta), loss_type=c.spin.loss_type)
+        model = ctl.train(
+            f"iter{t}/spin",
+            "spin",
+            init_model=model,
+            examples=training_pairs(pairs, previous_pairs, c.spin.mix_previous),
+            beta=beta_for(t, c.spin.beta),
+            loss_type=c.spin.loss_type,
+        )
         ctl.evaluate(f"iter{t + 1}/eval", eval_rows, model)
         previous_pairs = pairs
     ctl.run.metric("final_model", model)

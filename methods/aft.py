@@ -8,7 +8,7 @@ pool, in Ray Serve and in tests.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 Generate = Callable[[list[dict], int, float], dict[str, list[str]]]
 """generate(requests=[{id, messages}], n, temperature) -> {id: [n texts]}"""
@@ -26,26 +26,49 @@ def build_examples(rows: list[dict], proposals: dict[str, list[str]], system_tem
     for row in rows:
         if not row["reference"]:
             continue
-        examples.append({"id": f"{row['id']}:propose", "source_id": row["id"], "kind": "propose",
-                         "messages": row["messages"], "response": row["reference"]})
+        examples.append(
+            {
+                "id": f"{row['id']}:propose",
+                "source_id": row["id"],
+                "kind": "propose",
+                "messages": row["messages"],
+                "response": row["reference"],
+            }
+        )
         drafts = proposals.get(row["id"])
         if drafts:
-            examples.append({"id": f"{row['id']}:aggregate", "source_id": row["id"], "kind": "aggregate",
-                             "messages": aggregation_messages(system_template, row["messages"], drafts),
-                             "response": row["reference"]})
+            examples.append(
+                {
+                    "id": f"{row['id']}:aggregate",
+                    "source_id": row["id"],
+                    "kind": "aggregate",
+                    "messages": aggregation_messages(system_template, row["messages"], drafts),
+                    "response": row["reference"],
+                }
+            )
     return examples
 
 
-def propose_and_aggregate(rows: list[dict], generate: Generate, system_template: str, n_proposals: int,
-                          layers: int, proposal_temperature: float, aggregate_temperature: float) -> dict[str, dict]:
+def propose_and_aggregate(
+    rows: list[dict],
+    generate: Generate,
+    system_template: str,
+    n_proposals: int,
+    layers: int,
+    proposal_temperature: float,
+    aggregate_temperature: float,
+) -> dict[str, dict]:
     """Layer 0: N proposals; L-1 intermediate layers of N aggregations, each seeing all of the previous
     layer's responses; a final layer writes 1 answer. L=2: 5 proposals -> 5 aggregations -> 1 final."""
     current = generate([{"id": r["id"], "messages": r["messages"]} for r in rows], n_proposals, proposal_temperature)
     trace = {r["id"]: [current.get(r["id"], [])] for r in rows}
     for layer in range(1, layers + 1):
         n = 1 if layer == layers else n_proposals
-        requests = [{"id": r["id"], "messages": aggregation_messages(system_template, r["messages"], current[r["id"]])}
-                    for r in rows if current.get(r["id"])]
+        requests = [
+            {"id": r["id"], "messages": aggregation_messages(system_template, r["messages"], current[r["id"]])}
+            for r in rows
+            if current.get(r["id"])
+        ]
         current = generate(requests, n, aggregate_temperature)
         for r in rows:
             trace[r["id"]].append(current.get(r["id"], []))

@@ -7,8 +7,9 @@ OWN, PARAPHRASE, GOLD = "own", "paraphrase", "gold"
 BUCKETS = (OWN, PARAPHRASE, GOLD)
 
 
-def select_target(row: dict, own: str, own_verdict: str, paraphrase: str | None,
-                  paraphrase_verdict: str | None) -> tuple[str, str]:
+def select_target(
+    row: dict, own: str, own_verdict: str, paraphrase: str | None, paraphrase_verdict: str | None
+) -> tuple[str, str]:
     """(bucket, training target). 'unknown' verdicts count as not equivalent: the gold answer is the safe target."""
     if own_verdict == "yes" and own.strip():
         return OWN, own

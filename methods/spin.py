@@ -15,8 +15,16 @@ def build_pairs(rows: list[dict], generations: dict[str, dict], iteration: int) 
         generated = generations.get(row["id"])
         if generated is None or not row["reference"]:
             continue
-        pairs.append({"id": f"{row['id']}@{iteration}", "source_id": row["id"], "iteration": iteration,
-                      "messages": row["messages"], "chosen": row["reference"], "rejected": generated["response"]})
+        pairs.append(
+            {
+                "id": f"{row['id']}@{iteration}",
+                "source_id": row["id"],
+                "iteration": iteration,
+                "messages": row["messages"],
+                "chosen": row["reference"],
+                "rejected": generated["response"],
+            }
+        )
     return pairs
 
 

@@ -15,8 +15,7 @@ from actors.llm_actor import EnginePool
 from cluster.config import EngineConfig, PoolConfig
 
 ENGINE = EngineConfig(dtype="float32", max_model_len=512, max_num_seqs=16, batch_size=3, kv_cache_gib=1)
-ROWS = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Tell me about the number {i}."}]}
-        for i in range(7)]
+ROWS = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Tell me about the number {i}."}]} for i in range(7)]
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +64,14 @@ def test_weight_reload_changes_outputs(generator, tiny_model, tmp_path):
     seconds = generator.load_weights(str(perturbed))
     after = generator.generate_all(ROWS[:2], greedy)
     assert seconds < 60 and generator.model_path == str(perturbed)
-    assert [after[k]["samples"][0]["token_ids"] for k in after] != [before[k]["samples"][0]["token_ids"] for k in before]
+    assert [after[k]["samples"][0]["token_ids"] for k in after] != [
+        before[k]["samples"][0]["token_ids"] for k in before
+    ]
     generator.load_weights(tiny_model)
     restored = generator.generate_all(ROWS[:2], greedy)
-    assert [restored[k]["samples"][0]["token_ids"] for k in restored] == [before[k]["samples"][0]["token_ids"] for k in before]
+    assert [restored[k]["samples"][0]["token_ids"] for k in restored] == [
+        before[k]["samples"][0]["token_ids"] for k in before
+    ]
 
 
 def test_killed_actor_is_restarted_and_the_batch_completes(generator):
@@ -84,8 +87,9 @@ def test_killed_actor_is_restarted_and_the_batch_completes(generator):
 
 def test_llm_judge_counts_unparseable_output_as_unknown(generator):
     judge = Judge("llm", "actors/prompts", max_tokens=4, pool=generator)  # random weights: gibberish verdicts
-    items = [{"id": r["id"], "row": {**r, "reference": "x", "label": "", "task": "none"}, "response": "y"}
-             for r in ROWS[:3]]
+    items = [
+        {"id": r["id"], "row": {**r, "reference": "x", "label": "", "task": "none"}, "response": "y"} for r in ROWS[:3]
+    ]
     verdicts = judge.equivalent(items)
     assert set(verdicts) == {"r0", "r1", "r2"} and set(verdicts.values()) <= {"yes", "no", "unknown"}
     assert sum(judge.counts.values()) == 3

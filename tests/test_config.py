@@ -23,17 +23,20 @@ def test_partial_section_keeps_section_defaults():
     assert c.evaluation.temperature == 0.0  # the section's own default (greedy), not SamplingConfig's 1.0
 
 
-@pytest.mark.parametrize("override, key, reason", [
-    ("no_such_section.lr=1", "no_such_section", "unknown key"),
-    ("training.no_such_key=1", "training.no_such_key", "unknown key"),
-    ("training.lr=fast", "training.lr", "expected a number"),
-    ("training.epochs=1.5", "training.epochs", "expected an integer"),
-    ("training.lr=-1", "training.lr", "must be > 0"),
-    ("generation.top_p=1.5", "generation.top_p", "(0, 1]"),
-    ("pools.train.replicas=0", "pools.train.replicas", ">= 1"),
-    ("engine.backend=tgi", "engine.backend", "not one of"),
-    ("training.max_prompt_length=9999", "training.max_prompt_length", "training.max_length"),
-])
+@pytest.mark.parametrize(
+    "override, key, reason",
+    [
+        ("no_such_section.lr=1", "no_such_section", "unknown key"),
+        ("training.no_such_key=1", "training.no_such_key", "unknown key"),
+        ("training.lr=fast", "training.lr", "expected a number"),
+        ("training.epochs=1.5", "training.epochs", "expected an integer"),
+        ("training.lr=-1", "training.lr", "must be > 0"),
+        ("generation.top_p=1.5", "generation.top_p", "(0, 1]"),
+        ("pools.train.replicas=0", "pools.train.replicas", ">= 1"),
+        ("engine.backend=tgi", "engine.backend", "not one of"),
+        ("training.max_prompt_length=9999", "training.max_prompt_length", "training.max_length"),
+    ],
+)
 def test_bad_values_name_the_key(override, key, reason):
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs/spin.yaml", [override])
@@ -46,9 +49,21 @@ def test_missing_config_file():
 
 
 def test_cli_fails_fast_before_any_work(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "jobs.smoke", "--config", "configs/smoke.yaml",
-                             "no_such_section.lr=1", f"run.dir={tmp_path}"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.smoke",
+            "--config",
+            "configs/smoke.yaml",
+            "no_such_section.lr=1",
+            f"run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "no_such_section" in result.stderr
     assert not any(tmp_path.iterdir())  # nothing started, nothing written

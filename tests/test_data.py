@@ -6,8 +6,16 @@ import pytest
 
 from cluster.data import load_dataset, split, take
 
-EXPECTED = {"gsm8k": 1319, "sst2": 872, "arc_easy": 2376, "arc_challenge": 1172, "mmlu": 14042, "mbpp": 500,
-            "boolq": 3270, "mtbench": 80}
+EXPECTED = {
+    "gsm8k": 1319,
+    "sst2": 872,
+    "arc_easy": 2376,
+    "arc_challenge": 1172,
+    "mmlu": 14042,
+    "mbpp": 500,
+    "boolq": 3270,
+    "mtbench": 80,
+}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -58,7 +66,8 @@ def test_parquet_and_hf_folder(tmp_path):
     import datasets
 
     datasets.Dataset.from_list(table.to_pylist() + [{"id": "5", "prompt": "", "reference": "x"}]).save_to_disk(
-        str(tmp_path / "hf"))
+        str(tmp_path / "hf")
+    )
     rows, report = load_dataset(str(tmp_path / "hf"))
     assert len(rows) == 5 and report.malformed == 1
 

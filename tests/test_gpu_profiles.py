@@ -74,17 +74,23 @@ def test_multinode_profile_uses_label_selectors_and_zero3():
         assert [g.name for g in groups if label_matches(selector, g.labels)] == [name]
 
 
-@pytest.mark.parametrize("profile, overrides, expect", [
-    ("gpu-1node-8xh100.yaml", ["pools.generator.replicas=3"], "no matching node has room"),
-    ("gpu-1node-8xh100.yaml", ["pools.train.replicas=8"], "no matching node has room"),
-    ("gpu-multinode.yaml", ["pools.train.replicas=17"], "no matching node has room"),
-    ("gpu-multinode.yaml", ["pools.generator.replicas=5"], "no matching node has room"),
-    ("gpu-multinode.yaml", ["pools.judge.num_cpus=81"], "no matching node has room"),
-    ("gpu-multinode.yaml", ["pools.teacher.replicas=1", "pools.teacher.num_gpus=8",
-                            "pools.teacher.tensor_parallel_size=8"], "tensor_parallel_size 8 exceeds"),
-    ("gpu-multinode.yaml", ["pools.judge.label_selector={selfimprove/pool: nowhere}"], "no node group has labels"),
-    ("gpu-multinode.yaml", ["pools.generator.resources={nvme: 1}"], "no matching node has room"),
-])
+@pytest.mark.parametrize(
+    "profile, overrides, expect",
+    [
+        ("gpu-1node-8xh100.yaml", ["pools.generator.replicas=3"], "no matching node has room"),
+        ("gpu-1node-8xh100.yaml", ["pools.train.replicas=8"], "no matching node has room"),
+        ("gpu-multinode.yaml", ["pools.train.replicas=17"], "no matching node has room"),
+        ("gpu-multinode.yaml", ["pools.generator.replicas=5"], "no matching node has room"),
+        ("gpu-multinode.yaml", ["pools.judge.num_cpus=81"], "no matching node has room"),
+        (
+            "gpu-multinode.yaml",
+            ["pools.teacher.replicas=1", "pools.teacher.num_gpus=8", "pools.teacher.tensor_parallel_size=8"],
+            "tensor_parallel_size 8 exceeds",
+        ),
+        ("gpu-multinode.yaml", ["pools.judge.label_selector={selfimprove/pool: nowhere}"], "no node group has labels"),
+        ("gpu-multinode.yaml", ["pools.generator.resources={nvme: 1}"], "no matching node has room"),
+    ],
+)
 def test_too_big_a_profile_does_not_fit(profile, overrides, expect):
     config = load_config(CONFIGS / profile, overrides)
     report = check_config_fit(config, DECLARED[profile])
@@ -101,9 +107,10 @@ def test_first_fit_packs_nodes_in_order():
     from cluster.config import PoolConfig
 
     groups = [NodeGroup("a", 2, 4, 16, {"k": "v"}), NodeGroup("b", 1, 8, 32, {})]
-    pools = {"big": PoolConfig(replicas=2, num_gpus=4, num_cpus=1, tensor_parallel_size=4,
-                               label_selector={"k": "v"}),
-             "small": PoolConfig(replicas=6, num_gpus=1, num_cpus=4)}
+    pools = {
+        "big": PoolConfig(replicas=2, num_gpus=4, num_cpus=1, tensor_parallel_size=4, label_selector={"k": "v"}),
+        "small": PoolConfig(replicas=6, num_gpus=1, num_cpus=4),
+    }
     report = check_fit(pools, groups)
     assert report.ok, report
     assert report.placements["big"] == ["a[0]", "a[1]"]

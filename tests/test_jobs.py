@@ -19,8 +19,11 @@ def run_method(method: str, run_dir: Path, *overrides: str) -> dict:
     module = __import__(f"jobs.{method}", fromlist=[method])
     from jobs.common import main
 
-    return main(method, getattr(module, method),
-                ["--config", str(ROOT / f"configs/{method}-tiny.yaml"), f"run.dir={run_dir}", *overrides])
+    return main(
+        method,
+        getattr(module, method),
+        ["--config", str(ROOT / f"configs/{method}-tiny.yaml"), f"run.dir={run_dir}", *overrides],
+    )
 
 
 def ids(path: Path) -> list[str]:
@@ -98,11 +101,22 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 def test_killed_driver_resumes_without_lost_or_duplicated_rows(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "jobs.spin", "--config", "configs/spin-tiny.yaml", f"run.dir={tmp_path}",
-           "data.n_train=48", "engine.batch_size=2", "spin.iterations=1", "generation.max_tokens=64"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.spin",
+        "--config",
+        "configs/spin-tiny.yaml",
+        f"run.dir={tmp_path}",
+        "data.n_train=48",
+        "engine.batch_size=2",
+        "spin.iterations=1",
+        "generation.max_tokens=64",
+    ]
     run = tmp_path / "spin" / "tiny"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     parts = run / "phases/iter0/generate"
     deadline = time.monotonic() + 400
     try:

@@ -1,7 +1,13 @@
 import pytest
 
-from actors.judge import (combine_orders, extract_final_number, extract_letter, parse_preference, parse_yes_no,
-                          rule_verdict)
+from actors.judge import (
+    combine_orders,
+    extract_final_number,
+    extract_letter,
+    parse_preference,
+    parse_yes_no,
+    rule_verdict,
+)
 from cluster.data import load_dataset
 
 
@@ -34,26 +40,42 @@ def test_classification_and_choice_verifiers():
     assert extract_letter("Answer: C") == "C" and extract_letter("I think so") is None
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Verdict: yes", "yes"), ("verdict: NO", "no"), ("", "unknown"), ("Verdict: yes\nVerdict: no", "unknown"),
-    ("yes and no", "unknown"), ("I am not sure.", "unknown"), ("Reasoning... **Verdict:** yes trailing", "yes"),
-    ("no", "no"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Verdict: yes", "yes"),
+        ("verdict: NO", "no"),
+        ("", "unknown"),
+        ("Verdict: yes\nVerdict: no", "unknown"),
+        ("yes and no", "unknown"),
+        ("I am not sure.", "unknown"),
+        ("Reasoning... **Verdict:** yes trailing", "yes"),
+        ("no", "no"),
+    ],
+)
 def test_parse_yes_no_adversarial(text, expected):
     assert parse_yes_no(text) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Verdict: A", "A"), ("Verdict: b", "B"), ("Verdict: tie", "tie"), ("A is better. Verdict: B", "B"),
-    ("Verdict: A or Verdict: B", "unknown"), ("", "unknown"), ("both are fine", "unknown"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Verdict: A", "A"),
+        ("Verdict: b", "B"),
+        ("Verdict: tie", "tie"),
+        ("A is better. Verdict: B", "B"),
+        ("Verdict: A or Verdict: B", "unknown"),
+        ("", "unknown"),
+        ("both are fine", "unknown"),
+    ],
+)
 def test_parse_preference_adversarial(text, expected):
     assert parse_preference(text) == expected
 
 
 def test_position_bias_cancels():
-    assert combine_orders("A", "B") == "win"     # A preferred in both orders
+    assert combine_orders("A", "B") == "win"  # A preferred in both orders
     assert combine_orders("B", "A") == "lose"
-    assert combine_orders("A", "A") == "tie"     # always the first slot: position bias, no preference
+    assert combine_orders("A", "A") == "tie"  # always the first slot: position bias, no preference
     assert combine_orders("tie", "tie") == "tie"
     assert combine_orders("A", "unknown") == "unknown"

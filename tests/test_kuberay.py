@@ -74,8 +74,11 @@ def to_json_schema(node):
         props.setdefault("apiVersion", {"type": "string"})
         props.setdefault("kind", {"type": "string"})
         props.setdefault("metadata", {"type": "object"})
-    if ("properties" in out and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -108,11 +111,14 @@ def _cel_rules(validator, rules, instance, schema):
         yield jsonschema.ValidationError(f"field guarded by CEL rules not checked offline: {unchecked}")
 
 
-StrictValidator = jsonschema.validators.extend(jsonschema.Draft7Validator, {
-    "x-kubernetes-list-map-keys": _list_map_keys,
-    "x-kubernetes-list-type": _list_type,
-    "x-kubernetes-validations": _cel_rules,
-})
+StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft7Validator,
+    {
+        "x-kubernetes-list-map-keys": _list_map_keys,
+        "x-kubernetes-list-type": _list_type,
+        "x-kubernetes-validations": _cel_rules,
+    },
+)
 
 
 @cache
@@ -140,8 +146,10 @@ def validator_for(api_version: str, kind: str):
 
 def schema_errors(doc: dict) -> list[str]:
     validator = validator_for(doc.get("apiVersion", ""), doc.get("kind", ""))
-    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-            for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
+    return [
+        f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,26 +229,34 @@ WG = "spec.rayClusterSpec.workerGroupSpecs"
 
 
 @needs_crds
-@pytest.mark.parametrize("mutate, expect", [
-    # unknown fields (strict field validation)
-    (lambda d: _set(d, "spec.entrypont", "python -m jobs.spin"), "entrypont"),
-    (lambda d: _set(d, f"{WG}.0.nodeSelector", {"a": "b"}), "nodeSelector"),  # belongs in template.spec
-    (lambda d: _set(d, f"{WG}.0.template.spec.containers.0.resource", {}), "resource"),
-    (lambda d: _set(d, "spec.rayClusterSpec.headGroupSpec.template.spec.volumes.1.emptyDir.medum", "Memory"),
-     "medum"),
-    (lambda d: _set(d, "spec.submitterPodTemplate.spec.containers.0.volumeMount", []), "volumeMount"),
-    # wrong types, missing required fields, list-map keys
-    (lambda d: _set(d, f"{WG}.0.replicas", "1"), "is not of type 'integer'"),
-    (lambda d: _set(d, f"{WG}.0.labels", {"selfimprove/pool": 1}), "is not of type 'string'"),
-    (lambda d: _set(d, f"{WG}.0.rayStartParams", {"num-gpus": 8}), "is not of type 'string'"),
-    (lambda d: _delete(d, f"{WG}.0.template"), "'template' is a required property"),
-    (lambda d: _delete(d, f"{WG}.0.template.spec.containers.0.name"), "'name' is a required property"),
-    (lambda d: _set(d, f"{WG}.0.template.spec.containers.0.env.1", {"name": "NCCL_DEBUG", "value": "INFO"}),
-     "duplicate entry"),
-    (lambda d: _set(d, f"{WG}.0.template.spec.containers.0.resources.limits.cpu", {"n": 1}), "is not valid"),
-    # a field guarded by a CEL rule fails closed
-    (lambda d: _set(d, "spec.managedBy", "someone-else"), "CEL"),
-], ids=lambda x: x if isinstance(x, str) else None)
+@pytest.mark.parametrize(
+    "mutate, expect",
+    [
+        # unknown fields (strict field validation)
+        (lambda d: _set(d, "spec.entrypont", "python -m jobs.spin"), "entrypont"),
+        (lambda d: _set(d, f"{WG}.0.nodeSelector", {"a": "b"}), "nodeSelector"),  # belongs in template.spec
+        (lambda d: _set(d, f"{WG}.0.template.spec.containers.0.resource", {}), "resource"),
+        (
+            lambda d: _set(d, "spec.rayClusterSpec.headGroupSpec.template.spec.volumes.1.emptyDir.medum", "Memory"),
+            "medum",
+        ),
+        (lambda d: _set(d, "spec.submitterPodTemplate.spec.containers.0.volumeMount", []), "volumeMount"),
+        # wrong types, missing required fields, list-map keys
+        (lambda d: _set(d, f"{WG}.0.replicas", "1"), "is not of type 'integer'"),
+        (lambda d: _set(d, f"{WG}.0.labels", {"selfimprove/pool": 1}), "is not of type 'string'"),
+        (lambda d: _set(d, f"{WG}.0.rayStartParams", {"num-gpus": 8}), "is not of type 'string'"),
+        (lambda d: _delete(d, f"{WG}.0.template"), "'template' is a required property"),
+        (lambda d: _delete(d, f"{WG}.0.template.spec.containers.0.name"), "'name' is a required property"),
+        (
+            lambda d: _set(d, f"{WG}.0.template.spec.containers.0.env.1", {"name": "NCCL_DEBUG", "value": "INFO"}),
+            "duplicate entry",
+        ),
+        (lambda d: _set(d, f"{WG}.0.template.spec.containers.0.resources.limits.cpu", {"n": 1}), "is not valid"),
+        # a field guarded by a CEL rule fails closed
+        (lambda d: _set(d, "spec.managedBy", "someone-else"), "CEL"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
 def test_broken_manifest_fails_validation(mutate, expect):
     doc = mutate(_rayjob())
     errors = schema_errors(doc)
@@ -276,8 +292,11 @@ DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 
 def _qualified_name(key: str) -> bool:
     prefix, _, name = key.rpartition("/")
-    return (0 < len(name) <= 63 and bool(LABEL_NAME.match(name))
-            and (not prefix or (len(prefix) <= 253 and bool(DNS1123_SUBDOMAIN.match(prefix)))))
+    return (
+        0 < len(name) <= 63
+        and bool(LABEL_NAME.match(name))
+        and (not prefix or (len(prefix) <= 253 and bool(DNS1123_SUBDOMAIN.match(prefix))))
+    )
 
 
 @pytest.mark.parametrize("name, doc", all_docs(), ids=lambda x: x if isinstance(x, str) else None)
@@ -285,8 +304,12 @@ def test_operator_rules(name, doc):
     max_len = 47 if doc["kind"] == "RayJob" else 53  # KubeRay: cluster name + "-serve-svc" <= 63; RayJob adds 6
     assert DNS1035.match(doc["metadata"]["name"]) and len(doc["metadata"]["name"]) <= max_len
     if doc["kind"] == "RayJob":
-        assert doc["spec"].get("submissionMode", "K8sJobMode") in {"K8sJobMode", "HTTPMode", "InteractiveMode",
-                                                                   "SidecarMode"}  # a plain string in the CRD
+        assert doc["spec"].get("submissionMode", "K8sJobMode") in {
+            "K8sJobMode",
+            "HTTPMode",
+            "InteractiveMode",
+            "SidecarMode",
+        }  # a plain string in the CRD
         assert doc["spec"].get("ttlSecondsAfterFinished", 0) >= 0
         template = doc["spec"].get("submitterPodTemplate")
         if template:
@@ -378,7 +401,7 @@ def test_image_ray_version_is_the_pin():
                 version, py, *_ = tag.split("-")
                 assert version == pin, f"{name} {where}: image Ray {version} != pinned {pin}"
                 assert py == f"py3{python}", f"{name} {where}: image {py} != the project's Python 3.{python}"
-    gpu = (ROOT / "requirements" / "gpu.txt")
+    gpu = ROOT / "requirements" / "gpu.txt"
     if gpu.exists():
         assert re.search(rf"^ray(\[[^\]]*\])?=={re.escape(pin)}\s*$", gpu.read_text(), re.M)
 

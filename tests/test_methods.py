@@ -25,7 +25,7 @@ def test_s3ft_bucket_selection():
     assert select_target(row, "3", "no", "three", "no") == ("gold", "2")
     assert select_target(row, "3", "unknown", "two", "unknown") == ("gold", "2")
     assert select_target(row, "  ", "yes", None, None) == ("gold", "2")
-    assert bucket_fractions(["own", "gold", "gold", "paraphrase"]) == {"own": .25, "paraphrase": .25, "gold": .5}
+    assert bucket_fractions(["own", "gold", "gold", "paraphrase"]) == {"own": 0.25, "paraphrase": 0.25, "gold": 0.5}
 
 
 def test_llm2llm_only_seed_examples_are_eligible():
@@ -45,8 +45,11 @@ def test_aft_aggregation_prompt_and_examples():
     assert messages[0]["role"] == "system" and "1. two\n2. 3" in messages[0]["content"]
     assert messages[1:] == ROWS[0]["messages"]  # the query stays the user turn
     examples = build_examples(ROWS, {"a": ["two", "3"]}, template)
-    assert [(e["id"], e["response"]) for e in examples] == [("a:propose", "2"), ("a:aggregate", "2"),
-                                                            ("b:propose", "hi")]
+    assert [(e["id"], e["response"]) for e in examples] == [
+        ("a:propose", "2"),
+        ("a:aggregate", "2"),
+        ("b:propose", "hi"),
+    ]
 
 
 def test_propose_and_aggregate_layer_structure():
@@ -57,8 +60,9 @@ def test_propose_and_aggregate_layer_structure():
         return {r["id"]: [f"{r['id']}-{len(calls)}-{i}" for i in range(n)] for r in requests}
 
     template = load_prompt("actors/prompts", "aggregate_system")
-    out = propose_and_aggregate(ROWS[:2], generate, template, n_proposals=5, layers=2, proposal_temperature=0.7,
-                                aggregate_temperature=0.5)
+    out = propose_and_aggregate(
+        ROWS[:2], generate, template, n_proposals=5, layers=2, proposal_temperature=0.7, aggregate_temperature=0.5
+    )
     # 5 proposals -> 5 aggregations -> 1 final answer; aggregation layers see a system prompt.
     assert calls == [(2, 5, 0.7, "user"), (2, 5, 0.5, "system"), (2, 1, 0.5, "system")]
     assert out["a"]["answer"] == "a-3-0" and [len(x) for x in out["a"]["layers"]] == [5, 5, 1]

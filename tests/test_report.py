@@ -19,13 +19,22 @@ CHROMIUM = Path("/usr/bin/chromium")
 EVIL = "<script>alert('x')</script>"
 
 METRICS = {
-    "base/eval/accuracy": 0.25, "base/eval/ci95": [0.1, 0.45],
-    "iter0/eval/accuracy": 0.5, "iter0/eval/ci95": [0.3, 0.7],
+    "base/eval/accuracy": 0.25,
+    "base/eval/ci95": [0.1, 0.45],
+    "iter0/eval/accuracy": 0.5,
+    "iter0/eval/ci95": [0.3, 0.7],
     "iter1/eval/accuracy": 0.625,  # no ci95: plotted without an error bar
-    "sft/general/accuracy": 0.4, "sft/general/ci95": [0.2, 0.6],
-    "buckets/own": 0.5, "buckets/paraphrase": 0.25, "buckets/gold": 0.25,
-    "iter0/wrong_seed": 6, "iter0/new_examples": 4, "iter0/data_size": 10, "iter1/wrong_seed": 3,
-    "aft/win_rate_vs_sft": 0.75, "final_model": "runs/x/models/iter1",
+    "sft/general/accuracy": 0.4,
+    "sft/general/ci95": [0.2, 0.6],
+    "buckets/own": 0.5,
+    "buckets/paraphrase": 0.25,
+    "buckets/gold": 0.25,
+    "iter0/wrong_seed": 6,
+    "iter0/new_examples": 4,
+    "iter0/data_size": 10,
+    "iter1/wrong_seed": 3,
+    "aft/win_rate_vs_sft": 0.75,
+    "final_model": "runs/x/models/iter1",
 }
 PHASES = {"base/eval-answers": 1.5, "iter0/generate": 2.0, "iter0/spin": 12.25, "iter1/eval-answers": 0.5}
 
@@ -42,17 +51,31 @@ def run_dir(tmp_path: Path) -> Path:
     (run / "config.yaml").write_text("run:\n  method: spin\n  id: synthetic\n")
     state = {"phases": {name: {"wall_s": s, "result": {"rows": 4}} for name, s in PHASES.items()}, "metrics": METRICS}
     (run / "state.json").write_text(json.dumps(state))
-    summary = {"method": "spin", "run_dir": str(run), "wall_s": 20.0, "phases": PHASES,
-               "pool_idle_s": {"generator": 3.5, "train": 1.0}, "peak_memory_gib": 7.5, "metrics": METRICS,
-               "generation_tokens_per_s": {"generator": 17.6}, "judge_counts": {"rule_no": 12}, "failed_rows": {}}
+    summary = {
+        "method": "spin",
+        "run_dir": str(run),
+        "wall_s": 20.0,
+        "phases": PHASES,
+        "pool_idle_s": {"generator": 3.5, "train": 1.0},
+        "peak_memory_gib": 7.5,
+        "metrics": METRICS,
+        "generation_tokens_per_s": {"generator": 17.6},
+        "judge_counts": {"rule_no": 12},
+        "failed_rows": {},
+    }
     (run / "summary.json").write_text(json.dumps(summary))
-    answers = [{"id": f"q{i}", "messages": "SECRET_PROMPT", "response": EVIL if i == 0 else f"answer {i}"}
-               for i in range(8)]
+    answers = [
+        {"id": f"q{i}", "messages": "SECRET_PROMPT", "response": EVIL if i == 0 else f"answer {i}"} for i in range(8)
+    ]
     _parquet(run / "phases" / "iter1" / "eval-answers.parquet", answers)
-    _parquet(run / "phases" / "iter1" / "eval-verdicts.parquet",
-             [{"id": f"q{i}", "verdict": "yes" if i % 2 else "no", "judge": "auto"} for i in range(8)])
-    _parquet(run / "phases" / "iter0" / "spin-data.parquet",
-             [{"id": "q0@0", "messages": "SECRET_PROMPT", "chosen": "gold & true", "rejected": "own <b>guess</b>"}])
+    _parquet(
+        run / "phases" / "iter1" / "eval-verdicts.parquet",
+        [{"id": f"q{i}", "verdict": "yes" if i % 2 else "no", "judge": "auto"} for i in range(8)],
+    )
+    _parquet(
+        run / "phases" / "iter0" / "spin-data.parquet",
+        [{"id": "q0@0", "messages": "SECRET_PROMPT", "chosen": "gold & true", "rejected": "own <b>guess</b>"}],
+    )
     target = {"id": "q0", "messages": "SECRET_PROMPT", "bucket": "paraphrase", "response": "reworded", "verdict": "yes"}
     _parquet(run / "phases" / "s3ft-data.parquet", [target])
     return run
@@ -72,8 +95,19 @@ def test_report_has_sections_and_valid_charts(run_dir: Path) -> None:
     page = main([str(run_dir)])
     assert page == run_dir / "report.html"
     text = page.read_text()
-    for section in ("Overview", "Eval accuracy", "Phase timings", "Bucket fractions", "Augmentation", "Pool idle",
-                    "Metrics", "Sample rows", "iter1/eval-answers", "iter0/spin-data", "s3ft-data"):
+    for section in (
+        "Overview",
+        "Eval accuracy",
+        "Phase timings",
+        "Bucket fractions",
+        "Augmentation",
+        "Pool idle",
+        "Metrics",
+        "Sample rows",
+        "iter1/eval-answers",
+        "iter0/spin-data",
+        "s3ft-data",
+    ):
         assert f">{section}</h" in text, section
     images = _images(page)
     assert len(images) == 5 and all(image.parent == run_dir / "report" for image in images)
@@ -130,10 +164,21 @@ def test_eval_series_groups_by_eval_name_and_orders_stages() -> None:
 def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
     page = main([str(run_dir)])
     shot = tmp_path / "screenshot.png"
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
-           page.resolve().as_uri()]
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1200,1600",
+        page.resolve().as_uri(),
+    ]
     subprocess.run(cmd, capture_output=True, timeout=180, check=False)
     assert shot.is_file() and shot.read_bytes()[:8] == PNG_MAGIC
     assert shot.stat().st_size > 20_000  # a blank 1200x1600 page compresses to a few KB

@@ -3,9 +3,11 @@ from cluster.data import load_dataset
 
 
 def test_parse_numbered_pairs_and_drop_incomplete():
-    text = ("Question 1: Tom has 3 apples and buys 2. How many?\nAnswer 1: 3 + 2 = 5\n#### 5\n"
-            "Question 2: Ann has 10 pens and loses 4. How many?\nAnswer 2: 10 - 4 = 6\n#### 6\n"
-            "Question 3: unfinished")
+    text = (
+        "Question 1: Tom has 3 apples and buys 2. How many?\nAnswer 1: 3 + 2 = 5\n#### 5\n"
+        "Question 2: Ann has 10 pens and loses 4. How many?\nAnswer 2: 10 - 4 = 6\n#### 6\n"
+        "Question 3: unfinished"
+    )
     pairs = parse_augmentations(text)
     assert len(pairs) == 2 and pairs[1][1].endswith("#### 6")
     assert parse_augmentations("") == [] and parse_augmentations("Sure! Here you go.") == []
@@ -24,4 +26,6 @@ def test_prompt_structure_and_new_example_lineage():
     assert "Q?" in messages[-1]["content"] and "3" in messages[-1]["content"]
     example = new_example(seed, "Bob has 2 cats and gets 3.", "2 + 3 = 5\n#### 5", 0, iteration=1)
     assert example["label"] == "5" and example["seed_id"] == seed["id"] and example["task"] == "gsm8k"
-    assert example["messages"][0]["content"].startswith("Bob has 2 cats") and "####" in example["messages"][0]["content"]
+    assert (
+        example["messages"][0]["content"].startswith("Bob has 2 cats") and "####" in example["messages"][0]["content"]
+    )

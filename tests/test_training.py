@@ -12,9 +12,16 @@ from actors.engine import render_prompt, response_ids
 from cluster.config import load_config
 from training.service import TrainingService
 
-ROWS = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"What is {i} plus one?"}],
-         "response": f"{i} plus one is {i + 1}.", "chosen": f"{i} plus one is {i + 1}.", "rejected": "I do not know."}
-        for i in range(12)]
+ROWS = [
+    {
+        "id": f"r{i}",
+        "messages": [{"role": "user", "content": f"What is {i} plus one?"}],
+        "response": f"{i} plus one is {i + 1}.",
+        "chosen": f"{i} plus one is {i + 1}.",
+        "rejected": "I do not know.",
+    }
+    for i in range(12)
+]
 
 
 def mean_nll(model_path: str, rows: list[dict], field: str = "response") -> float:
@@ -25,8 +32,8 @@ def mean_nll(model_path: str, rows: list[dict], field: str = "response") -> floa
         prompt, answer = render_prompt(tok, row["messages"]), response_ids(tok, row[field])
         ids = torch.tensor([prompt + answer])
         with torch.no_grad():
-            logps = model(ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
-        total -= logps.gather(-1, ids[0, len(prompt):, None]).sum().item()
+            logps = model(ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        total -= logps.gather(-1, ids[0, len(prompt) :, None]).sum().item()
         count += len(answer)
     return total / count
 
@@ -34,9 +41,17 @@ def mean_nll(model_path: str, rows: list[dict], field: str = "response") -> floa
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    config = load_config(None, [f"run.dir={root}", "run.id=t", "pools.train.replicas=2", "pools.train.num_cpus=1",
-                                "pools.train.max_restarts=1",
-                                "pools.train.env={SELFIMPROVE_CRASH_AFTER_CHECKPOINT: crashing}"])
+    config = load_config(
+        None,
+        [
+            f"run.dir={root}",
+            "run.id=t",
+            "pools.train.replicas=2",
+            "pools.train.num_cpus=1",
+            "pools.train.max_restarts=1",
+            "pools.train.env={SELFIMPROVE_CRASH_AFTER_CHECKPOINT: crashing}",
+        ],
+    )
     svc = TrainingService(config)
     svc.root = root
     svc.training = asdict(config.training)
@@ -48,8 +63,17 @@ def spec(svc, name, kind, model, **extra):
     data = svc.root / f"{name}.parquet"
     pq.write_table(pa.Table.from_pylist(ROWS), data)
     training = {**svc.training, "lr": 2e-3, "epochs": 2, "micro_batch_size": 2, **extra.pop("training", {})}
-    return {"name": name, "kind": kind, "init_model": model, "data": str(data), "phase_dir": str(svc.root / name),
-            "output": str(svc.root / f"{name}-model"), "training": training, "seed": 0, **extra}
+    return {
+        "name": name,
+        "kind": kind,
+        "init_model": model,
+        "data": str(data),
+        "phase_dir": str(svc.root / name),
+        "output": str(svc.root / f"{name}-model"),
+        "training": training,
+        "seed": 0,
+        **extra,
+    }
 
 
 def test_zero3_sft_lowers_loss_and_saves_a_loadable_hf_folder(service, tiny_model):

@@ -42,8 +42,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logps.sum(-1)
 
 
-def spin_loss(policy_real: torch.Tensor, policy_gen: torch.Tensor, ref_real: torch.Tensor, ref_gen: torch.Tensor,
-              beta: float, loss_type: str = "sigmoid") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def spin_loss(
+    policy_real: torch.Tensor,
+    policy_gen: torch.Tensor,
+    ref_real: torch.Tensor,
+    ref_gen: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair SPIN losses and the implicit rewards β·(logπθ − logπref) of real and generated answers."""
     margin_logits = (policy_real - ref_real) - (policy_gen - ref_gen)
     if loss_type == "sigmoid":
@@ -54,5 +60,9 @@ def spin_loss(policy_real: torch.Tensor, policy_gen: torch.Tensor, ref_real: tor
         raise ValueError(f"spin.loss_type: unknown loss type {loss_type!r}")
     reward_real = beta * (policy_real - ref_real).detach()
     reward_gen = beta * (policy_gen - ref_gen).detach()
-    return losses, {"reward_real": reward_real, "reward_generated": reward_gen,
-                    "reward_margin": reward_real - reward_gen, "reward_accuracy": (reward_real > reward_gen).float()}
+    return losses, {
+        "reward_real": reward_real,
+        "reward_generated": reward_gen,
+        "reward_margin": reward_real - reward_gen,
+        "reward_accuracy": (reward_real > reward_gen).float(),
+    }

@@ -33,8 +33,15 @@ class TruncationReport:
     responses_truncated: int = 0
 
 
-def build_sequence(tokenizer, example_id: str, messages: list[dict], response: str, max_length: int,
-                   max_prompt_length: int, report: TruncationReport) -> Sequence:
+def build_sequence(
+    tokenizer,
+    example_id: str,
+    messages: list[dict],
+    response: str,
+    max_length: int,
+    max_prompt_length: int,
+    report: TruncationReport,
+) -> Sequence:
     prompt = render_prompt(tokenizer, messages)
     answer = response_ids(tokenizer, response)
     report.sequences += 1
@@ -47,8 +54,9 @@ def build_sequence(tokenizer, example_id: str, messages: list[dict], response: s
     return Sequence(example_id, prompt + answer, [IGNORE] * len(prompt) + answer)
 
 
-def micro_batches(n_items: int, lengths: list[int], micro_batch_size: int, max_tokens: int, seed: int,
-                  epoch: int) -> list[list[int]]:
+def micro_batches(
+    n_items: int, lengths: list[int], micro_batch_size: int, max_tokens: int, seed: int, epoch: int
+) -> list[list[int]]:
     """Index groups: shuffled per epoch, at most ``micro_batch_size`` items and ``max_tokens`` padded tokens."""
     order = list(range(n_items))
     random.Random(seed * 1000 + epoch).shuffle(order)

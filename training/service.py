@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ray
 
@@ -57,7 +57,7 @@ class PhaseQueue:
         try:
             while index not in self.results:
                 await asyncio.wait_for(self.changed.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         return self.results[index]
 
@@ -92,11 +92,17 @@ class TrainingService:
         self.trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"queue": self.queue, "threads": threads, "env": {**worker_env(), **pool.env}},
-            scaling_config=ScalingConfig(num_workers=pool.replicas, use_gpu=pool.num_gpus > 0,
-                                         resources_per_worker=resources,
-                                         label_selector=dict(pool.label_selector) or None),
-            run_config=RunConfig(name="train", storage_path=str(Path(config.run_dir).resolve() / "ray_train"),
-                                 failure_config=FailureConfig(max_failures=pool.max_restarts)),
+            scaling_config=ScalingConfig(
+                num_workers=pool.replicas,
+                use_gpu=pool.num_gpus > 0,
+                resources_per_worker=resources,
+                label_selector=dict(pool.label_selector) or None,
+            ),
+            run_config=RunConfig(
+                name="train",
+                storage_path=str(Path(config.run_dir).resolve() / "ray_train"),
+                failure_config=FailureConfig(max_failures=pool.max_restarts),
+            ),
         )
         self.error: BaseException | None = None
         self.started = time.perf_counter()

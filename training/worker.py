@@ -26,8 +26,7 @@ from training.sequences import TruncationReport, build_sequence, collate, deal, 
 
 def deepspeed_config(t: dict, world_size: int) -> dict:
     ds = t["deepspeed"]
-    zero: dict[str, Any] = {"stage": ds["zero_stage"], "overlap_comm": ds["overlap_comm"],
-                            "contiguous_gradients": True}
+    zero: dict[str, Any] = {"stage": ds["zero_stage"], "overlap_comm": ds["overlap_comm"], "contiguous_gradients": True}
     if ds["zero_stage"] == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if ds["offload_optimizer"]:
@@ -85,8 +84,15 @@ class PhaseRunner:
         examples = _read_examples(spec["data"])
         report = TruncationReport()
         kind = spec["kind"]
-        build = lambda ex, text: build_sequence(tokenizer, ex["id"], ex["messages"], text,  # noqa: E731
-                                                t["max_length"], t["max_prompt_length"], report)
+        build = lambda ex, text: build_sequence(
+            tokenizer,
+            ex["id"],
+            ex["messages"],
+            text,  # noqa: E731
+            t["max_length"],
+            t["max_prompt_length"],
+            report,
+        )
         if kind == "spin":
             items = [(build(ex, ex["chosen"]), build(ex, ex["rejected"])) for ex in examples]
             lengths = [max(len(a.input_ids), len(b.input_ids)) * 2 for a, b in items]
@@ -98,12 +104,19 @@ class PhaseRunner:
         ds_config = deepspeed_config(t, self.world_size)
         dtype = torch.bfloat16 if t["deepspeed"]["bf16"] else torch.float32
         keep_alive = HfDeepSpeedConfig(ds_config) if t["deepspeed"]["zero_stage"] == 3 else None  # noqa: F841
-        model = AutoModelForCausalLM.from_pretrained(spec["init_model"], dtype=dtype,
-                                                     trust_remote_code=spec.get("trust_remote_code", False))
+        model = AutoModelForCausalLM.from_pretrained(
+            spec["init_model"], dtype=dtype, trust_remote_code=spec.get("trust_remote_code", False)
+        )
         model.config.use_cache = False
 
-        epochs = [deal(micro_batches(len(items), lengths, t["micro_batch_size"], t["max_tokens_per_batch"],
-                                     spec["seed"], e), self.rank, self.world_size) for e in range(t["epochs"])]
+        epochs = [
+            deal(
+                micro_batches(len(items), lengths, t["micro_batch_size"], t["max_tokens_per_batch"], spec["seed"], e),
+                self.rank,
+                self.world_size,
+            )
+            for e in range(t["epochs"])
+        ]
         micro_per_epoch = len(epochs[0])
         total_steps = max(1, math.ceil(micro_per_epoch * t["epochs"] / t["grad_accum"]))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -111,9 +124,12 @@ class PhaseRunner:
             optimizer = torch.optim.RMSprop(params, lr=t["lr"], weight_decay=t["weight_decay"])
         else:
             optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, t["warmup_ratio"], t["schedule"]))
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total_steps, t["warmup_ratio"], t["schedule"])
+        )
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
         local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
         total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -146,28 +162,43 @@ class PhaseRunner:
                     elapsed = time.perf_counter() - step_start
                     all_tokens = self._sum(step_tokens)
                     optimizer_step = math.ceil(micro_step / t["grad_accum"])
-                    last = {"loss": self._mean(loss.item()), "lr": scheduler.get_last_lr()[0],
-                            "tokens_per_s": all_tokens / max(elapsed, 1e-9), "step_time_s": elapsed,
-                            "epoch": epoch, "step": optimizer_step,
-                            **{k: self._mean(v) for k, v in metrics.items()}}
+                    last = {
+                        "loss": self._mean(loss.item()),
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": all_tokens / max(elapsed, 1e-9),
+                        "step_time_s": elapsed,
+                        "epoch": epoch,
+                        "step": optimizer_step,
+                        **{k: self._mean(v) for k, v in metrics.items()},
+                    }
                     train_tokens += all_tokens
                     train_time += elapsed
                     if self.rank == 0:
                         self.log({"phase": spec["name"], **last})
                     if t["checkpoint_every"] and optimizer_step % t["checkpoint_every"] == 0:
-                        engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{optimizer_step}",
-                                               client_state={"micro_step": micro_step})
+                        engine.save_checkpoint(
+                            str(self.ckpt_dir), tag=f"step{optimizer_step}", client_state={"micro_step": micro_step}
+                        )
                         self._after_checkpoint(spec)
                     step_tokens, step_start = 0, time.perf_counter()
 
         out = self._save(engine, model, tokenizer, spec["output"])
         if self.rank == 0:
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # the HF folder is the phase's result
-        return {"output": out, "steps": total_steps, "resumed_from_micro_step": start_micro,
-                "train_tokens": train_tokens, "train_time_s": train_time,
-                "train_tokens_per_s": train_tokens / max(train_time, 1e-9), "startup_s": startup_s,
-                "wall_s": time.perf_counter() - started, "truncation": report.__dict__, "final": last,
-                "examples": len(items), "local_param_fraction": local / total}
+        return {
+            "output": out,
+            "steps": total_steps,
+            "resumed_from_micro_step": start_micro,
+            "train_tokens": train_tokens,
+            "train_time_s": train_time,
+            "train_tokens_per_s": train_tokens / max(train_time, 1e-9),
+            "startup_s": startup_s,
+            "wall_s": time.perf_counter() - started,
+            "truncation": report.__dict__,
+            "final": last,
+            "examples": len(items),
+            "local_param_fraction": local / total,
+        }
 
     # -- steps -----------------------------------------------------------------------------------------
 
@@ -182,7 +213,7 @@ class PhaseRunner:
         batch = collate(sequences, pad_id)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logps = sequence_logps(logits, batch["labels"])
-        return logps[: len(indices)], logps[len(indices):], int(batch["attention_mask"].sum())
+        return logps[: len(indices)], logps[len(indices) :], int(batch["attention_mask"].sum())
 
     def _spin_step(self, engine, items, indices, ref_logps, pad_id):
         real, gen, tokens = self._pair_logps(engine, items, indices, pad_id)
@@ -198,8 +229,13 @@ class PhaseRunner:
             return json.loads(path.read_text())
         import torch.distributed as dist
 
-        plan = deal(micro_batches(len(items), lengths, self.t["micro_batch_size"], self.t["max_tokens_per_batch"],
-                                  self.spec["seed"], 0), self.rank, self.world_size)
+        plan = deal(
+            micro_batches(
+                len(items), lengths, self.t["micro_batch_size"], self.t["max_tokens_per_batch"], self.spec["seed"], 0
+            ),
+            self.rank,
+            self.world_size,
+        )
         mine: dict[str, tuple[float, float]] = {}
         engine.eval()
         with torch.no_grad():
@@ -246,8 +282,11 @@ class PhaseRunner:
         """Consolidate ZeRO-3 shards (every rank joins the gather); rank 0 writes an HF folder atomically."""
         import torch.distributed as dist
 
-        state = engine._zero3_consolidated_16bit_state_dict() if self.t["deepspeed"]["zero_stage"] == 3 \
+        state = (
+            engine._zero3_consolidated_16bit_state_dict()
+            if self.t["deepspeed"]["zero_stage"] == 3
             else engine.module.state_dict()
+        )
         if self.rank == 0:
             out = Path(output)
             tmp = out.with_name(out.name + ".tmp")

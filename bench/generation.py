@@ -1,0 +1,132 @@
+"""Generation throughput: the generator actors vs the bare vLLM engine vs transformers `generate`.
+
+Same prompts (16 MT-Bench questions), same sampling (4 samples each, temperature 1.0, 64 new tokens),
+SmolLM2-135M-Instruct, both cores in every case:
+(a) 2 generator actors, one engine bound to each core, fed by the EnginePool;
+(b) one bare vLLM engine in its own process, bound to both cores;
+(c) transformers `generate` in bf16 (its fastest dtype on this CPU) with 2 torch threads.
+Each case runs once to warm up and once measured. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+
+from bench.common import bench_prompts, emit, print_table
+
+N_SAMPLES, MAX_TOKENS, TEMPERATURE = 4, 64, 1.0
+
+
+def _timed(generate, prompts) -> tuple[int, float]:
+    generate(prompts[:2])  # warm-up
+    start = time.perf_counter()
+    tokens = generate(prompts)
+    return tokens, time.perf_counter() - start
+
+
+def bare_vllm(model: str, queue) -> None:
+    os.environ.update(
+        VLLM_CPU_OMP_THREADS_BIND="0-1",
+        VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+        OMP_NUM_THREADS="2",
+        VLLM_CPU_KVCACHE_SPACE="1",
+    )
+    from actors.engine import Sampling, VLLMEngine, render_prompt
+
+    engine = VLLMEngine(model, max_model_len=1024)
+    sampling = Sampling(temperature=TEMPERATURE, max_tokens=MAX_TOKENS, n=N_SAMPLES, seed=0)
+
+    def generate(rows):
+        prompts = [render_prompt(engine.tokenizer, r["messages"]) for r in rows]
+        return sum(len(c.token_ids) for out in engine.generate(prompts, sampling) for c in out)
+
+    queue.put(_timed(generate, bench_prompts()))
+
+
+def hf_generate(model: str, queue) -> None:
+    import torch
+
+    torch.set_num_threads(2)
+    from actors.engine import HFEngine, Sampling, render_prompt
+
+    engine = HFEngine(model, dtype="bfloat16")
+    sampling = Sampling(temperature=TEMPERATURE, max_tokens=MAX_TOKENS, n=N_SAMPLES, seed=0)
+
+    def generate(rows):
+        prompts = [render_prompt(engine.tokenizer, r["messages"]) for r in rows]
+        return sum(len(c.token_ids) for out in engine.generate(prompts, sampling) for c in out)
+
+    queue.put(_timed(generate, bench_prompts()))
+
+
+def in_subprocess(target, model: str) -> tuple[int, float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(model, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def actors(model: str) -> tuple[int, float]:
+    import ray
+
+    from actors.engine import Sampling
+    from actors.llm_actor import EnginePool
+    from cluster.config import ClusterConfig, EngineConfig, PoolConfig
+    from cluster.connect import connect
+
+    connect(ClusterConfig(num_cpus=4))
+    pool = EnginePool(
+        "generator",
+        model,
+        PoolConfig(
+            replicas=2, num_cpus=1, env={"VLLM_CPU_OMP_THREADS_BIND": "0;1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+        ),
+        EngineConfig(batch_size=8),
+        600,
+    )
+    sampling = Sampling(temperature=TEMPERATURE, max_tokens=MAX_TOKENS, n=N_SAMPLES, seed=0)
+
+    def generate(rows):
+        out = pool.generate_all(rows, sampling)
+        return sum(len(s["token_ids"]) for r in out.values() for s in r["samples"])
+
+    result = _timed(generate, bench_prompts())
+    pool.shutdown()
+    ray.shutdown()
+    return result
+
+
+def main() -> None:
+    from cluster.models import resolve_model
+
+    model = resolve_model("smollm2-135m-instruct")
+    cases = {
+        "actors (2 replicas, 1 core each)": actors(model),
+        "bare vLLM (1 engine, 2 cores)": in_subprocess(bare_vllm, model),
+        "transformers generate (bf16, 2 threads)": in_subprocess(hf_generate, model),
+    }
+    rates = {name: tokens / seconds for name, (tokens, seconds) in cases.items()}
+    print_table(
+        "generation: 16 prompts x 4 samples x 64 tokens, SmolLM2-135M-Instruct",
+        [(name, tokens, seconds, rates[name]) for name, (tokens, seconds) in cases.items()],
+        ("case", "tokens", "seconds", "tok/s"),
+    )
+    actor_tok_s, bare_tok_s, hf_tok_s = rates.values()
+    emit(
+        {
+            "actor_tok_s": round(actor_tok_s, 1),
+            "bare_vllm_tok_s": round(bare_tok_s, 1),
+            "hf_tok_s": round(hf_tok_s, 1),
+            "actor_vs_bare": round(actor_tok_s / bare_tok_s, 3),
+            "vllm_vs_hf": round(bare_tok_s / hf_tok_s, 3),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
