@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
+from tqdm import tqdm
 
 from cluster.config import JobConfig
 from cluster.connect import worker_env
@@ -120,14 +121,21 @@ class TrainingService:
         index = self.next_index
         start = time.perf_counter()
         ray.get(self.queue.put.remote(index, spec))
-        while True:
-            result = ray.get(self.queue.result.remote(index, 2.0))
-            for metrics in ray.get(self.queue.drain_logs.remote()):
-                self.on_metrics(metrics)
-            if result is not None:
-                break
-            if not self.thread.is_alive():
-                raise TrainingError(f"training workers stopped during phase {spec['name']}: {self.error!r}")
+        bar = tqdm(desc=f"train {spec['name']}", unit="step", leave=False)
+        try:
+            while True:
+                result = ray.get(self.queue.result.remote(index, 2.0))
+                for metrics in ray.get(self.queue.drain_logs.remote()):
+                    bar.total = metrics["total_steps"]
+                    bar.n = metrics["step"]
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    self.on_metrics(metrics)
+                if result is not None:
+                    break
+                if not self.thread.is_alive():
+                    raise TrainingError(f"training workers stopped during phase {spec['name']}: {self.error!r}")
+        finally:
+            bar.close()
         if "error" in result:
             raise TrainingError(f"phase {spec['name']} failed on the train pool: {result['error']}")
         self.next_index += 1
