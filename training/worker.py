@@ -169,6 +169,7 @@ class PhaseRunner:
                         "step_time_s": elapsed,
                         "epoch": epoch,
                         "step": optimizer_step,
+                        "total_steps": total_steps,
                         **{k: self._mean(v) for k, v in metrics.items()},
                     }
                     train_tokens += all_tokens
