@@ -6,6 +6,14 @@ import json
 
 from cluster.data import load_dataset, take
 
+# One bare vLLM engine in one process on both cores: the baseline the actors are measured against.
+BARE_VLLM_ENV = {
+    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "OMP_NUM_THREADS": "2",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+
 
 def bench_prompts(n: int = 16, seed: int = 0) -> list[dict]:
     """Real instructions (MT-Bench first turns): varied lengths, open-ended answers."""

@@ -14,7 +14,7 @@ import multiprocessing as mp
 import os
 import time
 
-from bench.common import bench_prompts, emit, print_table
+from bench.common import BARE_VLLM_ENV, bench_prompts, emit, print_table
 
 N_SAMPLES, MAX_TOKENS, TEMPERATURE = 4, 64, 1.0
 
@@ -27,12 +27,7 @@ def _timed(generate, prompts) -> tuple[int, float]:
 
 
 def bare_vllm(model: str, queue) -> None:
-    os.environ.update(
-        VLLM_CPU_OMP_THREADS_BIND="0-1",
-        VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-        OMP_NUM_THREADS="2",
-        VLLM_CPU_KVCACHE_SPACE="1",
-    )
+    os.environ.update(BARE_VLLM_ENV)
     from actors.engine import Sampling, VLLMEngine, render_prompt
 
     engine = VLLMEngine(model, max_model_len=1024)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import emit, print_table
+from bench.common import BARE_VLLM_ENV, emit, print_table
 
 N_PROMPTS = 64
 OVERRIDES = [
@@ -39,12 +39,7 @@ def config(run_dir: str):
 
 
 def bare_generation(run_dir: str, queue) -> None:
-    os.environ.update(
-        VLLM_CPU_OMP_THREADS_BIND="0-1",
-        VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-        OMP_NUM_THREADS="2",
-        VLLM_CPU_KVCACHE_SPACE="1",
-    )
+    os.environ.update(BARE_VLLM_ENV)
     from actors.engine import Sampling, VLLMEngine, render_prompt
     from cluster.data import load_dataset, split, take
     from cluster.models import resolve_model
