@@ -16,7 +16,6 @@ venv: $(STAMP)
 $(STAMP): requirements/cpu.lock pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	.venv/bin/pip install -q --disable-pip-version-check --no-deps -r requirements/cpu.lock
-	.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	# DeepSpeed compiles its CPU shm_comm op at first use (~80 s): build it once into the cache.
 	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	# Convert SmolLM2 from the shipped GGUF and build the tiny random model once (cached in .cache/models).
