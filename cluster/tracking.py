@@ -17,6 +17,7 @@ of its written parts and only processes the rest (rows are keyed by id, so nothi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -97,8 +98,8 @@ class Run:
         self.phase_times: dict[str, float] = {n: p["wall_s"] for n, p in self.state["phases"].items()}
         self.memory = MemoryMonitor()
         self.started = time.perf_counter()
+        self.step = 0  # W&B step within this driver session's run
         self.wandb = self._init_wandb()
-        self.step = int(self.state.get("wandb_step", 0))
         if self.resumed:
             log.info("resuming %s: %d phases already finished", self.dir, len(self.state["phases"]))
 
@@ -122,14 +123,18 @@ class Run:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        run_name = f"{self.config.run.method}-{self.config.run.id}"
-        # The id is derived from the run folder so a resumed job keeps writing to the same W&B run.
+        # One W&B run per driver session, grouped by run folder: a killed driver's W&B process may still
+        # hold its run id, so a resumed session must not reuse it. The group shows the whole job.
+        group = f"{self.config.run.method}-{self.config.run.id}"
+        folder = hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:8]
+        self.state["sessions"] = self.state.get("sessions", 0) + 1
+        self._save_state()
         return wandb.init(
             project=self.config.tracking.project,
             entity=self.config.tracking.entity,
-            name=run_name,
-            id=run_name.replace("/", "-"),
-            resume="allow",
+            name=f"{group}-s{self.state['sessions']}",
+            id=f"{group}-{folder}-s{self.state['sessions']}",
+            group=group,
             mode=mode,
             dir=str(self.dir),
             config=to_dict(self.config),
@@ -148,7 +153,6 @@ class Run:
         return read_parquet(self.dir / "phases" / f"{name}.parquet")
 
     def _save_state(self) -> None:
-        self.state["wandb_step"] = self.step
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state, indent=1, default=str))
         tmp.rename(self.state_path)

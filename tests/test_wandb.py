@@ -50,7 +50,9 @@ def spin_run(ray_session, tmp_path_factory):
 def test_offline_run_has_config_metrics_and_tables(spin_run):
     (wandb_file,) = glob.glob(str(spin_run / "wandb/offline-run-*/run-*.wandb"))
     records = read_records(wandb_file)
-    config = {u.key: json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update}
+    updates = [u for r in records if r.HasField("run") for u in r.run.config.update]
+    updates += [u for r in records if r.HasField("config") for u in r.config.update]
+    config = {u.key: json.loads(u.value_json) for u in updates}
     assert config["training"]["lr"] == 1e-3 and config["model"]["name"] == "tiny-random"
     history_keys = {i.key or "/".join(i.nested_key) for r in records if r.HasField("history") for i in r.history.item}
     assert {"iter0/eval/accuracy", "train/loss", "train/reward_margin", "train/tokens_per_s"} <= history_keys
