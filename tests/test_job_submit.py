@@ -29,13 +29,33 @@ def free_port(low: int = 20000) -> int:
 @pytest.fixture(scope="module")
 def head():
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")
-    gcs, dashboard, client = free_port(), free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
-           "PYTHONPATH": str(ROOT)}
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-                    f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}", "--num-cpus=8",
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env = (free_port() for _ in range(7))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            "--num-cpus=8",
+            # every port our own: another Ray on the machine (the test session's) holds the defaults
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=180,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -53,12 +73,30 @@ def head():
 
 
 def submit(address: str, env: dict, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    runtime_env = {"excludes": [".venv", ".cache", "runs", ".git", "**/__pycache__"],
-                   "env_vars": {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}}
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-           "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "jobs.spin",
-           "--config", "configs/spin-tiny.yaml", f"run.dir={run_dir}", f"model.cache_dir={ROOT / '.cache/models'}",
-           *overrides]
+    runtime_env = {
+        "excludes": [".venv", ".cache", "runs", ".git", "**/__pycache__"],
+        "env_vars": {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"},
+    }
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "python",
+        "-m",
+        "jobs.spin",
+        "--config",
+        "configs/spin-tiny.yaml",
+        f"run.dir={run_dir}",
+        f"model.cache_dir={ROOT / '.cache/models'}",
+        *overrides,
+    ]
     deadline = time.monotonic() + 120
     while True:
         result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
