@@ -21,6 +21,19 @@ def bench_prompts(n: int = 16, seed: int = 0) -> list[dict]:
     return [{"id": r["id"], "messages": r["messages"]} for r in take(rows, n, seed)]
 
 
+def in_subprocess(target, *args):
+    """Run ``target(*args, queue)`` in a fresh spawned process (its own threads, no Ray) and return what it puts."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
 def print_table(title: str, rows: list[tuple], headers: tuple) -> None:
     widths = [max(len(str(h)), *(len(_fmt(r[i])) for r in rows)) for i, h in enumerate(headers)]
     print(f"\n{title}")

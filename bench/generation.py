@@ -10,11 +10,10 @@ Each case runs once to warm up and once measured. Last line: one JSON object.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import time
 
-from bench.common import BARE_VLLM_ENV, bench_prompts, emit, print_table
+from bench.common import BARE_VLLM_ENV, bench_prompts, emit, in_subprocess, print_table
 
 N_SAMPLES, MAX_TOKENS, TEMPERATURE = 4, 64, 1.0
 
@@ -54,16 +53,6 @@ def hf_generate(model: str, queue) -> None:
         return sum(len(c.token_ids) for out in engine.generate(prompts, sampling) for c in out)
 
     queue.put(_timed(generate, bench_prompts()))
-
-
-def in_subprocess(target, model: str) -> tuple[int, float]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(model, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
 
 
 def actors(model: str) -> tuple[int, float]:

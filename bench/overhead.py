@@ -10,13 +10,12 @@ start-up included, as the iteration pays it too). Prints each phase's wall time,
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import BARE_VLLM_ENV, emit, print_table
+from bench.common import BARE_VLLM_ENV, emit, in_subprocess, print_table
 
 N_PROMPTS = 64
 OVERRIDES = [
@@ -82,12 +81,7 @@ def main() -> None:
     ctl.close()
     ray.shutdown()
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=bare_generation, args=(tmp, queue))
-    proc.start()
-    bare_generate_s = queue.get()
-    proc.join()
+    bare_generate_s = in_subprocess(bare_generation, tmp)
     bare_train_s = bare_training(tmp, pairs, ctl.base_model)
     bare = bare_generate_s + bare_train_s
     print_table(

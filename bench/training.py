@@ -9,12 +9,11 @@ Last line: one JSON object.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.common import emit, print_table
+from bench.common import emit, in_subprocess, print_table
 
 N_EXAMPLES, GLOBAL_BATCH, WARMUP_STEPS = 96, 8, 2
 
@@ -115,12 +114,7 @@ def main() -> None:
     rows = examples()
     with tempfile.TemporaryDirectory() as tmp:
         zero3_tok_s, startup_s, zero3_steps = ray_zero3(model, rows, Path(tmp))
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=single_process, args=(model, rows, queue))
-    proc.start()
-    single_tok_s, single_steps = queue.get()
-    proc.join()
+    single_tok_s, single_steps = in_subprocess(single_process, model, rows)
     print_table(
         "SFT on SmolLM2-135M-Instruct, 96 GSM8K examples, global batch 8, fp32 AdamW",
         [
