@@ -215,7 +215,7 @@ class Run:
 
     # -- tracking --------------------------------------------------------------------------------------
 
-    def log(self, metrics: dict, commit: bool = True) -> None:
+    def log(self, metrics: dict) -> None:
         self.step += 1
         if self.wandb is not None:
             self.wandb.log(metrics, step=self.step)

@@ -24,7 +24,7 @@ from training.losses import sequence_logps, sft_loss, spin_loss
 from training.sequences import TruncationReport, build_sequence, collate, deal, micro_batches
 
 
-def deepspeed_config(t: dict, world_size: int) -> dict:
+def deepspeed_config(t: dict) -> dict:
     ds = t["deepspeed"]
     zero: dict[str, Any] = {"stage": ds["zero_stage"], "overlap_comm": ds["overlap_comm"], "contiguous_gradients": True}
     if ds["zero_stage"] == 3:
@@ -101,7 +101,7 @@ class PhaseRunner:
             lengths = [len(s.input_ids) for s in items]
 
         deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo / NCCL)
-        ds_config = deepspeed_config(t, self.world_size)
+        ds_config = deepspeed_config(t)
         dtype = torch.bfloat16 if t["deepspeed"]["bf16"] else torch.float32
         keep_alive = HfDeepSpeedConfig(ds_config) if t["deepspeed"]["zero_stage"] == 3 else None  # noqa: F841
         model = AutoModelForCausalLM.from_pretrained(
@@ -206,7 +206,7 @@ class PhaseRunner:
     def _sft_step(self, engine, items, indices, pad_id):
         batch = collate([items[i] for i in indices], pad_id)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, n_tokens = sft_loss(logits, batch["labels"])
+        loss, _ = sft_loss(logits, batch["labels"])
         return loss, {}, int(batch["attention_mask"].sum())
 
     def _pair_logps(self, engine, items, indices, pad_id) -> tuple[torch.Tensor, torch.Tensor, int]:
