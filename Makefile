@@ -9,7 +9,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: venv demo test lint lock bench clean-runs
+.PHONY: venv demo test lint lock bench quality clean-runs
 
 venv: $(STAMP)
 
@@ -32,7 +32,11 @@ lint: venv
 	.venv/bin/ruff check .
 
 bench: venv
-	$(PY) -m bench.generation && $(PY) -m bench.training
+	$(PY) -m bench.generation && $(PY) -m bench.training && $(PY) -m bench.overhead
+
+# Each method against its baseline on a real task (<= 30 min each on 2 cores).
+quality: venv
+	for m in spin s3ft llm2llm aft; do $(PY) -m bench.quality --method $$m || exit 1; done
 
 # Re-freeze the CPU environment after editing requirements/cpu.in.
 lock:

@@ -78,6 +78,7 @@ class VLLMEngine:
         kv_cache_gib: float = 1.0,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.85,
+        enable_chunked_prefill: bool = False,
         seed: int = 0,
         trust_remote_code: bool = False,
     ):
@@ -95,6 +96,7 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
+            enable_chunked_prefill=enable_chunked_prefill,
             seed=seed,
             trust_remote_code=trust_remote_code,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from queue import Empty
 
 from cluster.data import load_dataset, take
 
@@ -29,7 +30,13 @@ def in_subprocess(target, *args):
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a child that dies before putting its result must not hang the benchmark
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"{target.__name__} exited with code {proc.exitcode} before reporting") from None
     proc.join()
     return result
 

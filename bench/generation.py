@@ -2,7 +2,8 @@
 
 Same prompts (16 MT-Bench questions), same sampling (4 samples each, temperature 1.0, 64 new tokens),
 SmolLM2-135M-Instruct, both cores in every case:
-(a) 2 generator actors, one engine bound to each core, fed by the EnginePool;
+(a) the default generator pool: 1 actor, its engine bound to both cores, 32-prompt batches;
+(a') 2 generator actors, one engine bound to each core, 8-prompt batches (data parallel);
 (b) one bare vLLM engine in its own process, bound to both cores;
 (c) transformers `generate` in bf16 (its fastest dtype on this CPU) with 2 torch threads.
 Each case runs once to warm up and once measured. Last line: one JSON object.
@@ -55,7 +56,7 @@ def hf_generate(model: str, queue) -> None:
     queue.put(_timed(generate, bench_prompts()))
 
 
-def actors(model: str) -> tuple[int, float]:
+def actors(model: str, replicas: int, bind: str, batch_size: int) -> tuple[int, float]:
     import ray
 
     from actors.engine import Sampling
@@ -68,9 +69,9 @@ def actors(model: str) -> tuple[int, float]:
         "generator",
         model,
         PoolConfig(
-            replicas=2, num_cpus=1, env={"VLLM_CPU_OMP_THREADS_BIND": "0;1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+            replicas=replicas, num_cpus=1, env={"VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
         ),
-        EngineConfig(batch_size=8),
+        EngineConfig(batch_size=batch_size),
         600,
     )
     sampling = Sampling(temperature=TEMPERATURE, max_tokens=MAX_TOKENS, n=N_SAMPLES, seed=0)
@@ -90,7 +91,8 @@ def main() -> None:
 
     model = resolve_model("smollm2-135m-instruct")
     cases = {
-        "actors (2 replicas, 1 core each)": actors(model),
+        "actor (1 replica, 2 cores)": actors(model, 1, "0-1", 32),
+        "actors (2 replicas, 1 core each)": actors(model, 2, "0;1", 8),
         "bare vLLM (1 engine, 2 cores)": in_subprocess(bare_vllm, model),
         "transformers generate (bf16, 2 threads)": in_subprocess(hf_generate, model),
     }
@@ -100,13 +102,15 @@ def main() -> None:
         [(name, tokens, seconds, rates[name]) for name, (tokens, seconds) in cases.items()],
         ("case", "tokens", "seconds", "tok/s"),
     )
-    actor_tok_s, bare_tok_s, hf_tok_s = rates.values()
+    actor_tok_s, actors2_tok_s, bare_tok_s, hf_tok_s = rates.values()
     emit(
         {
             "actor_tok_s": round(actor_tok_s, 1),
+            "actors_2x1core_tok_s": round(actors2_tok_s, 1),
             "bare_vllm_tok_s": round(bare_tok_s, 1),
             "hf_tok_s": round(hf_tok_s, 1),
             "actor_vs_bare": round(actor_tok_s / bare_tok_s, 3),
+            "actors_2x1core_vs_bare": round(actors2_tok_s / bare_tok_s, 3),
             "vllm_vs_hf": round(bare_tok_s / hf_tok_s, 3),
         }
     )

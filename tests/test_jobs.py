@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+
+from jobs.report import main as report_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +34,7 @@ def ids(path: Path) -> list[str]:
 
 
 def test_spin_two_iterations(ray_session, tmp_path):
-    summary = run_method("spin", tmp_path)
+    summary = run_method("spin", tmp_path, "spin.sft_first=true", "spin.sft_lr=1e-4")
     run = tmp_path / "spin" / "tiny"
     m = summary["metrics"]
     assert {"iter0/eval/accuracy", "iter1/eval/accuracy", "iter2/eval/accuracy"} <= set(m)
@@ -39,6 +42,10 @@ def test_spin_two_iterations(ray_session, tmp_path):
     pairs1 = pq.read_table(run / "phases/iter1/spin-data.parquet").to_pylist()
     assert len(pairs0) == 8 and len(pairs1) == 16  # iteration 1 mixes in iteration 0's pairs
     assert all(p["chosen"] != p["rejected"] for p in pairs0)
+    sft = pq.read_table(run / "phases/sft-data.parquet").to_pylist()
+    assert len(sft) == 8 and all(e["response"] for e in sft)  # SPIN starts from an SFT'd model
+    gen0 = pq.read_table(run / "phases/iter0/generate.parquet").to_pylist()
+    assert all(g["model"].endswith("models/sft") for g in gen0)
     gen1 = pq.read_table(run / "phases/iter1/generate.parquet").to_pylist()
     assert all(g["model"].endswith("models/iter0/spin") and g["iteration"] == 1 for g in gen1)  # model 1 generated
     assert json.loads(gen1[0]["sampling"])["temperature"] == 1.0
@@ -58,6 +65,7 @@ def test_s3ft_buckets_and_baseline(ray_session, tmp_path):
     # MBPP has no rule verifier: the LLM judge ran on the judge pool and its unparseable output was counted.
     assert "judge" in summary["pool_idle_s"]
     assert m["judge-own/unknown_verdicts"] >= 0
+    assert_report_has(tmp_path / "s3ft/tiny", "Bucket fractions", "s3ft-data")
 
 
 def test_llm2llm_restarts_from_base_and_accumulates(ray_session, tmp_path):
@@ -69,6 +77,18 @@ def test_llm2llm_restarts_from_base_and_accumulates(ray_session, tmp_path):
     assert len(seed_ids) == 6 and seed_ids <= set(ids(run / "phases/iter1/student-data.parquet"))
     assert summary["metrics"]["iter0/wrong_seed"] <= 6
     assert "teacher" in summary["pool_idle_s"]
+    assert_report_has(run, "Augmentation", "iter1/student-data")
+
+
+def assert_report_has(run: Path, chart: str, sample_phase: str) -> None:
+    """jobs.report on a real tiny run: every chart it links exists, and the method's own chart and samples show."""
+    page = report_main([str(run)])
+    text = page.read_text()
+    for section in ("Eval accuracy", "Phase timings", chart):
+        assert f"<h2>{section}</h2><img" in text
+    for src in re.findall(r'<img src="([^"]+)"', text):
+        assert (page.parent / src).read_bytes()[:4] == b"\x89PNG"
+    assert f"<h3>{sample_phase}" in text
 
 
 def test_aft_propose_and_aggregate(ray_session, tmp_path):

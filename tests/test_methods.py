@@ -3,7 +3,7 @@ from cluster.data import record
 from methods.aft import aggregation_messages, build_examples, propose_and_aggregate
 from methods.llm2llm import accumulate, wrong_seed_examples
 from methods.s3ft import bucket_fractions, select_target
-from methods.spin import beta_for, build_pairs, training_pairs
+from methods.spin import beta_for, build_pairs, sft_examples, training_pairs
 
 ROWS = [record("a", "What is 1+1?", "2", "2", "gsm8k"), record("b", "Say hi", "hi"), record("c", "No gold")]
 
@@ -16,6 +16,7 @@ def test_spin_pairs_chosen_is_gold_rejected_is_own():
     assert len(training_pairs(pairs, build_pairs(ROWS, generations, 0), True)) == 4
     assert training_pairs(pairs, ["old"], False) == pairs
     assert [beta_for(t, [0.1, 0.1, 5.0]) for t in range(5)] == [0.1, 0.1, 5.0, 5.0, 5.0]
+    assert [(e["id"], e["response"]) for e in sft_examples(ROWS)] == [("a", "2"), ("b", "hi")]  # no gold: skipped
 
 
 def test_s3ft_bucket_selection():
