@@ -88,6 +88,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.model_path = model_path
+        self.max_model_len = max_model_len
         self.llm = LLM(
             model=model_path,
             dtype=dtype,

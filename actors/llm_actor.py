@@ -86,9 +86,16 @@ class LLMActor:
     def generate(self, rows: list[dict], sampling: dict) -> list[dict]:
         start = time.perf_counter()
         prompts = [render_prompt(self.tokenizer, row["messages"]) for row in rows]
-        outputs = self.engine.generate(prompts, Sampling(**sampling))
-        results = []
-        for row, prompt, completions in zip(rows, prompts, outputs):
+        # One over-long prompt would fail the engine call for the whole batch: report it alone instead.
+        limit = getattr(self.engine, "max_model_len", None)
+        too_long = {i for i, p in enumerate(prompts) if limit and len(p) >= limit}
+        results = [
+            {"id": rows[i]["id"], "error": f"prompt of {len(prompts[i])} tokens >= engine.max_model_len {limit}"}
+            for i in sorted(too_long)
+        ]
+        kept = [i for i in range(len(rows)) if i not in too_long]
+        outputs = self.engine.generate([prompts[i] for i in kept], Sampling(**sampling)) if kept else []
+        for row, prompt, completions in zip([rows[i] for i in kept], [prompts[i] for i in kept], outputs):
             results.append(
                 {
                     "id": row["id"],
@@ -220,6 +227,11 @@ class EnginePool:
                     continue
                 free.append(replica)
                 self.stats.busy_s += time.perf_counter() - sent
+                rejected = [r for r in results if "error" in r]
+                if rejected:
+                    self.stats.failed_rows.extend(r["id"] for r in rejected)
+                    log.warning("%s: %d rows reported and skipped: %s", self.role, len(rejected), rejected[:3])
+                    results = [r for r in results if "error" not in r]
                 new_tokens = sum(len(s["token_ids"]) for r in results for s in r.get("samples", []))
                 tokens += new_tokens
                 self.stats.output_tokens += new_tokens

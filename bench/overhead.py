@@ -24,6 +24,9 @@ OVERRIDES = [
     "data.n_eval=1",
     "spin.iterations=1",
     "generation.max_tokens=64",
+    # One request of all 64 prompts, as the bare engine gets: with the default 32-prompt batches the engine
+    # runs two batches back to back, each ending in a low-occupancy tail (measured 41.8 s vs 34.2 s bare).
+    f"engine.batch_size={N_PROMPTS}",
     "training.epochs=1",
     "tracking.mode=disabled",
 ]

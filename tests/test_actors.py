@@ -45,15 +45,17 @@ def test_seeded_sampling_of_a_batch_larger_than_one_prefill_step(generator, tiny
     # ("CPU Generator does not use offset"), hence engine.enable_chunked_prefill=false on CPU.
     from transformers import AutoTokenizer
 
-    text = " ".join(f"item{i}" for i in range(600))
+    text = " ".join(f"item{i}" for i in range(400))
     rows = [{"id": f"long{i}", "messages": [{"role": "user", "content": f"{i} {text}"}]} for i in range(3)]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     assert sum(len(render_prompt(tokenizer, r["messages"])) for r in rows) > 4096
     sampling = Sampling(temperature=1.0, max_tokens=4, seed=3)
     first = generator.generate_all(rows, sampling)
-    assert set(first) == {r["id"] for r in rows} and not generator.stats.failed_rows
-    again = generator.generate_all(rows, sampling)
+    assert set(first) == {r["id"] for r in rows} and "long0" not in generator.stats.failed_rows
+    too_long = {"id": "too-long", "messages": [{"role": "user", "content": text * 2}]}
+    again = generator.generate_all([*rows, too_long], sampling)  # the over-long row is reported, not its batch
     assert [again[r["id"]]["samples"][0]["text"] for r in rows] == [first[r["id"]]["samples"][0]["text"] for r in rows]
+    assert generator.stats.failed_rows[-1:] == ["too-long"]
 
 
 def test_vllm_logprob_scoring_matches_transformers_forward(generator, tiny_model):
@@ -92,12 +94,13 @@ def test_weight_reload_changes_outputs(generator, tiny_model, tmp_path):
 
 def test_killed_actor_is_restarted_and_the_batch_completes(generator):
     pid = ray.get(generator.actors[0].ready.remote())["pid"]
+    failed_before = list(generator.stats.failed_rows)
     killer = threading.Timer(1.0, os.kill, (pid, 9))  # dies while a batch is in flight
     killer.start()
     out = generator.generate_all(ROWS, Sampling(temperature=1.0, max_tokens=400, seed=1))
     killer.join()
     assert set(out) == {r["id"] for r in ROWS}
-    assert generator.stats.retried_batches >= 1 and not generator.stats.failed_rows
+    assert generator.stats.retried_batches >= 1 and generator.stats.failed_rows == failed_before
     assert ray.get(generator.actors[0].ready.remote())["pid"] != pid
 
 
