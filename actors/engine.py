@@ -59,8 +59,17 @@ def response_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def prompt_seed(sampling: Sampling, seeds: list[int] | None, i: int) -> int | None:
+    """Seed of the i-th prompt: the caller's per-prompt seed, else sampling.seed + i (None: unseeded)."""
+    if sampling.seed is None:
+        return None
+    return seeds[i] if seeds is not None else sampling.seed + i
+
+
 class Engine(Protocol):
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]: ...
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None
+    ) -> list[list[Completion]]: ...
 
     def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]: ...
 
@@ -103,7 +112,9 @@ class VLLMEngine:
         )
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None
+    ) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -115,7 +126,7 @@ class VLLMEngine:
                 max_tokens=sampling.max_tokens,
                 stop=sampling.stop or None,
                 logprobs=0,
-                seed=None if sampling.seed is None else sampling.seed + i,
+                seed=prompt_seed(sampling, seeds, i),
             )
             for i in range(len(prompts))
         ]
@@ -174,14 +185,16 @@ class HFEngine:
         )
         self.model.to(self.device).eval()
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None
+    ) -> list[list[Completion]]:
         torch = self.torch
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         results = []
         for i, prompt in enumerate(prompts):
             if sampling.seed is not None:
-                torch.manual_seed(sampling.seed + i)
+                torch.manual_seed(prompt_seed(sampling, seeds, i))
             inputs = torch.tensor([prompt], device=self.device)
             kwargs: dict[str, Any] = dict(
                 max_new_tokens=sampling.max_tokens,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,7 +95,10 @@ class LLMActor:
             for i in sorted(too_long)
         ]
         kept = [i for i in range(len(rows)) if i not in too_long]
-        outputs = self.engine.generate([prompts[i] for i in kept], Sampling(**sampling)) if kept else []
+        # Seeds follow the row, not its place in a batch: a resumed phase samples what the first run would have.
+        seed = sampling.get("seed")
+        seeds = None if seed is None else [(seed + zlib.crc32(rows[i]["id"].encode())) % 2**31 for i in kept]
+        outputs = self.engine.generate([prompts[i] for i in kept], Sampling(**sampling), seeds) if kept else []
         for row, prompt, completions in zip([rows[i] for i in kept], [prompts[i] for i in kept], outputs):
             results.append(
                 {

@@ -36,6 +36,8 @@ def test_generation_n_samples_seed_and_streaming(generator):
     assert all(s["truncated"] == (s["finish_reason"] == "length") for s in sample)
     again = generator.generate_all(ROWS, sampling)
     assert [s["text"] for s in again["r0"]["samples"]] == [s["text"] for s in sample]  # same seed, same text
+    shifted = generator.generate_all(ROWS[1:], sampling)  # other batches, other positions (as a resumed phase)
+    assert [s["text"] for s in shifted["r4"]["samples"]] == [s["text"] for s in out["r4"]["samples"]]
     other = generator.generate_all(ROWS, Sampling(temperature=1.0, max_tokens=6, n=3, seed=12))
     assert [s["text"] for s in other["r0"]["samples"]] != [s["text"] for s in sample]
 
