@@ -38,6 +38,18 @@ PLANS = {
         ["data.n_train=64", "data.n_eval=150", "aft.baseline_sft=false"],
     ),
 }
+LABELS = {
+    "spin": {"iter0/eval": "SFT'd start (model 0)", "iter1/eval": "SPIN iteration 1"},
+    "s3ft": {
+        "sft/eval": "SFT, SST-2",
+        "s3ft/eval": "S3FT, SST-2",
+        "base/general": "base, BoolQ",
+        "sft/general": "SFT, BoolQ",
+        "s3ft/general": "S3FT, BoolQ",
+    },
+    "llm2llm": {"iter0/eval": "seed-only SFT", "iter2/eval": "LLM2LLM, 3rd student"},
+    "aft": {"aft/single": "AFT model, 1 sample", "aft/propose_aggregate": "propose+aggregate"},
+}
 
 
 def run(method: str, extra: list[str]) -> dict:
@@ -56,11 +68,11 @@ def plot(path: Path, method: str, rows: list[tuple[str, float, list[float]]]) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = [r[0] for r in rows]
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(rows), 4))
+    names = [LABELS[method].get(r[0], r[0]) for r in rows]
     values = [r[1] for r in rows]
     errors = [[v - ci[0] for v, (_, _, ci) in zip(values, rows)], [ci[1] - v for v, (_, _, ci) in zip(values, rows)]]
-    ax.bar(names, values, yerr=errors, capsize=6, color=["#888", "#2a7", "#27a", "#a72"][: len(rows)])
+    ax.bar(names, values, yerr=errors, capsize=6, color=["#888", "#2a7", "#27a", "#a72", "#a27"][: len(rows)])
     ax.set_ylabel("accuracy (95% CI)")
     ax.set_ylim(0, 1)
     ax.set_title(f"{method}: baseline vs method")
@@ -86,8 +98,8 @@ def main() -> None:
             rows.append((key, m[f"{key}/accuracy"], m[f"{key}/ci95"]))
     print_table(
         f"{args.method} on {task}",
-        [(k, v, f"[{ci[0]:.3f}, {ci[1]:.3f}]") for k, v, ci in rows],
-        ("eval", "accuracy", "95% CI"),
+        [(k, LABELS[args.method].get(k, ""), v, f"[{ci[0]:.3f}, {ci[1]:.3f}]") for k, v, ci in rows],
+        ("eval", "model", "accuracy", "95% CI"),
     )
     png = Path(summary["run_dir"]) / "quality.png"
     plot(png, args.method, rows)
