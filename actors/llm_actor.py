@@ -280,8 +280,14 @@ class EnginePool:
 
     def load_weights(self, path: str) -> float:
         """Load a new checkpoint into every replica in place; returns the slowest replica's seconds."""
-        seconds = max(ray.get([a.load_weights.remote(path) for a in self.actors]))
         self.model_path = path
+        refs = [a.load_weights.remote(path) for a in self.actors]
+        seconds = 0.0
+        for replica, ref in enumerate(refs):
+            try:
+                seconds = max(seconds, ray.get(ref))
+            except RayActorError:  # died while loading: wait for its restart, which then loads `path`
+                self._recover(replica)
         self.stats.weight_loads.append(seconds)
         return seconds
 

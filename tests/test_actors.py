@@ -106,6 +106,17 @@ def test_killed_actor_is_restarted_and_the_batch_completes(generator):
     assert ray.get(generator.actors[0].ready.remote())["pid"] != pid
 
 
+def test_replica_killed_before_a_weight_load_comes_back_with_the_new_weights(generator, tiny_model, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_model, checkpoint)
+    pid = ray.get(generator.actors[0].ready.remote())["pid"]
+    os.kill(pid, 9)
+    generator.load_weights(str(checkpoint))
+    info = ray.get(generator.actors[0].ready.remote())
+    assert info["pid"] != pid and info["model"] == str(checkpoint)
+    generator.load_weights(tiny_model)  # the module's other tests expect the original weights
+
+
 def test_llm_judge_counts_unparseable_output_as_unknown(generator):
     judge = Judge("llm", "actors/prompts", max_tokens=4, pool=generator)  # random weights: gibberish verdicts
     items = [
