@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -57,6 +58,13 @@ def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
 def response_ids(tokenizer, text: str) -> list[int]:
     """A response as the trainer and scorer see it: its tokens plus the end-of-turn token."""
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def row_seeds(seed: int | None, row_ids: list[str]) -> list[int] | None:
+    """Per-row sampling seeds that follow the row id, not its place in a batch (resumed phases resample alike)."""
+    if seed is None:
+        return None
+    return [(seed + zlib.crc32(row_id.encode())) % 2**31 for row_id in row_ids]
 
 
 def prompt_seed(sampling: Sampling, seeds: list[int] | None, i: int) -> int | None:

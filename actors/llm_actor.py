@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from tqdm import tqdm
 
-from actors.engine import Sampling, build_engine, render_prompt, response_ids
+from actors.engine import Sampling, build_engine, render_prompt, response_ids, row_seeds
 from cluster.config import EngineConfig, PoolConfig
 from cluster.pools import actor_options, check_pool_fits, wait_ready
 
@@ -97,7 +96,7 @@ class LLMActor:
         kept = [i for i in range(len(rows)) if i not in too_long]
         # Seeds follow the row, not its place in a batch: a resumed phase samples what the first run would have.
         seed = sampling.get("seed")
-        seeds = None if seed is None else [(seed + zlib.crc32(rows[i]["id"].encode())) % 2**31 for i in kept]
+        seeds = row_seeds(seed, [rows[i]["id"] for i in kept])
         outputs = self.engine.generate([prompts[i] for i in kept], Sampling(**sampling), seeds) if kept else []
         for row, prompt, completions in zip([rows[i] for i in kept], [prompts[i] for i in kept], outputs):
             results.append(

@@ -1,11 +1,13 @@
 """Orchestration overhead of one SPIN iteration on SmolLM2-135M-Instruct.
 
-Measured: the iteration through the real machinery (generator actor -> Parquet phase -> Ray Train ZeRO-3
-SPIN phase -> weights back into the generator), timed from the first generation request to the reloaded
-generator, with the generator pool already up (as in every iteration after the first). Bare: the same
-generation in one process with the vLLM engine alone, and the same training phase alone (its Ray Train
-start-up included, as the iteration pays it too). Prints each phase's wall time, each pool's idle time and
-``overhead_ratio`` = iteration wall time / (bare generation + bare training). Last line: one JSON object.
+Measured: one steady-state iteration through the real machinery (generator actor -> Parquet phase -> the
+long-lived Ray Train ZeRO-3 pool -> weights back into the generator), with both pools already up, as they
+are in every iteration of a job after the first (pool start-up is paid once per job and printed apart).
+Bare: the same phases with their one-time start-up outside the timing too: the same generation on a vLLM
+engine alone in one process, and the same SPIN phase (``training.worker.PhaseRunner``: model load,
+DeepSpeed ZeRO-3 init, reference log-probs, steps, consolidated save) on a plain two-process gloo group
+without Ray. ``overhead_ratio`` = iteration wall time / (bare generation + bare training).
+Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ def config(run_dir: str):
 
 
 def bare_generation(run_dir: str, queue) -> None:
+    """The same prompts, sampling settings and per-row seeds on a vLLM engine alone (built before timing)."""
     os.environ.update(BARE_VLLM_ENV)
-    from actors.engine import Sampling, VLLMEngine, render_prompt
+    from actors.engine import Sampling, VLLMEngine, render_prompt, row_seeds
     from cluster.data import load_dataset, split, take
     from cluster.models import resolve_model
 
@@ -50,11 +53,12 @@ def bare_generation(run_dir: str, queue) -> None:
     rows, _ = load_dataset(c.data.train)
     train = take(split(rows, c.run.seed, c.data.eval_fraction)[0], c.data.n_train, c.run.seed)
     engine = VLLMEngine(resolve_model(c.model.name), max_model_len=c.engine.max_model_len)
-    sampling = Sampling.from_config(c.generation, seed=0)
+    sampling = Sampling.from_config(c.generation, seed=c.run.seed * 7919)  # as Controller.sampling
     prompts = [render_prompt(engine.tokenizer, r["messages"]) for r in train]
     start = time.perf_counter()
-    engine.generate(prompts, sampling)
-    queue.put(time.perf_counter() - start)
+    outputs = engine.generate(prompts, sampling, row_seeds(sampling.seed, [r["id"] for r in train]))
+    seconds = time.perf_counter() - start
+    queue.put({"seconds": seconds, "tokens": sum(len(c.token_ids) for out in outputs for c in out)})
 
 
 def main() -> None:
@@ -66,8 +70,13 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     ctl = Controller(config(tmp))
     train_rows, _ = ctl.datasets()
-    generator = ctl.generator  # placed before timing: later iterations find it up
     c = ctl.config
+    started = time.perf_counter()
+    generator = ctl.generator
+    startup = {"generator": time.perf_counter() - started}
+    startup["train"] = ctl.trainer.wait_ready(c.cluster.ready_timeout_s)
+    generator_busy, train_busy = generator.stats.busy_s, ctl.trainer.busy_s
+
     start = time.perf_counter()
     generated = ctl.generate("iter0/generate", train_rows, ctl.sampling(c.generation))
     pairs = build_pairs(train_rows, generated, 0)
@@ -78,67 +87,112 @@ def main() -> None:
     ctl.use_generator_weights(model)
     weight_load_s = time.perf_counter() - load_start
     iteration_s = time.perf_counter() - start
+
     phases = {**{k: round(v, 1) for k, v in ctl.run.phase_times.items()}, "weight_load": round(weight_load_s, 1)}
-    idle = {"generator": round(generator.stats.idle_s(1) - 0.0, 1)}
-    idle["train"] = round(ctl.trainer.idle_s(c.pools.train.replicas), 1)
+    generated_tokens = sum(g["response_tokens"] for g in generated.values())
+    trained = ctl.run.result("iter0/spin")
+    iteration_generate_s = ctl.run.phase_times["iter0/generate"]
+    idle = {
+        "generator": round(iteration_s * len(generator.actors) - (generator.stats.busy_s - generator_busy), 1),
+        "train": round((iteration_s - (ctl.trainer.busy_s - train_busy)) * c.pools.train.replicas, 1),
+    }
     ctl.close()
     ray.shutdown()
 
-    bare_generate_s = in_subprocess(bare_generation, tmp)
-    bare_train_s = bare_training(tmp, pairs, ctl.base_model)
+    bare_generated = in_subprocess(bare_generation, tmp)
+    bare_trained = in_subprocess(bare_training, tmp, pairs, ctl.base_model)
+    bare_generate_s, bare_train_s = bare_generated["seconds"], bare_trained["wall_s"]
     bare = bare_generate_s + bare_train_s
     print_table(
-        "one SPIN iteration, SmolLM2-135M-Instruct, 64 SST-2 prompts",
+        "where the time goes (iteration vs bare)",
+        [
+            ("generated tokens", generated_tokens, bare_generated["tokens"]),
+            ("generation tok/s", generated_tokens / iteration_generate_s, bare_generated["tokens"] / bare_generate_s),
+            ("training start-up s (load, ZeRO-3 init, reference)", trained["startup_s"], bare_trained["startup_s"]),
+            ("training steps s", trained["train_time_s"], bare_trained["train_time_s"]),
+            ("training tok/s", trained["train_tokens_per_s"], bare_trained["train_tokens_per_s"]),
+            ("training phase wall s (worker side)", trained["wall_s"], bare_trained["wall_s"]),
+        ],
+        ("", "iteration", "bare"),
+    )
+    print_table(
+        "one SPIN iteration, SmolLM2-135M-Instruct, 64 SST-2 prompts (pools up; start-up is once per job)",
         [(name, seconds) for name, seconds in phases.items()]
-        + [("whole iteration", iteration_s), ("bare generation", bare_generate_s), ("bare training", bare_train_s)],
+        + [("whole iteration", iteration_s), ("bare generation", bare_generate_s), ("bare training", bare_train_s)]
+        + [(f"{pool} pool start-up (once per job)", seconds) for pool, seconds in startup.items()],
         ("phase", "seconds"),
     )
-    print_table("pool idle during the iteration", list(idle.items()), ("pool", "idle s"))
+    print_table("pool idle during the iteration (replica-seconds)", list(idle.items()), ("pool", "idle s"))
     emit(
         {
             "phases": phases,
             "pool_idle_s": idle,
+            "pool_startup_s": {k: round(v, 1) for k, v in startup.items()},
             "iteration_s": round(iteration_s, 1),
             "bare_s": round(bare, 1),
+            "bare_generate_s": round(bare_generate_s, 1),
+            "bare_train_s": round(bare_train_s, 1),
             "overhead_ratio": round(iteration_s / bare, 3),
         }
     )
 
 
-def bare_training(tmp: str, pairs: list[dict], model: str) -> float:
-    """The same SPIN phase alone: fresh Ray, TrainingService, one phase (its start-up included)."""
-    import ray
+def bare_training(tmp: str, pairs: list[dict], model: str, queue) -> None:
+    """The same SPIN phase on two plain gloo processes (no Ray): ``PhaseRunner`` timed on rank 0."""
+    import multiprocessing as mp
+    import socket
 
-    from cluster.connect import connect
+    from cluster.config import to_dict
+    from cluster.connect import worker_env
     from cluster.tracking import write_parquet
-    from training.service import TrainingService
 
     c = config(tmp)
-    connect(c.cluster)
     data = Path(tmp) / "bare-pairs.parquet"
     write_parquet(data, pairs)
-    start = time.perf_counter()
-    service = TrainingService(c)
-    from cluster.config import to_dict
+    spec = {
+        "name": "bare",
+        "kind": "spin",
+        "init_model": model,
+        "data": str(data),
+        "phase_dir": str(Path(tmp) / "bare"),
+        "output": str(Path(tmp) / "bare-model"),
+        "training": to_dict(c)["training"],
+        "seed": c.run.seed,
+        "beta": c.spin.beta[0],
+        "loss_type": c.spin.loss_type,
+    }
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(worker_env())
+    threads = c.training.threads_per_worker or max(1, int(c.pools.train.num_cpus))
+    world = c.pools.train.replicas
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_bare_rank, args=(r, world, port, spec, threads, queue)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+        if proc.exitcode:
+            raise RuntimeError(f"bare training rank exited with {proc.exitcode}")
 
-    service.train(
-        {
-            "name": "bare",
-            "kind": "spin",
-            "init_model": model,
-            "data": str(data),
-            "phase_dir": str(Path(tmp) / "bare"),
-            "output": str(Path(tmp) / "bare-model"),
-            "training": to_dict(c)["training"],
-            "seed": 0,
-            "beta": c.spin.beta[0],
-            "loss_type": "sigmoid",
-        }
-    )
-    seconds = time.perf_counter() - start
-    service.shutdown()
-    ray.shutdown()
-    return seconds
+
+def _bare_rank(rank: int, world: int, port: int, spec: dict, threads: int, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from training.worker import PhaseRunner
+
+    torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.barrier()
+    start = time.perf_counter()
+    result = PhaseRunner(spec, rank, world, lambda metrics: None).run()
+    if rank == 0:
+        queue.put({**result, "wall_s": time.perf_counter() - start})
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

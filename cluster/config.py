@@ -54,6 +54,12 @@ class ClusterConfig:
     auth_mode: Literal["disabled", "token"] = doc("RAY_AUTH_MODE for the embedded local Ray.", "disabled")
     ready_timeout_s: float = doc("Seconds a pool may take to be placed and ready before failing.", 300.0)
     object_store_gib: float = doc("Object store size of the embedded local Ray.", 1.0)
+    worker_niceness: int = doc(
+        "Nice value of the embedded local Ray's worker processes (Ray's own default is 15). On a box whose cores "
+        "the pools share with Ray's own processes, any nice-0 process preempts an engine or training rank at "
+        "once, and the rank's OMP / gloo barriers then stall the others; 0 treats them as equals.",
+        0,
+    )
 
 
 @dataclass
@@ -413,6 +419,7 @@ def validate(c: JobConfig) -> None:
     _require(bool(c.run.id) and "/" not in c.run.id, "run.id", "must be a non-empty name without '/'")
     _require(c.cluster.num_cpus > 0, "cluster.num_cpus", "must be > 0")
     _require(c.cluster.ready_timeout_s > 0, "cluster.ready_timeout_s", "must be > 0")
+    _require(0 <= c.cluster.worker_niceness <= 19, "cluster.worker_niceness", "must be in [0, 19]")
     for name in ("generator", "judge", "teacher", "train"):
         pool: PoolConfig = getattr(c.pools, name)
         key = f"pools.{name}"

@@ -73,5 +73,6 @@ def connect(config: ClusterConfig) -> str:
         object_store_memory=int(config.object_store_gib * 1024**3),
         runtime_env={"env_vars": worker_env()},
         log_to_driver=True,
+        _system_config={"worker_niceness": config.worker_niceness},
     )
     return f"embedded local Ray ({config.num_cpus:g} logical CPUs, temp {temp_dir})"

@@ -5,6 +5,7 @@ from dataclasses import asdict
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,6 +75,12 @@ def spec(svc, name, kind, model, **extra):
         "seed": 0,
         **extra,
     }
+
+
+def test_pool_reports_ready_once_every_rank_waits_for_work(service):
+    seconds = service.wait_ready(timeout_s=300)
+    assert seconds > 0
+    assert ray.get(service.queue.waiting_ranks.remote()) == 2  # both ranks are blocked on the next phase
 
 
 def test_zero3_sft_lowers_loss_and_saves_a_loadable_hf_folder(service, tiny_model):

@@ -28,6 +28,7 @@ class PhaseQueue:
         self.specs: dict[int, dict | None] = {}
         self.results: dict[int, dict] = {}
         self.logs: list[dict] = []
+        self.waiting: set[int] = set()  # ranks blocked in get(): the pool is up and idle
         self.changed = asyncio.Event()
 
     def _notify(self):
@@ -38,10 +39,17 @@ class PhaseQueue:
         self.specs[index] = spec
         self._notify()
 
-    async def get(self, index: int) -> dict | None:
-        while index not in self.specs:
-            await self.changed.wait()
+    async def get(self, index: int, rank: int = 0) -> dict | None:
+        self.waiting.add(rank)
+        try:
+            while index not in self.specs:
+                await self.changed.wait()
+        finally:
+            self.waiting.discard(rank)
         return self.specs[index]
+
+    async def waiting_ranks(self) -> int:
+        return len(self.waiting)
 
     async def first_unfinished(self) -> int:
         return len(self.results)
@@ -86,6 +94,7 @@ class TrainingService:
         self.on_metrics = on_metrics or (lambda m: None)
         self.queue = PhaseQueue.remote()
         self.next_index = 0
+        self.replicas = pool.replicas
         resources = {"CPU": pool.num_cpus, **pool.resources}
         if pool.num_gpus:
             resources["GPU"] = pool.num_gpus
@@ -141,6 +150,16 @@ class TrainingService:
         self.next_index += 1
         self.busy_s += time.perf_counter() - start
         return result
+
+    def wait_ready(self, timeout_s: float) -> float:
+        """Block until every rank waits for work (worker start-up and process group done); return seconds."""
+        while ray.get(self.queue.waiting_ranks.remote()) < self.replicas:
+            if not self.thread.is_alive():
+                raise TrainingError(f"training workers stopped during start-up: {self.error!r}")
+            if time.perf_counter() - self.started > timeout_s:
+                raise TrainingError(f"train pool not ready after {timeout_s:.0f} s (cluster.ready_timeout_s)")
+            time.sleep(0.5)
+        return time.perf_counter() - self.started
 
     def idle_s(self, replicas: int) -> float:
         return max(0.0, (time.perf_counter() - self.started - self.busy_s) * replicas)

@@ -313,7 +313,7 @@ def train_loop_per_worker(config: dict) -> None:
     queue = config["queue"]
     index = ray.get(queue.first_unfinished.remote())
     while True:
-        spec = ray.get(queue.get.remote(index))
+        spec = ray.get(queue.get.remote(index, rank))
         if spec is None:
             break
         runner = PhaseRunner(spec, rank, world_size, lambda m: queue.log.remote(m))
