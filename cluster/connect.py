@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+EMBEDDED_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+
+
 def worker_env() -> dict[str, str]:
     cache = PROJECT_ROOT / ".cache"
     env = {
@@ -62,6 +65,11 @@ def connect(config: ClusterConfig) -> str:
         ray.init(address=address, log_to_driver=True)
         return f"joined {address}"
     os.environ.setdefault("RAY_AUTH_MODE", config.auth_mode)
+    # Every idle Ray process costs ~1% of a core in periodic work; on a box whose cores the pools share with
+    # Ray's own processes that time comes out of engine and training ranks. Metrics have no reader without
+    # the dashboard, and a local box has no preemption notices to watch for. Set these to override.
+    for name, value in EMBEDDED_RAY_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
     temp_dir = Path(tempfile.gettempdir()) / f"selfimprove-ray-{os.getpid()}"
     ray.init(
         address="local",
@@ -73,6 +81,6 @@ def connect(config: ClusterConfig) -> str:
         object_store_memory=int(config.object_store_gib * 1024**3),
         runtime_env={"env_vars": worker_env()},
         log_to_driver=True,
-        _system_config={"worker_niceness": config.worker_niceness},
+        _system_config={"worker_niceness": config.worker_niceness, "enable_metrics_collection": config.dashboard},
     )
     return f"embedded local Ray ({config.num_cpus:g} logical CPUs, temp {temp_dir})"

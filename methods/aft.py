@@ -59,8 +59,18 @@ def propose_and_aggregate(
     aggregate_temperature: float,
 ) -> dict[str, dict]:
     """Layer 0: N proposals; L-1 intermediate layers of N aggregations, each seeing all of the previous
-    layer's responses; a final layer writes 1 answer. L=2: 5 proposals -> 5 aggregations -> 1 final."""
-    current = generate([{"id": r["id"], "messages": r["messages"]} for r in rows], n_proposals, proposal_temperature)
+    layer's responses; a final layer writes 1 answer. L=2: 5 proposals -> 5 aggregations -> 1 final.
+
+    Each layer's requests carry their own id (``<row id>@<layer>``): sampling seeds follow the request id,
+    and with one id for every layer each aggregation replayed the random draws of the proposal in its slot
+    (measured: the final answer was the first proposal, not an aggregate)."""
+
+    def run_layer(layer: int, requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:
+        out = generate([{**q, "id": f"{q['id']}@{layer}"} for q in requests], n, temperature)
+        return {q["id"]: out[f"{q['id']}@{layer}"] for q in requests if f"{q['id']}@{layer}" in out}
+
+    queries = [{"id": r["id"], "messages": r["messages"]} for r in rows]
+    current = run_layer(0, queries, n_proposals, proposal_temperature)
     trace = {r["id"]: [current.get(r["id"], [])] for r in rows}
     for layer in range(1, layers + 1):
         n = 1 if layer == layers else n_proposals
@@ -69,7 +79,7 @@ def propose_and_aggregate(
             for r in rows
             if current.get(r["id"])
         ]
-        current = generate(requests, n, aggregate_temperature)
+        current = run_layer(layer, requests, n, aggregate_temperature)
         for r in rows:
             trace[r["id"]].append(current.get(r["id"], []))
     return {r["id"]: {"answer": (current.get(r["id"]) or [""])[0], "layers": trace[r["id"]]} for r in rows}

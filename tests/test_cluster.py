@@ -1,11 +1,12 @@
 """Pools on a real local Ray: placement from config, and fail-fast instead of a silent hang."""
 
+import os
 import time
 
 import pytest
 import ray
 
-from cluster.config import PoolConfig
+from cluster.config import ClusterConfig, PoolConfig
 from cluster.pools import PoolPlacementError, actor_options, check_pool_fits, wait_ready
 
 
@@ -42,3 +43,12 @@ def test_pool_that_cannot_be_placed_now_times_out_with_a_clear_message(ray_sessi
     assert time.monotonic() - start < 10
     for a in actors:
         ray.kill(a)
+
+
+def test_embedded_ray_workers_run_at_the_configured_niceness(ray_session):
+    # Ray's default 15 lets any nice-0 process preempt an engine or training rank; the embedded default is 0.
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == ClusterConfig().worker_niceness == 0

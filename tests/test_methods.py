@@ -54,10 +54,11 @@ def test_aft_aggregation_prompt_and_examples():
 
 
 def test_propose_and_aggregate_layer_structure():
-    calls = []
+    calls, ids = [], []
 
     def generate(requests, n, temperature):
         calls.append((len(requests), n, temperature, requests[0]["messages"][0]["role"]))
+        ids.append({r["id"] for r in requests})
         return {r["id"]: [f"{r['id']}-{len(calls)}-{i}" for i in range(n)] for r in requests}
 
     template = load_prompt("actors/prompts", "aggregate_system")
@@ -66,4 +67,6 @@ def test_propose_and_aggregate_layer_structure():
     )
     # 5 proposals -> 5 aggregations -> 1 final answer; aggregation layers see a system prompt.
     assert calls == [(2, 5, 0.7, "user"), (2, 5, 0.5, "system"), (2, 1, 0.5, "system")]
-    assert out["a"]["answer"] == "a-3-0" and [len(x) for x in out["a"]["layers"]] == [5, 5, 1]
+    assert out["a"]["answer"] == "a@2-3-0" and [len(x) for x in out["a"]["layers"]] == [5, 5, 1]
+    # Every layer's requests have their own ids, so seeds that follow the id differ from layer to layer.
+    assert ids[0].isdisjoint(ids[1]) and ids[1].isdisjoint(ids[2])
