@@ -50,7 +50,12 @@ LABELS = {
         "s3ft/general": "S3FT, BoolQ",
     },
     "llm2llm": {"iter0/eval": "seed-only SFT", "iter2/eval": "LLM2LLM, 3rd student"},
-    "aft": {"aft/single": "AFT model, 1 sample", "aft/propose_aggregate": "propose+aggregate"},
+    "aft": {
+        "aft/single": "AFT model, 1 sample",
+        "aft/propose_aggregate": "propose+aggregate",
+        "aft/layer0": "1st proposal (T=0.7)",
+        "aft/layer1": "1st layer-1 aggregation",
+    },
 }
 
 
@@ -95,8 +100,9 @@ def main() -> None:
         (base_key, m[f"{base_key}/accuracy"], m[f"{base_key}/ci95"]),
         (method_key, m[f"{method_key}/accuracy"], m[f"{method_key}/ci95"]),
     ]
-    if args.method == "s3ft":
-        for key in ("base/general", "sft/general", "s3ft/general"):
+    extra_rows = {"s3ft": ("base/general", "sft/general", "s3ft/general"), "aft": ("aft/layer0", "aft/layer1")}
+    for key in extra_rows.get(args.method, ()):
+        if f"{key}/accuracy" in m:
             rows.append((key, m[f"{key}/accuracy"], m[f"{key}/ci95"]))
     print_table(
         f"{args.method} on {task}",

@@ -59,6 +59,13 @@ def aft(ctl: Controller) -> None:
     ctl.run.metric("aft/propose_aggregate/accuracy", correct / max(len(eval_rows), 1))
     ctl.run.metric("aft/propose_aggregate/ci95", [round(x, 4) for x in wilson_ci95(correct, len(eval_rows))])
     ctl.run.metric("aft/propose_aggregate/n", len(eval_rows))
+    # The sequential-refinement axis: does each aggregation layer beat the one before? (first response per layer)
+    for layer in range(a.layers):
+        firsts = {k: v["layers"][layer][0] for k, v in answers.items() if v["layers"][layer]}
+        layer_verdicts = ctl.judge_equivalence(f"aft/pa-layer{layer}-verdicts", eval_rows, firsts)
+        correct_at_layer = sum(v == "yes" for v in layer_verdicts.values())
+        ctl.run.metric(f"aft/layer{layer}/accuracy", correct_at_layer / max(len(eval_rows), 1))
+        ctl.run.metric(f"aft/layer{layer}/ci95", [round(x, 4) for x in wilson_ci95(correct_at_layer, len(eval_rows))])
 
     if baseline is not None:
         sft_answers = ctl.run.rows("sft/eval-answers")

@@ -103,6 +103,7 @@ def test_aft_propose_and_aggregate(ray_session, tmp_path):
     layers = next(iter(state["phases"]["aft/propose-and-aggregate"]["result"].values()))["layers"]
     assert [len(x) for x in layers] == [2, 2, 1]
     assert "aft/propose_aggregate/accuracy" in summary["metrics"] and "aft/single/accuracy" in summary["metrics"]
+    assert {"aft/layer0/accuracy", "aft/layer1/accuracy"} <= set(summary["metrics"])
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
