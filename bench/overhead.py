@@ -42,21 +42,17 @@ def config(run_dir: str):
     )
 
 
-def bare_generation(run_dir: str, queue) -> None:
-    """The same prompts, sampling settings and per-row seeds on a vLLM engine alone (built before timing)."""
+def bare_generation(run_dir: str, rows: list[dict], sampling, queue) -> None:
+    """The iteration's prompts, sampling settings and per-row seeds on a vLLM engine alone (built before timing)."""
     os.environ.update(BARE_VLLM_ENV)
-    from actors.engine import Sampling, VLLMEngine, render_prompt, row_seeds
-    from cluster.data import load_dataset, split, take
+    from actors.engine import VLLMEngine, render_prompt, row_seeds
     from cluster.models import resolve_model
 
     c = config(run_dir)
-    rows, _ = load_dataset(c.data.train)
-    train = take(split(rows, c.run.seed, c.data.eval_fraction)[0], c.data.n_train, c.run.seed)
     engine = VLLMEngine(resolve_model(c.model.name), max_model_len=c.engine.max_model_len)
-    sampling = Sampling.from_config(c.generation, seed=c.run.seed * 7919)  # as Controller.sampling
-    prompts = [render_prompt(engine.tokenizer, r["messages"]) for r in train]
+    prompts = [render_prompt(engine.tokenizer, r["messages"]) for r in rows]
     start = time.perf_counter()
-    outputs = engine.generate(prompts, sampling, row_seeds(sampling.seed, [r["id"] for r in train]))
+    outputs = engine.generate(prompts, sampling, row_seeds(sampling.seed, [r["id"] for r in rows]))
     seconds = time.perf_counter() - start
     queue.put({"seconds": seconds, "tokens": sum(len(c.token_ids) for out in outputs for c in out)})
 
@@ -77,8 +73,9 @@ def main() -> None:
     startup["train"] = ctl.trainer.wait_ready(c.cluster.ready_timeout_s)
     generator_busy, train_busy = generator.stats.busy_s, ctl.trainer.busy_s
 
+    sampling = ctl.sampling(c.generation)
     start = time.perf_counter()
-    generated = ctl.generate("iter0/generate", train_rows, ctl.sampling(c.generation))
+    generated = ctl.generate("iter0/generate", train_rows, sampling)
     pairs = build_pairs(train_rows, generated, 0)
     model = ctl.train(
         "iter0/spin", "spin", ctl.base_model, pairs, beta=beta_for(0, c.spin.beta), loss_type=c.spin.loss_type
@@ -99,7 +96,7 @@ def main() -> None:
     ctl.close()
     ray.shutdown()
 
-    bare_generated = in_subprocess(bare_generation, tmp)
+    bare_generated = in_subprocess(bare_generation, tmp, train_rows, sampling)
     bare_trained = in_subprocess(bare_training, tmp, pairs, ctl.base_model)
     bare_generate_s, bare_train_s = bare_generated["seconds"], bare_trained["wall_s"]
     bare = bare_generate_s + bare_train_s
@@ -184,8 +181,14 @@ def _bare_rank(rank: int, world: int, port: int, spec: dict, threads: int, queue
     from training.worker import PhaseRunner
 
     torch.set_num_threads(threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     dist.barrier()
     start = time.perf_counter()

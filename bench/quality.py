@@ -102,8 +102,7 @@ def main() -> None:
     ]
     extra_rows = {"s3ft": ("base/general", "sft/general", "s3ft/general"), "aft": ("aft/layer0", "aft/layer1")}
     for key in extra_rows.get(args.method, ()):
-        if f"{key}/accuracy" in m:
-            rows.append((key, m[f"{key}/accuracy"], m[f"{key}/ci95"]))
+        rows.append((key, m[f"{key}/accuracy"], m[f"{key}/ci95"]))
     print_table(
         f"{args.method} on {task}",
         [(k, LABELS[args.method].get(k, ""), v, f"[{ci[0]:.3f}, {ci[1]:.3f}]") for k, v, ci in rows],

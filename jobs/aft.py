@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from actors.judge import load_prompt
 from cluster.data import meta
-from jobs.common import Controller, main, wilson_ci95
+from jobs.common import Controller, main
 from methods.aft import build_examples, propose_and_aggregate
 
 
@@ -55,17 +55,12 @@ def aft(ctl: Controller) -> None:
         ),
     )
     verdicts = ctl.judge_equivalence("aft/pa-verdicts", eval_rows, {k: v["answer"] for k, v in answers.items()})
-    correct = sum(v == "yes" for v in verdicts.values())
-    ctl.run.metric("aft/propose_aggregate/accuracy", correct / max(len(eval_rows), 1))
-    ctl.run.metric("aft/propose_aggregate/ci95", [round(x, 4) for x in wilson_ci95(correct, len(eval_rows))])
-    ctl.run.metric("aft/propose_aggregate/n", len(eval_rows))
+    ctl.record_accuracy("aft/propose_aggregate", verdicts, len(eval_rows))
     # The sequential-refinement axis: does each aggregation layer beat the one before? (first response per layer)
     for layer in range(a.layers):
         firsts = {k: v["layers"][layer][0] for k, v in answers.items() if v["layers"][layer]}
         layer_verdicts = ctl.judge_equivalence(f"aft/pa-layer{layer}-verdicts", eval_rows, firsts)
-        correct_at_layer = sum(v == "yes" for v in layer_verdicts.values())
-        ctl.run.metric(f"aft/layer{layer}/accuracy", correct_at_layer / max(len(eval_rows), 1))
-        ctl.run.metric(f"aft/layer{layer}/ci95", [round(x, 4) for x in wilson_ci95(correct_at_layer, len(eval_rows))])
+        ctl.record_accuracy(f"aft/layer{layer}", layer_verdicts, len(eval_rows))
 
     if baseline is not None:
         sft_answers = ctl.run.rows("sft/eval-answers")

@@ -238,6 +238,15 @@ class Controller:
         self.run.metric(f"{name}/train_tokens_per_s", round(result["train_tokens_per_s"], 1))
         return result["output"]
 
+    def record_accuracy(self, name: str, verdicts: dict[str, str], n: int) -> tuple[float, tuple[float, float]]:
+        """Log ``<name>/accuracy``, ``/ci95`` (Wilson) and ``/n`` from judge verdicts over ``n`` rows."""
+        correct = sum(v == "yes" for v in verdicts.values())
+        accuracy, ci95 = correct / max(n, 1), wilson_ci95(correct, n)
+        self.run.metric(f"{name}/accuracy", accuracy)
+        self.run.metric(f"{name}/ci95", [round(x, 4) for x in ci95])
+        self.run.metric(f"{name}/n", n)
+        return accuracy, ci95
+
     def evaluate(self, name: str, rows: list[dict], model_path: str) -> float:
         """Greedy answers from ``model_path`` on ``rows``, judged; accuracy with a 95% Wilson interval."""
         if not rows:
@@ -245,12 +254,7 @@ class Controller:
         self.use_generator_weights(model_path)
         outputs = self.generate(f"{name}-answers", rows, self.sampling(self.config.evaluation))
         verdicts = self.judge_equivalence(f"{name}-verdicts", rows, {k: v["response"] for k, v in outputs.items()})
-        correct = sum(v == "yes" for v in verdicts.values())
-        accuracy = correct / len(rows)
-        low, high = wilson_ci95(correct, len(rows))
-        self.run.metric(f"{name}/accuracy", accuracy)
-        self.run.metric(f"{name}/ci95", [round(low, 4), round(high, 4)])
-        self.run.metric(f"{name}/n", len(rows))
+        accuracy, (low, high) = self.record_accuracy(name, verdicts, len(rows))
         self.run.table(
             f"samples/{name}",
             [
@@ -275,7 +279,7 @@ class Controller:
             "judge_counts": dict(self.judge.counts) if self._judge else {},
         }
         if self._trainer is not None:
-            idle["train"] = round(self._trainer.idle_s(self.config.pools.train.replicas), 1)
+            idle["train"] = round(self._trainer.idle_s(), 1)
             self._trainer.shutdown()
         tok = {
             role: p.stats.output_tokens / p.stats.generate_s for role, p in self._pools.items() if p.stats.generate_s

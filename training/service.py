@@ -161,8 +161,8 @@ class TrainingService:
             time.sleep(0.5)
         return time.perf_counter() - self.started
 
-    def idle_s(self, replicas: int) -> float:
-        return max(0.0, (time.perf_counter() - self.started - self.busy_s) * replicas)
+    def idle_s(self) -> float:
+        return max(0.0, (time.perf_counter() - self.started - self.busy_s) * self.replicas)
 
     def shutdown(self) -> None:
         if self.thread.is_alive():
