@@ -109,6 +109,7 @@ def main() -> None:
             ("training steps s", trained["train_time_s"], bare_trained["train_time_s"]),
             ("training tok/s", trained["train_tokens_per_s"], bare_trained["train_tokens_per_s"]),
             ("training phase wall s (worker side)", trained["wall_s"], bare_trained["wall_s"]),
+            ("training ranks' malloc", trained["allocator"], bare_trained["allocator"]),
         ],
         ("", "iteration", "bare"),
     )
@@ -140,8 +141,8 @@ def bare_training(tmp: str, pairs: list[dict], model: str, queue) -> None:
     import socket
 
     from cluster.config import to_dict
-    from cluster.connect import worker_env
     from cluster.tracking import write_parquet
+    from training.service import rank_env
 
     c = config(tmp)
     data = Path(tmp) / "bare-pairs.parquet"
@@ -161,7 +162,7 @@ def bare_training(tmp: str, pairs: list[dict], model: str, queue) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ.update(worker_env())
+    os.environ.update(rank_env(c))  # the ranks' allocator and env, as Ray Train's ranks get them at start
     threads = c.training.threads_per_worker or max(1, int(c.pools.train.num_cpus))
     world = c.pools.train.replicas
     ctx = mp.get_context("spawn")

@@ -106,14 +106,19 @@ def single_process(model: str, rows: list[dict], queue) -> None:
 
 
 def main() -> None:
+    import os
     import tempfile
 
+    from cluster.config import load_config
     from cluster.models import resolve_model
+    from training.service import allocator_env
 
     model = resolve_model("smollm2-135m-instruct")
     rows = examples()
     with tempfile.TemporaryDirectory() as tmp:
         zero3_tok_s, startup_s, zero3_steps = ray_zero3(model, rows, Path(tmp))
+    # The plain process gets the same allocator the ranks get (training.allocator), so only Ray + ZeRO-3 differ.
+    os.environ.update(allocator_env(load_config(None, []).training.allocator))
     single_tok_s, single_steps = in_subprocess(single_process, model, rows)
     print_table(
         "SFT on SmolLM2-135M-Instruct, 96 GSM8K examples, global batch 8, fp32 AdamW",

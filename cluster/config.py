@@ -181,6 +181,13 @@ class TrainingConfig:
     grad_clip: float = doc("Gradient clipping norm.", 1.0)
     threads_per_worker: int = doc("torch intra-op threads per training worker (0 = the worker's CPUs).", 0)
     checkpoint_every: int = doc("Optimizer steps between resumable DeepSpeed checkpoints (0 = only at end).", 0)
+    allocator: Literal["jemalloc", "system"] = doc(
+        "Memory allocator of the training ranks. 'jemalloc' preloads the libjemalloc.so shipped inside the ray "
+        "package, with MALLOC_CONF=oversize_threshold:0: glibc's malloc hands each large activation buffer back "
+        "to the OS and faults it in again (~8M page faults per rank in a 24-pair SPIN phase); jemalloc keeps "
+        "them, measured here as 19% shorter phases and 15% lower peak RSS per rank. 'system': the C library's.",
+        "jemalloc",
+    )
     deepspeed: DeepSpeedConfig = doc("DeepSpeed section.", factory=DeepSpeedConfig)
 
 

@@ -34,6 +34,7 @@ def test_partial_section_keeps_section_defaults():
         ("generation.top_p=1.5", "generation.top_p", "(0, 1]"),
         ("pools.train.replicas=0", "pools.train.replicas", ">= 1"),
         ("engine.backend=tgi", "engine.backend", "not one of"),
+        ("training.allocator=tcmalloc", "training.allocator", "not one of"),
         ("training.max_prompt_length=9999", "training.max_prompt_length", "training.max_length"),
     ],
 )

@@ -89,6 +89,7 @@ def test_zero3_sft_lowers_loss_and_saves_a_loadable_hf_folder(service, tiny_mode
     after = mean_nll(result["output"], ROWS)
     assert after < before - 0.5, (before, after)
     assert result["steps"] == 6 and result["truncation"]["sequences"] == 12  # 12 rows / (2 ranks x 2) x 2 epochs
+    assert result["allocator"] == "jemalloc"  # training.allocator's default reached the rank at process start
     tok = AutoTokenizer.from_pretrained(result["output"])
     model = AutoModelForCausalLM.from_pretrained(result["output"])
     ids = torch.tensor([render_prompt(tok, ROWS[0]["messages"])])

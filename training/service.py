@@ -9,6 +9,7 @@ a background thread for the life of the job; if its workers die, Ray Train resta
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -82,6 +83,25 @@ class TrainingError(RuntimeError):
     pass
 
 
+def allocator_env(allocator: str) -> dict[str, str]:
+    """Process-start environment that swaps the ranks' malloc (``training.allocator``); read by the dynamic
+    loader, so it must be in place when the process starts, not set from inside it."""
+    if allocator == "system":
+        return {}
+    library = Path(ray.__file__).parent / "core" / "libjemalloc.so"
+    if not library.exists():
+        raise TrainingError(f"training.allocator=jemalloc: {library} is missing from this ray install; use 'system'")
+    preload = " ".join(p for p in (str(library), os.environ.get("LD_PRELOAD", "")) if p)
+    # Above jemalloc's 8 MiB oversize threshold, freed memory goes back to the OS at once: logits and
+    # activations are larger than that, so the default would keep most of glibc's page faults.
+    return {"LD_PRELOAD": preload, "MALLOC_CONF": "oversize_threshold:0"}
+
+
+def rank_env(config: JobConfig) -> dict[str, str]:
+    """Environment of every training rank process, Ray Train's and the benchmarks' bare ones alike."""
+    return {**worker_env(), **allocator_env(config.training.allocator), **config.pools.train.env}
+
+
 class TrainingService:
     def __init__(self, config: JobConfig, on_metrics: Callable[[dict], None] | None = None):
         from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -101,7 +121,7 @@ class TrainingService:
         threads = config.training.threads_per_worker or max(1, int(pool.num_cpus))
         self.trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"queue": self.queue, "threads": threads, "env": {**worker_env(), **pool.env}},
+            train_loop_config={"queue": self.queue, "threads": threads},
             scaling_config=ScalingConfig(
                 num_workers=pool.replicas,
                 use_gpu=pool.num_gpus > 0,
@@ -112,6 +132,7 @@ class TrainingService:
                 name="train",
                 storage_path=str(Path(config.run_dir).resolve() / "ray_train"),
                 failure_config=FailureConfig(max_failures=pool.max_restarts),
+                worker_runtime_env={"env_vars": rank_env(config)},
             ),
         )
         self.error: BaseException | None = None

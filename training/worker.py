@@ -57,6 +57,14 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return factor
 
 
+def loaded_allocator() -> str:
+    """Which malloc this process runs on (``training.allocator`` takes effect only at process start)."""
+    try:
+        return "jemalloc" if "libjemalloc" in Path("/proc/self/maps").read_text() else "system"
+    except OSError:  # no procfs (macOS): cannot tell
+        return "unknown"
+
+
 def _read_examples(path: str) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -199,6 +207,7 @@ class PhaseRunner:
             "final": last,
             "examples": len(items),
             "local_param_fraction": local / total,
+            "allocator": loaded_allocator(),
         }
 
     # -- steps -----------------------------------------------------------------------------------------
@@ -305,7 +314,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train
 
-    os.environ.update(config.get("env", {}))
     threads = config.get("threads") or 1
     torch.set_num_threads(threads)
     context = ray.train.get_context()
