@@ -119,13 +119,20 @@ class LLMActor:
         return results
 
     def score(self, rows: list[dict], sampling: dict | None = None) -> list[dict]:
-        """Per-token log-probs of ``row["response"]`` given ``row["messages"]``."""
+        """Per-token log-probs of ``row["response"]`` given ``row["messages"]``; over-long rows reported alone."""
         start = time.perf_counter()
         prompts = [render_prompt(self.tokenizer, row["messages"]) for row in rows]
         responses = [response_ids(self.tokenizer, row["response"]) for row in rows]
-        scores = self.engine.score(prompts, responses)
+        limit = getattr(self.engine, "max_model_len", None)
+        kept = [i for i in range(len(rows)) if not limit or len(prompts[i]) + len(responses[i]) <= limit]
+        scores = dict(zip(kept, self.engine.score([prompts[i] for i in kept], [responses[i] for i in kept])))
         self.busy_s += time.perf_counter() - start
-        return [{"id": row["id"], "logprobs": s} for row, s in zip(rows, scores)]
+        return [
+            {"id": row["id"], "logprobs": scores[i]}
+            if i in scores
+            else {"id": row["id"], "error": f"prompt + response > engine.max_model_len {limit}"}
+            for i, row in enumerate(rows)
+        ]
 
     def load_weights(self, path: str) -> float:
         return self.engine.load_weights(path)

@@ -130,6 +130,13 @@ class DataConfig:
     train: str = doc("Training dataset reference (builtin name, .jsonl, .parquet or HF datasets folder).", "sst2")
     eval: str | None = doc("Held-out dataset reference; None: split the train reference.", None)
     general_eval: str | None = doc("General benchmark to measure forgetting (S3FT).", None)
+    general_eval_protocol: Literal["generate", "loglik"] = doc(
+        "How the general benchmark is scored. 'generate': greedy answer, then the verifier / judge. 'loglik': "
+        "the candidate answer (choice text in cloze form, or label) with the highest log-prob per character "
+        "(lm-eval-harness acc_norm), no generation; small models sit near chance generatively on ARC, MMLU "
+        "and BoolQ but not by likelihood, which is how their published scores are measured.",
+        "generate",
+    )
     n_train: int = doc("Training rows to use (0 = all).", 64)
     n_eval: int = doc("Eval rows to use (0 = all).", 64)
     eval_fraction: float = doc("Held-out fraction when eval is split from train.", 0.5)

@@ -22,7 +22,7 @@ from actors.llm_actor import EnginePool
 from actors.teacher import Teacher
 from cluster.config import ConfigError, JobConfig, SamplingConfig, load_config, to_dict
 from cluster.connect import connect
-from cluster.data import load_dataset, split, take
+from cluster.data import likelihood_question, load_dataset, split, take
 from cluster.models import resolve_model
 from cluster.tracking import Run
 
@@ -270,6 +270,38 @@ class Controller:
             ["id", "prompt", "reference", "response", "verdict"],
         )
         log.info("eval %s: accuracy %.3f (95%% CI %.3f-%.3f, n=%d)", name, accuracy, low, high, len(rows))
+        return accuracy
+
+    def evaluate_loglik(self, name: str, rows: list[dict], model_path: str) -> float:
+        """Log-likelihood multiple choice: each row's candidate answers scored by ``model_path`` after the
+        chat-templated question; correct when the gold one has the highest log-prob per character (acc_norm)."""
+        scorable = [(r, found) for r in rows if (found := likelihood_question(r))]
+        if len(scorable) < len(rows):
+            log.warning("%s: %d rows have no candidate answers and are left out", name, len(rows) - len(scorable))
+        if not scorable:
+            return float("nan")
+        self.use_generator_weights(model_path)
+
+        def score() -> dict[str, str]:
+            requests = [
+                {"id": f"{r['id']}#{i}", "messages": messages, "response": text}
+                for r, (messages, candidates, _) in scorable
+                for i, text in enumerate(candidates)
+            ]
+            logprobs = self.generator.score_all(requests)
+            verdicts = {}
+            for r, (_, candidates, gold) in scorable:
+                keys = [f"{r['id']}#{i}" for i in range(len(candidates))]
+                if not all(k in logprobs for k in keys):  # a candidate the engine could not score
+                    verdicts[r["id"]] = "unknown"
+                    continue
+                per_char = [sum(logprobs[k]) / max(1, len(text)) for k, text in zip(keys, candidates)]
+                verdicts[r["id"]] = "yes" if per_char.index(max(per_char)) == gold else "no"
+            return verdicts
+
+        verdicts = self.run.once(f"{name}-loglik", score)
+        accuracy, (low, high) = self.record_accuracy(name, verdicts, len(scorable))
+        log.info("loglik eval %s: accuracy %.3f (95%% CI %.3f-%.3f, n=%d)", name, accuracy, low, high, len(scorable))
         return accuracy
 
     def close(self) -> dict:

@@ -20,6 +20,7 @@ def s3ft(ctl: Controller) -> None:
     train_rows, eval_rows = ctl.datasets()
     general_rows = take(load_dataset(c.data.general_eval)[0], c.data.n_eval, c.run.seed) if c.data.general_eval else []
     base = ctl.base_model
+    evaluate_general = ctl.evaluate_loglik if c.data.general_eval_protocol == "loglik" else ctl.evaluate
 
     own = ctl.generate("generate", train_rows, ctl.sampling(c.generation))
     own_verdicts = ctl.judge_equivalence("judge-own", train_rows, {k: v["response"] for k, v in own.items()})
@@ -58,15 +59,15 @@ def s3ft(ctl: Controller) -> None:
     ctl.run.table("samples/s3ft_targets", examples, ["source_id", "bucket", "response"])
 
     ctl.evaluate("base/eval", eval_rows, base)
-    ctl.evaluate("base/general", general_rows, base)
+    evaluate_general("base/general", general_rows, base)
     model = ctl.train("s3ft", "sft", init_model=base, examples=examples)
     ctl.evaluate("s3ft/eval", eval_rows, model)
-    ctl.evaluate("s3ft/general", general_rows, model)
+    evaluate_general("s3ft/general", general_rows, model)
     if c.s3ft.baseline_sft:
         gold = [{**e, "response": row["reference"], "bucket": "gold"} for e, row in zip(examples, train_rows)]
         sft = ctl.train("sft", "sft", init_model=base, examples=gold)
         ctl.evaluate("sft/eval", eval_rows, sft)
-        ctl.evaluate("sft/general", general_rows, sft)
+        evaluate_general("sft/general", general_rows, sft)
     ctl.run.metric("final_model", model)
 
 

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.data import load_dataset, split, take
+from cluster.data import likelihood_question, load_dataset, split, take
 
 EXPECTED = {
     "gsm8k": 1319,
@@ -86,3 +86,13 @@ def test_split_is_deterministic_and_disjoint():
     assert len(train) + len(evals) == len(rows)
     assert [r["id"] for r in take(train, 10, 3)] == [r["id"] for r in take(train2, 10, 3)]
     assert split(rows, seed=4, eval_fraction=0.25)[1] != evals
+
+
+def test_likelihood_questions_are_cloze_for_choices_and_keep_the_prompt_for_labels():
+    arc = take(load_dataset("arc_easy")[0], 1, 0)[0]
+    messages, candidates, gold = likelihood_question(arc)
+    assert arc["reference"] == f"{arc['label']}. {candidates[gold]}" and len(candidates) >= 3
+    assert messages[0]["content"] in arc["messages"][0]["content"] and "A. " not in messages[0]["content"]
+    boolq = take(load_dataset("boolq")[0], 1, 0)[0]
+    assert likelihood_question(boolq) == (boolq["messages"], ["no", "yes"], ["no", "yes"].index(boolq["reference"]))
+    assert likelihood_question(take(load_dataset("gsm8k")[0], 1, 0)[0]) is None  # open answer: nothing to score

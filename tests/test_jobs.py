@@ -66,6 +66,27 @@ def test_s3ft_buckets_and_baseline(ray_session, tmp_path):
     assert "judge" in summary["pool_idle_s"]
     assert m["judge-own/unknown_verdicts"] >= 0
     assert_report_has(tmp_path / "s3ft/tiny", "Bucket fractions", "s3ft-data")
+    # The general benchmark (ARC-Easy) was scored by likelihood: same decisions as a transformers forward.
+    assert m["base/general/n"] == 4
+    state = json.loads((tmp_path / "s3ft/tiny/state.json").read_text())
+    assert state["phases"]["base/general-loglik"]["result"] == loglik_verdicts("arc_easy", 4)
+
+
+def loglik_verdicts(dataset: str, n: int) -> dict[str, str]:
+    """Independent acc_norm decisions of the tiny model: every candidate scored by a float32 transformers forward."""
+    from actors.engine import HFEngine, render_prompt, response_ids
+    from cluster.data import likelihood_question, load_dataset, take
+    from cluster.models import resolve_model
+
+    engine = HFEngine(resolve_model("tiny-random"), dtype="float32")
+    verdicts = {}
+    for row in take(load_dataset(dataset)[0], n, 0):
+        messages, candidates, gold = likelihood_question(row)
+        prompt = render_prompt(engine.tokenizer, messages)
+        scores = engine.score([prompt] * len(candidates), [response_ids(engine.tokenizer, c) for c in candidates])
+        per_char = [sum(s) / len(c) for s, c in zip(scores, candidates)]
+        verdicts[row["id"]] = "yes" if per_char.index(max(per_char)) == gold else "no"
+    return verdicts
 
 
 def test_llm2llm_restarts_from_base_and_accumulates(ray_session, tmp_path):
