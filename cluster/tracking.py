@@ -49,8 +49,21 @@ def read_parquet(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def proportional_memory(pid: int) -> int | None:
+    """PSS in bytes: a page shared by N processes (torch's libraries, Ray's object store) counts 1/N in each,
+    so a process tree's sum is what it really holds; summed RSS counted shared pages once per process."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # no procfs (macOS), or the process just ended
+        pass
+    return None
+
+
 class MemoryMonitor:
-    """Peak resident memory of this process tree (the whole embedded Ray: GCS, raylet, actors)."""
+    """Peak memory (PSS) of this process tree (the whole embedded Ray: GCS, raylet, actors)."""
 
     def __init__(self, interval_s: float = 1.0):
         import psutil
@@ -65,7 +78,8 @@ class MemoryMonitor:
         total = 0
         for proc in [root] + root.children(recursive=True):
             try:
-                total += proc.memory_info().rss
+                pss = proportional_memory(proc.pid)
+                total += pss if pss is not None else proc.memory_info().rss
             except self.psutil.Error:
                 pass
         self.peak_bytes = max(self.peak_bytes, total)
