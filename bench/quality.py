@@ -5,7 +5,8 @@
            by log-likelihood in cloze form: SmolLM2-135M is at 0.44 there, chance 0.25, while generatively it
            sits at chance on ARC and below it on BoolQ, where earlier runs measured "forgetting" on noise).
 - llm2llm: LLM2LLM after augmentation vs seed-only fine-tuning (32 SST-2 seed examples, low-data regime).
-- aft:     propose-and-aggregate vs a single greedy sample from the same AFT model (SST-2).
+- aft:     propose-and-aggregate vs a single greedy sample from the same AFT model (SST-2); a single sample at the
+           proposal temperature (the first proposal) is printed too. Aggregation drafts come from the SFT'd model.
 Tasks are ones where a 135M model is off the floor and can move: SST-2 and BoolQ are binary label tasks
 (chance 50%, the model answers in words a rule verifier can check): the instruct model starts at ~0.64 on
 SST-2 and SFT on 128 examples reaches ~0.83, so there is room both ways. ARC-Easy (4-way) was tried for AFT:
@@ -138,6 +139,8 @@ def main() -> None:
             "sft": round(m["base/general/accuracy"] - m["sft/general/accuracy"], 4),
             "s3ft": round(m["base/general/accuracy"] - m["s3ft/general/accuracy"], 4),
         }
+    if args.method == "aft":  # one sample at the proposal temperature: N=1 on the parallel-sampling axis
+        result["single_sample_at_proposal_temperature"] = round(m["aft/layer0/accuracy"], 4)
     emit(result)
 
 

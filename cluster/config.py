@@ -246,6 +246,11 @@ class AftConfig:
     proposal_source: Literal["on_policy", "off_policy"] = doc(
         "Sample drafts from the model or read data field 'proposals'.", "on_policy"
     )
+    proposal_model: Literal["base", "sft"] = doc(
+        "Which model samples on-policy drafts: 'base', or 'sft' (the base model fine-tuned on the propose data"
+        " first, so training drafts take the form the fine-tuned model proposes in at inference).",
+        "base",
+    )
     proposal_temperature: float = doc("Proposal sampling temperature (code: 0.7).", 0.7)
     proposal_top_p: float = doc("Proposal nucleus mass (code: 0.95).", 0.95)
     aggregate_temperature: float = doc("Aggregation sampling temperature (code: 0.7).", 0.7)

@@ -1,6 +1,7 @@
 """AFT: aggregation fine-tuning (arXiv 2501.11877).
 
-proposals: N drafts per training query (on-policy from the model, or off-policy from the data)
+proposals: N drafts per training query: on-policy, sampled from the base model or from the base model SFT'd on
+           the propose data (aft.proposal_model), or off-policy, read from the data
 examples:  propose   query                      -> reference answer
            aggregate aggregator system prompt listing the proposals + query -> reference answer
 train the base model on propose + aggregate data (and plain SFT as the baseline)
@@ -22,9 +23,14 @@ def aft(ctl: Controller) -> None:
     base = ctl.base_model
     template = load_prompt(c.judge.prompts_dir, "aggregate_system")
 
+    sft_model = None
+    if a.baseline_sft or (a.proposal_source == "on_policy" and a.proposal_model == "sft"):
+        sft_model = ctl.train("sft", "sft", init_model=base, examples=build_examples(train_rows, {}, template))
+
     if a.proposal_source == "off_policy":
         proposals = {r["id"]: meta(r).get("proposals", [])[: a.n_proposals] for r in train_rows}
     else:
+        ctl.use_generator_weights(sft_model if a.proposal_model == "sft" else base)
         drafts = ctl.generate(
             "proposals",
             train_rows,
@@ -35,10 +41,8 @@ def aft(ctl: Controller) -> None:
     ctl.run.table("samples/aft_examples", examples, ["source_id", "kind", "messages", "response"])
 
     model = ctl.train("aft", "sft", init_model=base, examples=examples)
-    baseline = None
     if a.baseline_sft:
-        baseline = ctl.train("sft", "sft", init_model=base, examples=[e for e in examples if e["kind"] == "propose"])
-        ctl.evaluate("sft/eval", eval_rows, baseline)
+        ctl.evaluate("sft/eval", eval_rows, sft_model)
     ctl.evaluate("aft/single", eval_rows, model)  # single greedy sample from the AFT model
 
     ctl.use_generator_weights(model)
@@ -62,7 +66,7 @@ def aft(ctl: Controller) -> None:
         layer_verdicts = ctl.judge_equivalence(f"aft/pa-layer{layer}-verdicts", eval_rows, firsts)
         ctl.record_accuracy(f"aft/layer{layer}", layer_verdicts, len(eval_rows))
 
-    if baseline is not None:
+    if a.baseline_sft:
         sft_answers = ctl.run.rows("sft/eval-answers")
         by_id = {r["id"]: r["response"] for r in sft_answers}
         ctl.judge.pool = ctl.judge.pool or ctl.pool("judge", c.judge.model)

@@ -118,6 +118,9 @@ def test_aft_propose_and_aggregate(ray_session, tmp_path):
     examples = pq.read_table(run / "phases/aft-data.parquet").to_pylist()
     kinds = [e["kind"] for e in examples]
     assert kinds.count("propose") == 6 and kinds.count("aggregate") == 6
+    # proposal_model=sft: the drafts come from the SFT'd model, which was trained before them
+    drafts = pq.read_table(run / "phases/proposals.parquet").to_pylist()
+    assert {d["model"] for d in drafts} == {str((run / "models" / "sft").resolve())}
     aggregate = next(e for e in examples if e["kind"] == "aggregate")
     assert aggregate["messages"][0]["role"] == "system" and "1. " in aggregate["messages"][0]["content"]
     state = json.loads((run / "state.json").read_text())
