@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct, both cores in every case:
 (a) the default generator pool: 1 actor, its engine bound to both cores, 32-prompt batches;
 (a') 2 generator actors, one engine bound to each core, 8-prompt batches (data parallel);
 (b) one bare vLLM engine in its own process, bound to both cores;
-(c) transformers `generate` in bf16 (its fastest dtype on this CPU) with 2 torch threads.
+(c) transformers `generate` in the same dtype as the engines (engine.dtype 'auto') with 2 torch threads.
 Each case runs once to warm up and once measured. Last line: one JSON object.
 """
 
@@ -46,7 +46,7 @@ def hf_generate(model: str, queue) -> None:
     torch.set_num_threads(2)
     from actors.engine import HFEngine, Sampling, render_prompt
 
-    engine = HFEngine(model, dtype="bfloat16")
+    engine = HFEngine(model)
     sampling = Sampling(temperature=TEMPERATURE, max_tokens=MAX_TOKENS, n=N_SAMPLES, seed=0)
 
     def generate(rows):

@@ -9,7 +9,7 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.engine import HFEngine, Sampling, render_prompt, response_ids
+from actors.engine import HFEngine, Sampling, render_prompt, resolve_dtype, response_ids
 from actors.judge import Judge
 from actors.llm_actor import EnginePool
 from cluster.config import EngineConfig, PoolConfig
@@ -127,3 +127,10 @@ def test_llm_judge_counts_unparseable_output_as_unknown(generator):
     assert sum(judge.counts.values()) == 3
     outcome = judge.compare([{"id": "p", "question": "q", "a": "one", "b": "two"}])
     assert outcome["p"] in {"win", "lose", "tie", "unknown"}
+
+
+def test_auto_dtype_follows_this_cpu():
+    # bf16 only where oneDNN runs it (AVX-512); read from /proc/cpuinfo, not from torch, to check torch's answer.
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    assert resolve_dtype("auto") == ("bfloat16" if "avx512f" in flags else "float32")
+    assert resolve_dtype("bfloat16") == "bfloat16" and resolve_dtype("float32") == "float32"
