@@ -65,7 +65,7 @@ LABELS = {
     },
     "llm2llm": {"iter0/eval": "seed-only SFT", "iter2/eval": "LLM2LLM, 3rd student"},
     "aft": {
-        "aft/single": "AFT model, 1 sample",
+        "aft/single": "AFT model, 1 greedy sample",
         "aft/propose_aggregate": "propose+aggregate",
         "aft/layer0": "1st proposal (T=0.7)",
         "aft/layer1": "1st layer-1 aggregation",
@@ -119,7 +119,7 @@ def main() -> None:
         rows.append((key, m[f"{key}/accuracy"], m[f"{key}/ci95"]))
     print_table(
         f"{args.method} on {task}",
-        [(k, LABELS[args.method].get(k, ""), v, f"[{ci[0]:.3f}, {ci[1]:.3f}]") for k, v, ci in rows],
+        [(k, LABELS[args.method].get(k, ""), f"{v:.3f}", f"[{ci[0]:.3f}, {ci[1]:.3f}]") for k, v, ci in rows],
         ("eval", "model", "accuracy", "95% CI"),
     )
     png = Path(summary["run_dir"]) / "quality.png"
