@@ -12,23 +12,28 @@ import re
 from functools import lru_cache
 
 from actors.judge import load_prompt
-from cluster.data import prompt_text, record
+from cluster.data import meta, prompt_text, record, split_prompt
 
 _PAIR = re.compile(r"Question\s*(\d+)\s*:\s*(.*?)\s*Answer\s*\1\s*:\s*(.*?)(?=\n\s*Question\s*\d+\s*:|\Z)", re.S | re.I)
 
 
-def augmentation_messages(prompts_dir: str, question: str, reference: str, k: int) -> list[dict]:
+def task_prompt(prompts_dir: str, name: str, task: str) -> str:
+    """The task's own variant of a prompt (``augment_system.classification.txt``) if there is one, else the default:
+    a one-shot arithmetic exchange taught a 135M teacher to write sums for movie reviews."""
+    try:
+        return load_prompt(prompts_dir, f"{name}.{task}")
+    except FileNotFoundError:
+        return load_prompt(prompts_dir, name)
+
+
+def augmentation_messages(prompts_dir: str, task: str, question: str, reference: str, k: int) -> list[dict]:
     """System job description, one worked example exchange, then the seed question and answer key."""
+    prompt = lambda name: task_prompt(prompts_dir, name, task).strip()  # noqa: E731
     return [
-        {"role": "system", "content": load_prompt(prompts_dir, "augment_system").strip()},
-        {"role": "user", "content": load_prompt(prompts_dir, "augment_example_user").strip()},
-        {"role": "assistant", "content": load_prompt(prompts_dir, "augment_example_assistant").strip()},
-        {
-            "role": "user",
-            "content": load_prompt(prompts_dir, "augment_user")
-            .strip()
-            .format(question=question, reference=reference, k=k),
-        },
+        {"role": "system", "content": prompt("augment_system")},
+        {"role": "user", "content": prompt("augment_example_user")},
+        {"role": "assistant", "content": prompt("augment_example_assistant")},
+        {"role": "user", "content": prompt("augment_user").format(question=question, reference=reference, k=k)},
     ]
 
 
@@ -62,28 +67,33 @@ def paraphrase_messages(prompts_dir: str, row: dict) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def new_example(seed: dict, question: str, answer: str, index: int, iteration: int) -> dict:
-    """A teacher-made record: keeps the seed's task and instruction suffix, never eligible for augmentation."""
-    seed_prompt = prompt_text(seed)
-    suffix = ""
-    for marker in ("\n\nSolve the problem", "\n\nAnswer with", "\nAnswer yes or no"):
-        if marker in seed_prompt:
-            suffix = seed_prompt[seed_prompt.index(marker) :]
+def answer_label(task: str, answer: str, labels: list[str]) -> str | None:
+    """The label a rule verifier reads from a teacher's answer; None when a checkable task's answer has none."""
     from actors.judge import extract_final_number, extract_label, extract_letter
-    from cluster.data import meta
 
-    seed_meta = meta(seed)
-    label = ""
-    if seed["task"] == "gsm8k":
+    if task == "gsm8k":
         number = extract_final_number(answer)
-        label = "" if number is None else f"{number:g}"
-    elif seed["task"] == "classification":
-        label = extract_label(answer, seed_meta.get("labels", [])) or ""
-    elif seed["task"] == "multiple_choice":
-        label = extract_letter(answer) or ""
+        return None if number is None else f"{number:g}"
+    if task == "classification":
+        return extract_label(answer, labels)
+    if task == "multiple_choice":
+        return extract_letter(answer)
+    return ""
+
+
+def new_example(seed: dict, question: str, answer: str, index: int, iteration: int) -> dict | None:
+    """A teacher-made record in the seed's instruction framing, never eligible for augmentation itself.
+
+    None when the answer carries no label the task's verifier can read: such a row would teach the student to
+    answer without one."""
+    seed_meta = meta(seed)
+    label = answer_label(seed["task"], answer, seed_meta.get("labels", []))
+    if label is None:
+        return None
+    head, _, tail = split_prompt(seed)
     row = record(
         f"{seed['id']}-aug{iteration}-{index}",
-        question + suffix,
+        head + question + tail,
         answer,
         label,
         seed["task"],
@@ -91,6 +101,7 @@ def new_example(seed: dict, question: str, answer: str, index: int, iteration: i
         seed_id=seed["id"],
         iteration=iteration,
         labels=seed_meta.get("labels"),
+        template=seed_meta.get("template"),
     )
     row["seed_id"] = seed["id"]  # lineage column: which wrong seed example this was written for
     return row
@@ -112,7 +123,14 @@ class Teacher:
         self.pool, self.prompts_dir, self.k = pool, prompts_dir, k
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
         self.rouge_threshold, self.max_attempts, self.seed = rouge_threshold, max_attempts, seed
-        self.stats = {"requested": 0, "parsed": 0, "duplicates": 0, "missing": 0, "unparseable_replies": 0}
+        self.stats = {
+            "requested": 0,
+            "parsed": 0,
+            "unlabelled": 0,
+            "duplicates": 0,
+            "missing": 0,
+            "unparseable_replies": 0,
+        }
 
     def augment(self, wrong_seeds: list[dict], existing_questions: list[str], iteration: int) -> list[dict]:
         """k new examples per wrong seed, near-duplicates of anything so far dropped, missing ones re-asked."""
@@ -130,7 +148,7 @@ class Teacher:
                 {
                     "id": s["id"],
                     "messages": augmentation_messages(
-                        self.prompts_dir, prompt_text(s), s["reference"], self.k - len(made[s["id"]])
+                        self.prompts_dir, s["task"], split_prompt(s)[1], s["reference"], self.k - len(made[s["id"]])
                     ),
                 }
                 for s in todo
@@ -150,10 +168,14 @@ class Teacher:
                     if len(made[seed["id"]]) >= self.k:
                         break
                     self.stats["parsed"] += 1
-                    if is_near_duplicate(question, existing, self.rouge_threshold):
+                    example = new_example(seed, question, answer, len(made[seed["id"]]), iteration)
+                    if example is None:
+                        self.stats["unlabelled"] += 1
+                        continue
+                    if is_near_duplicate(prompt_text(example), existing, self.rouge_threshold):
                         self.stats["duplicates"] += 1
                         continue
-                    existing.append(question)
-                    made[seed["id"]].append(new_example(seed, question, answer, len(made[seed["id"]]), iteration))
+                    existing.append(prompt_text(example))
+                    made[seed["id"]].append(example)
         self.stats["missing"] += sum(self.k - len(v) for v in made.values())
         return [example for seed in wrong_seeds for example in made[seed["id"]]]

@@ -73,6 +73,20 @@ def meta(row: dict) -> dict:
     return json.loads(row["metadata"]) if row.get("metadata") else {}
 
 
+# A row's ``metadata.template`` is its prompt with the task input (review, problem) replaced by this slot, so
+# a teacher can be shown the input alone and its new inputs put back into the same instruction framing.
+INPUT_SLOT = "{input}"
+
+
+def split_prompt(row: dict) -> tuple[str, str, str]:
+    """(head, input, tail) of the row's prompt around its template's slot; ('', prompt, '') without one."""
+    prompt = prompt_text(row)
+    head, _, tail = meta(row).get("template", INPUT_SLOT).partition(INPUT_SLOT)
+    if prompt.startswith(head) and prompt.endswith(tail) and len(prompt) >= len(head) + len(tail):
+        return head, prompt[len(head) : len(prompt) - len(tail)], tail
+    return "", prompt, ""
+
+
 def likelihood_question(row: dict) -> tuple[list[dict], list[str], int] | None:
     """(messages, candidate answers, gold index) for log-likelihood scoring; None for open-answer rows.
 
@@ -142,6 +156,7 @@ def _gsm8k() -> Iterator[dict]:
             _clean_gsm8k_answer(doc["answer"]),
             doc["short_answer"],
             "gsm8k",
+            template=f"{INPUT_SLOT}\n\n{GSM8K_INSTRUCTION}",
         )
 
 
@@ -196,6 +211,7 @@ def _sst2() -> Iterator[dict]:
             label,
             "classification",
             labels=["negative", "positive"],
+            template=f"{SST2_INSTRUCTION}\n\nReview: {INPUT_SLOT}",
         )
 
 
@@ -203,7 +219,8 @@ def _boolq() -> Iterator[dict]:
     for i, row in enumerate(_arrow_rows("hf_datasets/boolq/none/validation/x")):
         label = "yes" if str(row["answer"]).lower() in ("true", "1") else "no"
         prompt = f"{row['passage']}\n\nQuestion: {row['question']}?\nAnswer yes or no."
-        yield record(f"boolq-{i}", prompt, label, label, "classification", labels=["no", "yes"])
+        template = f"{INPUT_SLOT}\nAnswer yes or no."
+        yield record(f"boolq-{i}", prompt, label, label, "classification", labels=["no", "yes"], template=template)
 
 
 def _mbpp() -> Iterator[dict]:

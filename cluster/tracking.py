@@ -63,14 +63,21 @@ def proportional_memory(pid: int) -> int | None:
 
 
 class MemoryMonitor:
-    """Peak memory (PSS) of this process tree (the whole embedded Ray: GCS, raylet, actors)."""
+    """Peak memory (PSS) of this process tree (the whole embedded Ray: GCS, raylet, actors).
 
-    def __init__(self, interval_s: float = 1.0):
+    Reading ``smaps_rollup`` makes the kernel walk a process's page tables under its memory-map lock: ~0.1
+    CPU-s per sample of this tree, so sampling every second cost the driver 10% of a core that the training
+    ranks needed. The wait after a sample is at least its own CPU time / ``max_duty``, which keeps the
+    monitor under ``max_duty`` of one core (a peak shorter than the wait can be missed).
+    """
+
+    def __init__(self, interval_s: float = 1.0, max_duty: float = 0.01):
         import psutil
 
-        self.psutil, self.peak_bytes, self.interval_s = psutil, 0, interval_s
+        self.psutil, self.peak_bytes = psutil, 0
+        self.interval_s, self.max_duty = interval_s, max_duty
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="memory-monitor")
         self._thread.start()
 
     def sample(self) -> int:
@@ -86,8 +93,11 @@ class MemoryMonitor:
         return total
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        wait = self.interval_s
+        while not self._stop.wait(wait):
+            cpu_start = time.thread_time()
             self.sample()
+            wait = max(self.interval_s, (time.thread_time() - cpu_start) / self.max_duty)
 
     def stop(self) -> float:
         self._stop.set()

@@ -39,12 +39,14 @@ def llm2llm(ctl: Controller) -> None:
         if t == c.llm2llm.iterations - 1:
             break  # the last student is the result; more data would not be trained on
         existing_questions = [prompt_text(r) for r in data]
-        new = ctl.run.row_phase(
-            f"iter{t}/augment",
-            wrong,
-            lambda todo, known=existing_questions, t=t: [ctl.teacher().augment(todo, known, iteration=t)],
-            key="seed_id",
-        )
+
+        def augment(todo: list[dict], known: list[str] = existing_questions, t: int = t) -> list[list[dict]]:
+            teacher = ctl.teacher()
+            examples = teacher.augment(todo, known, iteration=t)
+            ctl.run.metric(f"iter{t}/teacher", teacher.stats)  # where the teacher's replies were lost
+            return [examples]
+
+        new = ctl.run.row_phase(f"iter{t}/augment", wrong, augment, key="seed_id")
         ctl.run.metric(f"iter{t}/new_examples", len(new))
         data = accumulate(data, new)
         ctl.run.metric(f"iter{t}/data_size", len(data))

@@ -52,3 +52,23 @@ def test_embedded_ray_workers_run_at_the_configured_niceness(ray_session):
         return os.nice(0)
 
     assert ray.get(niceness.remote()) == ClusterConfig().worker_niceness == 0
+
+
+def test_memory_monitor_stays_within_its_cpu_budget():
+    """Sampling PSS walks page tables; asked to sample every 10 ms it must still stay under max_duty of a core."""
+    from cluster.tracking import MemoryMonitor
+
+    monitor = MemoryMonitor(interval_s=0.01, max_duty=0.05)
+    stat = f"/proc/self/task/{monitor._thread.native_id}/stat"
+
+    def thread_cpu_s() -> float:
+        fields = open(stat).read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    time.sleep(0.5)  # the first samples run before the budget has been measured
+    start_cpu, start = thread_cpu_s(), time.perf_counter()
+    time.sleep(4)
+    used, elapsed = thread_cpu_s() - start_cpu, time.perf_counter() - start
+    peak_gib = monitor.stop()
+    assert peak_gib > 0.05  # this pytest process alone holds more than 50 MiB
+    assert used <= 0.05 * elapsed + 0.05, f"monitor used {used:.2f} CPU-s in {elapsed:.1f} s"

@@ -98,6 +98,9 @@ def test_llm2llm_restarts_from_base_and_accumulates(ray_session, tmp_path):
     assert len(seed_ids) == 6 and seed_ids <= set(ids(run / "phases/iter1/student-data.parquet"))
     assert summary["metrics"]["iter0/wrong_seed"] <= 6
     assert "teacher" in summary["pool_idle_s"]
+    teacher = summary["metrics"]["iter0/teacher"]  # every parsed reply is kept, unlabelled or a duplicate
+    kept = teacher["parsed"] - teacher["unlabelled"] - teacher["duplicates"]
+    assert kept == summary["metrics"]["iter0/new_examples"] == len(ids(run / "phases/iter0/augment.parquet"))
     assert_report_has(run, "Augmentation", "iter1/student-data")
 
 

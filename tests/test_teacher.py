@@ -1,5 +1,7 @@
+import pytest
+
 from actors.teacher import augmentation_messages, is_near_duplicate, new_example, parse_augmentations, rouge_l
-from cluster.data import load_dataset
+from cluster.data import load_dataset, prompt_text, split_prompt
 
 
 def test_parse_numbered_pairs_and_drop_incomplete():
@@ -21,7 +23,7 @@ def test_rouge_dedup():
 
 def test_prompt_structure_and_new_example_lineage():
     seed = load_dataset("gsm8k")[0][0]
-    messages = augmentation_messages("actors/prompts", "Q?", "A. #### 1", 3)
+    messages = augmentation_messages("actors/prompts", "gsm8k", "Q?", "A. #### 1", 3)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert "Q?" in messages[-1]["content"] and "3" in messages[-1]["content"]
     example = new_example(seed, "Bob has 2 cats and gets 3.", "2 + 3 = 5\n#### 5", 0, iteration=1)
@@ -29,3 +31,31 @@ def test_prompt_structure_and_new_example_lineage():
     assert (
         example["messages"][0]["content"].startswith("Bob has 2 cats") and "####" in example["messages"][0]["content"]
     )
+    assert split_prompt(example)[1] == "Bob has 2 cats and gets 3."
+
+
+@pytest.mark.parametrize("name", ["sst2", "boolq", "gsm8k"])
+def test_split_prompt_recovers_the_task_input(name):
+    rows = load_dataset(name)[0][:20]
+    for row in rows:
+        head, text, tail = split_prompt(row)
+        assert head + text + tail == prompt_text(row) and text and (head or tail)
+    if name == "sst2":
+        assert not split_prompt(rows[0])[1].startswith("Is the sentiment")
+
+
+def test_classification_seed_gets_its_own_prompt_and_keeps_its_framing():
+    seed = load_dataset("sst2")[0][0]
+    review = split_prompt(seed)[1]
+    messages = augmentation_messages("actors/prompts", "classification", review, seed["reference"], 1)
+    assert "same correct answer" in messages[0]["content"] and "####" not in messages[2]["content"]
+    assert review in messages[-1]["content"] and "Is the sentiment" not in messages[-1]["content"]
+    example = new_example(seed, "a dull , lifeless film .", "negative", 0, iteration=0)
+    assert example["label"] == "negative"
+    assert prompt_text(example) == prompt_text(seed).replace(review, "a dull , lifeless film .")
+
+
+def test_answer_without_a_checkable_label_is_not_an_example():
+    sst2, gsm8k = load_dataset("sst2")[0][0], load_dataset("gsm8k")[0][0]
+    assert new_example(sst2, "a film .", "They're thrill-riders in the blood.", 0, iteration=0) is None
+    assert new_example(gsm8k, "Bob has 2 cats.", "He has some cats.", 0, iteration=0) is None
