@@ -139,6 +139,9 @@ def main() -> None:
             "sft": round(m["base/general/accuracy"] - m["sft/general/accuracy"], 4),
             "s3ft": round(m["base/general/accuracy"] - m["s3ft/general/accuracy"], 4),
         }
+    if args.method == "llm2llm":  # how much the teacher really added, and where its replies were lost
+        result["new_examples"] = [v for k, v in sorted(m.items()) if k.endswith("/new_examples")]
+        result["teacher"] = {k.split("/")[0]: v for k, v in sorted(m.items()) if k.endswith("/teacher")}
     if args.method == "aft":  # one sample at the proposal temperature: N=1 on the parallel-sampling axis
         result["single_sample_at_proposal_temperature"] = round(m["aft/layer0/accuracy"], 4)
     emit(result)
