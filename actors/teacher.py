@@ -18,8 +18,8 @@ _PAIR = re.compile(r"Question\s*(\d+)\s*:\s*(.*?)\s*Answer\s*\1\s*:\s*(.*?)(?=\n
 
 
 def task_prompt(prompts_dir: str, name: str, task: str) -> str:
-    """The task's own variant of a prompt (``augment_system.classification.txt``) if there is one, else the default:
-    a one-shot arithmetic exchange taught a 135M teacher to write sums for movie reviews."""
+    """The task's own variant of a prompt (``augment_system.classification.txt``) if there is one, else the default.
+    The default one-shot is arithmetic (official GSM8K code): shown movie reviews, a 135M teacher wrote sums."""
     try:
         return load_prompt(prompts_dir, f"{name}.{task}")
     except FileNotFoundError:
