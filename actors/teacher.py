@@ -172,10 +172,11 @@ class Teacher:
                     if example is None:
                         self.stats["unlabelled"] += 1
                         continue
-                    if is_near_duplicate(prompt_text(example), existing, self.rouge_threshold):
+                    new_prompt = prompt_text(example)
+                    if is_near_duplicate(new_prompt, existing, self.rouge_threshold):
                         self.stats["duplicates"] += 1
                         continue
-                    existing.append(prompt_text(example))
+                    existing.append(new_prompt)
                     made[seed["id"]].append(example)
         self.stats["missing"] += sum(self.k - len(v) for v in made.values())
         return [example for seed in wrong_seeds for example in made[seed["id"]]]
