@@ -146,8 +146,9 @@ class Judge:
     def needs_llm(self, rows: list[dict]) -> bool:
         return self.kind == "llm" or (self.kind == "auto" and any(rule_verdict(r, "") is None for r in rows))
 
-    def equivalent(self, items: list[dict]) -> dict[str, str]:
-        """items: {id, row (the dataset record), response} -> {id: yes/no/unknown}."""
+    def equivalent(self, items: list[dict], failed: list[dict] | None = None) -> dict[str, str]:
+        """items: {id, row (the dataset record), response} -> {id: yes/no/unknown}. A row whose judge request
+        failed gets no verdict (it is a failed row, appended to ``failed`` with the reason, not a wrong one)."""
         verdicts: dict[str, str] = {}
         llm_items = []
         for item in items:
@@ -179,14 +180,11 @@ class Judge:
                 for it in llm_items
             ]
             sampling = Sampling(temperature=0.0, max_tokens=self.max_tokens)
-            for out in self.pool.generate_all(requests, sampling, desc="judge").values():
+            for out in self.pool.generate_all(requests, sampling, desc="judge", failed=failed).values():
                 verdict = parse_yes_no(out["samples"][0]["text"])
                 verdicts[out["id"]] = verdict
                 self.counts[f"llm_{verdict}"] += 1
-            for it in llm_items:  # rows whose judge request failed twice
-                if it["id"] not in verdicts:
-                    verdicts[it["id"]] = UNKNOWN
-                    self.counts["llm_failed"] += 1
+            self.counts["llm_failed"] += sum(it["id"] not in verdicts for it in llm_items)
         return verdicts
 
     def compare(self, items: list[dict]) -> dict[str, str]:

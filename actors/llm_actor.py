@@ -4,14 +4,17 @@ Design note: ``LLMActor`` is thin: it owns one engine (actors/engine.py), render
 model's template and times its own busy seconds. ``EnginePool`` is the driver's view of one pool
 (generator, judge or teacher): it sends batches of rows to free replicas, yields results batch by batch
 as they finish (so judging can start before generation ends), retries a batch once when its replica died
-(Ray restarts the actor, max_restarts from config; we reload the current weights into it), and reports
-rows whose batch failed twice instead of failing the whole call.
+or ran past ``engine.batch_timeout_s`` (a hung replica is killed; Ray restarts the actor, max_restarts from
+config; we reload the current weights into it), and reports rows whose batch failed twice, with the reason,
+instead of failing the whole call. A replica whose restarts are used up leaves the rotation; with none left
+the call raises ``PoolExhaustedError``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +144,10 @@ class LLMActor:
         return {"busy_s": self.busy_s}
 
 
+class PoolExhaustedError(RuntimeError):
+    """Every replica of a pool is gone (restarts used up): no batch can run."""
+
+
 @dataclass
 class PoolStats:
     started: float = field(default_factory=time.monotonic)
@@ -170,6 +177,7 @@ class EnginePool:
     ):
         check_pool_fits(role, pool)
         self.role, self.pool, self.batch_size = role, pool, engine.batch_size
+        self.batch_timeout_s = engine.batch_timeout_s
         self.model_path = model_path
         env: dict[str, str] = {}
         if engine.backend == "vllm" and pool.num_gpus == 0:
@@ -185,6 +193,8 @@ class EnginePool:
         ]
         self.info = wait_ready(role, [a.ready.remote() for a in self.actors], timeout_s, pool)
         self.stats = PoolStats()
+        self.alive = list(range(len(self.actors)))  # replicas in rotation
+        self.gone: dict[int, str] = {}  # replicas out of it, with why
 
     # -- work ------------------------------------------------------------------------------------------
 
@@ -192,54 +202,66 @@ class EnginePool:
         return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
 
     def map(
-        self, method: str, rows: list[dict], args: dict | None = None, desc: str | None = None, progress: bool = True
+        self,
+        method: str,
+        rows: list[dict],
+        args: dict | None = None,
+        desc: str | None = None,
+        progress: bool = True,
+        failed: list[dict] | None = None,
     ) -> Iterator[list[dict]]:
         """Run ``actor.<method>(batch, args)`` over all rows; yield each finished batch's results.
 
         One batch in flight per replica keeps every replica busy without queueing work on a replica
-        that might die. A batch whose replica died is retried once (on the restarted replica); a batch
-        that fails twice is reported in ``stats.failed_rows`` and skipped.
+        that might die. A batch whose replica died or timed out is retried once (on whichever replica is
+        free); a row that cannot be produced (batch failed twice, over-long prompt) is appended to ``failed``
+        as ``{"id", "reason"}`` (and to ``stats.failed_rows``) and skipped.
         """
-        pending = [(batch, 0) for batch in self._batches(rows)]
+        failed = failed if failed is not None else []
+        pending = deque((batch, 0) for batch in self._batches(rows))
         in_flight: dict[Any, tuple[int, list[dict], int, float]] = {}
-        free = list(range(len(self.actors)))
+        free = list(self.alive)
         bar = tqdm(total=len(rows), desc=desc or f"{self.role}.{method}", disable=not progress, leave=False)
         start = time.perf_counter()
         tokens = 0
         try:
             while pending or in_flight:
+                if not self.alive:
+                    raise PoolExhaustedError(
+                        f"pool {self.role}: no replica left; all {len(self.actors)} are gone after using up their "
+                        f"restarts (pools.{self.role}.max_restarts={self.pool.max_restarts}): "
+                        + "; ".join(f"replica {i}: {why}" for i, why in self.gone.items())
+                    )
                 while pending and free:
                     replica = free.pop(0)
-                    batch, attempt = pending.pop(0)
+                    batch, attempt = pending.popleft()
                     ref = getattr(self.actors[replica], method).remote(batch, args)
                     in_flight[ref] = (replica, batch, attempt, time.perf_counter())
-                done, _ = ray.wait(list(in_flight), num_returns=1)
+                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=self._wait_s(in_flight))
+                if not done:  # some batch ran past engine.batch_timeout_s: its replica is hung
+                    now = time.perf_counter()
+                    for ref, (replica, batch, attempt, sent) in list(in_flight.items()):
+                        if now - sent >= self.batch_timeout_s:
+                            del in_flight[ref]
+                            reason = f"batch timed out after {now - sent:.0f} s (engine.batch_timeout_s)"
+                            log.warning("%s replica %d: %s; killing it so Ray restarts it", self.role, replica, reason)
+                            ray.kill(self.actors[replica], no_restart=False)
+                            self._batch_failed(replica, batch, attempt, reason, pending, free, failed)
+                    continue
                 ref = done[0]
                 replica, batch, attempt, sent = in_flight.pop(ref)
                 try:
                     results = ray.get(ref)
                 except (RayActorError, RayTaskError) as err:
-                    self._recover(replica)
-                    free.append(replica)
-                    if attempt == 0:
-                        self.stats.retried_batches += 1
-                        log.warning(
-                            "%s replica %d failed a batch (%s); retrying it once",
-                            self.role,
-                            replica,
-                            type(err).__name__,
-                        )
-                        pending.insert(0, (batch, 1))
-                    else:
-                        ids = [row["id"] for row in batch]
-                        self.stats.failed_rows.extend(ids)
-                        log.error("%s: batch failed twice, rows %s reported and skipped: %s", self.role, ids, err)
+                    reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+                    self._batch_failed(replica, batch, attempt, reason, pending, free, failed)
                     continue
                 free.append(replica)
                 self.stats.busy_s += time.perf_counter() - sent
                 rejected = [r for r in results if "error" in r]
                 if rejected:
                     self.stats.failed_rows.extend(r["id"] for r in rejected)
+                    failed.extend({"id": r["id"], "reason": r["error"]} for r in rejected)
                     log.warning("%s: %d rows reported and skipped: %s", self.role, len(rejected), rejected[:3])
                     results = [r for r in results if "error" not in r]
                 new_tokens = sum(len(s["token_ids"]) for r in results for s in r.get("samples", []))
@@ -254,17 +276,49 @@ class EnginePool:
             bar.close()
             self.stats.generate_s += time.perf_counter() - start
 
-    def generate(self, rows: list[dict], sampling: Sampling, desc: str | None = None) -> Iterator[list[dict]]:
-        yield from self.map("generate", rows, sampling.as_dict(), desc)
+    def _wait_s(self, in_flight: dict) -> float | None:
+        """How long ray.wait may block before the oldest in-flight batch expires (None: no batch timeout)."""
+        if not self.batch_timeout_s:
+            return None
+        oldest = min(sent for _, _, _, sent in in_flight.values())
+        return max(0.0, self.batch_timeout_s - (time.perf_counter() - oldest))
 
-    def generate_all(self, rows: list[dict], sampling: Sampling, desc: str | None = None) -> dict[str, dict]:
-        return {r["id"]: r for batch in self.generate(rows, sampling, desc) for r in batch}
+    def _batch_failed(
+        self, replica: int, batch: list[dict], attempt: int, reason: str, pending: deque, free: list, failed: list
+    ) -> None:
+        """A replica failed a batch: bring it back (or retire it), then retry the batch once or report its rows."""
+        if self._recover(replica):
+            free.append(replica)
+        else:
+            self.alive.remove(replica)
+            self.gone[replica] = reason
+            log.error("%s replica %d leaves the pool (%d left): %s", self.role, replica, len(self.alive), reason)
+        if attempt == 0:
+            self.stats.retried_batches += 1
+            log.warning("%s replica %d failed a batch (%s); retrying it once", self.role, replica, reason)
+            pending.appendleft((batch, 1))
+        else:
+            ids = [row["id"] for row in batch]
+            self.stats.failed_rows.extend(ids)
+            failed.extend({"id": i, "reason": f"batch failed twice, last: {reason}"} for i in ids)
+            log.error("%s: batch failed twice, rows %s reported and skipped: %s", self.role, ids, reason)
+
+    def generate(
+        self, rows: list[dict], sampling: Sampling, desc: str | None = None, failed: list[dict] | None = None
+    ) -> Iterator[list[dict]]:
+        yield from self.map("generate", rows, sampling.as_dict(), desc, failed=failed)
+
+    def generate_all(
+        self, rows: list[dict], sampling: Sampling, desc: str | None = None, failed: list[dict] | None = None
+    ) -> dict[str, dict]:
+        return {r["id"]: r for batch in self.generate(rows, sampling, desc, failed) for r in batch}
 
     def score_all(self, rows: list[dict]) -> dict[str, list[float]]:
         return {r["id"]: r["logprobs"] for batch in self.map("score", rows, None, progress=False) for r in batch}
 
-    def _recover(self, replica: int, timeout_s: float = 600) -> None:
-        """After a failure: wait for Ray's restart (the engine rebuilds), then put the current weights back."""
+    def _recover(self, replica: int, timeout_s: float = 600) -> bool:
+        """After a failure: wait for Ray's restart (the engine rebuilds), then put the current weights back.
+        False when the replica is gone for good (restarts used up, or not back within ``timeout_s``)."""
         actor = self.actors[replica]
         deadline = time.monotonic() + timeout_s
         while True:
@@ -274,26 +328,35 @@ class EnginePool:
             except ActorUnavailableError:  # restarting: the new process is still building its engine
                 if time.monotonic() > deadline:
                     log.error("%s replica %d did not come back within %.0f s", self.role, replica, timeout_s)
-                    return
+                    ray.kill(actor, no_restart=True)
+                    return False
                 time.sleep(1.0)
-            except Exception as err:  # restarts exhausted: the replica stays failed, later batches report it
+            except Exception as err:  # restarts exhausted (ActorDiedError) or it cannot even answer
                 log.error("%s replica %d did not come back: %s", self.role, replica, err)
-                return
-        if info["model"] != self.model_path:
-            ray.get(actor.load_weights.remote(self.model_path))
+                ray.kill(actor, no_restart=True)
+                return False
+        try:
+            if info["model"] != self.model_path:
+                ray.get(actor.load_weights.remote(self.model_path))
+        except RayActorError as err:
+            log.error("%s replica %d died reloading %s: %s", self.role, replica, self.model_path, err)
+            return self._recover(replica, timeout_s)
+        return True
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def load_weights(self, path: str) -> float:
         """Load a new checkpoint into every replica in place; returns the slowest replica's seconds."""
         self.model_path = path
-        refs = [a.load_weights.remote(path) for a in self.actors]
+        refs = {replica: self.actors[replica].load_weights.remote(path) for replica in self.alive}
         seconds = 0.0
-        for replica, ref in enumerate(refs):
+        for replica, ref in refs.items():
             try:
                 seconds = max(seconds, ray.get(ref))
-            except RayActorError:  # died while loading: wait for its restart, which then loads `path`
-                self._recover(replica)
+            except RayActorError as err:  # died while loading: wait for its restart, which then loads `path`
+                if not self._recover(replica):
+                    self.alive.remove(replica)
+                    self.gone[replica] = f"died loading {path}: {type(err).__name__}"
         self.stats.weight_loads.append(seconds)
         return seconds
 

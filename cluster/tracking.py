@@ -4,15 +4,21 @@ Layout of ``runs/<method>/<run-id>/``::
 
     config.yaml            resolved config
     driver.log             driver log
-    state.json             finished phases with their wall times and results
+    driver.lease           the running driver's lease (host, pid, heartbeat): one driver per folder
+    state.json             config fingerprint; finished phases with wall times, results, input fingerprints
     phases/<name>.parquet  each finished phase's rows (lineage columns included)
     phases/<name>/part-*.parquet  rows of an unfinished phase, written batch by batch
+    phases/<name>.failed.parquet  rows the phase could not produce, with the reason (id, reason, session)
     models/<name>/         HF checkpoints written by training phases
     summary.json           per-iteration metrics and phase times
     wandb/                 W&B files (offline by default)
 
-Resume rule: a phase listed in ``state.json`` is never run again; an unfinished row phase keeps the rows
-of its written parts and only processes the rest (rows are keyed by id, so nothing is lost or duplicated).
+Resume rule: a phase listed in ``state.json`` with the same input fingerprint is never run again; an
+unfinished row phase keeps the rows of its written parts whose ids are among its current inputs and only
+processes the rest (rows are keyed by id, so nothing is lost, duplicated or mixed in from other inputs). A
+phase whose failed rows exceed ``run.max_failed_fraction`` of its inputs raises ``PhaseFailedError`` and is not
+marked done: its parts stay, so the rerun processes exactly the failed rows. A rerun with a changed config
+(``runfolder.RUN_CONTROL`` keys aside) stops naming the changed keys unless ``run.fresh=true``.
 """
 
 from __future__ import annotations
@@ -34,15 +40,27 @@ import pyarrow.parquet as pq
 import yaml
 
 from cluster.config import JobConfig, to_dict
+from cluster.runfolder import (
+    RunFolderError,
+    RunLease,
+    changed_keys,
+    check_inside,
+    clear_folder,
+    config_fingerprint,
+    inputs_fingerprint,
+    load_state,
+    save_state,
+    temp_path,
+)
 
 log = logging.getLogger("selfimprove")
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())}), tmp)
-    tmp.rename(path)
+    os.replace(tmp, path)
 
 
 def read_parquet(path: Path) -> list[dict]:
@@ -104,20 +122,43 @@ class MemoryMonitor:
         return self.peak_bytes / 1024**3
 
 
+class PhaseFailedError(RuntimeError):
+    """Too many of a phase's rows failed: the phase is not marked done and a rerun retries those rows."""
+
+
 class Run:
     def __init__(self, config: JobConfig):
         self.config = config
         self.dir = config.run_dir
-        if config.run.fresh and self.dir.exists():
-            shutil.rmtree(self.dir)
+        check_inside(self.dir, Path(config.run.dir) / config.run.method)
+        # The lease comes first: nothing in the folder is read, deleted or written by a second driver.
+        self.lease = RunLease(self.dir, config.run.lease_timeout_s)
+        self.lease.acquire()
+        try:
+            self._open(config)
+        except BaseException:
+            self.lease.release()
+            raise
+
+    def _open(self, config: JobConfig) -> None:
+        if config.run.fresh:
+            clear_folder(self.dir)
+        self.state_path = self.dir / "state.json"
+        self.state: dict[str, Any] = load_state(self.state_path)
+        fingerprint = config_fingerprint(to_dict(config))
+        changed = changed_keys(self.state.get("config", {}), fingerprint)
+        if changed:
+            raise RunFolderError(
+                f"{self.dir} was started with another config; changed: {'; '.join(changed)}. Rerun with the "
+                "original values to resume, or add run.fresh=true to start over (deletes the folder)"
+            )
+        self.state["config"] = fingerprint
+        self.state["sessions"] = self.state.get("sessions", 0) + 1
+        self._save_state()
         (self.dir / "phases").mkdir(parents=True, exist_ok=True)
         (self.dir / "models").mkdir(exist_ok=True)
         (self.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         self._setup_logging()
-        self.state_path = self.dir / "state.json"
-        self.state: dict[str, Any] = (
-            json.loads(self.state_path.read_text()) if self.state_path.exists() else {"phases": {}, "metrics": {}}
-        )
         self.resumed = bool(self.state["phases"])
         self.phase_times: dict[str, float] = {n: p["wall_s"] for n, p in self.state["phases"].items()}
         self.memory = MemoryMonitor()
@@ -151,8 +192,6 @@ class Run:
         # hold its run id, so a resumed session must not reuse it. The group shows the whole job.
         group = f"{self.config.run.method}-{self.config.run.id}"
         folder = hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:8]
-        self.state["sessions"] = self.state.get("sessions", 0) + 1
-        self._save_state()
         return wandb.init(
             project=self.config.tracking.project,
             entity=self.config.tracking.entity,
@@ -167,8 +206,15 @@ class Run:
 
     # -- phases ----------------------------------------------------------------------------------------
 
-    def done(self, name: str) -> bool:
-        return name in self.state["phases"]
+    def done(self, name: str, inputs: str | None = None) -> bool:
+        """Finished, from the same inputs when ``inputs`` (a fingerprint) is given."""
+        phase = self.state["phases"].get(name)
+        if phase is None:
+            return False
+        if inputs is not None and phase.get("inputs", inputs) != inputs:
+            log.warning("phase %s: its inputs changed since it finished; running it again", name)
+            return False
+        return True
 
     def result(self, name: str) -> Any:
         return self.state["phases"][name].get("result")
@@ -177,53 +223,117 @@ class Run:
         return read_parquet(self.dir / "phases" / f"{name}.parquet")
 
     def _save_state(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1, default=str))
-        tmp.rename(self.state_path)
+        save_state(self.state_path, self.state)
 
-    def _finish(self, name: str, wall_s: float, result: Any = None) -> None:
-        self.state["phases"][name] = {"wall_s": wall_s, "result": result}
+    def _start(self, name: str, inputs: str | None, scratch: Path | None = None) -> None:
+        """Remember which inputs an unfinished phase started from; its scratch files (training checkpoints,
+        reference log-probs) are dropped when an earlier session started it from other inputs."""
+        if inputs is None:
+            return
+        before = self.state["started"].get(name)
+        if before is not None and before != inputs and scratch is not None and scratch.exists():
+            log.warning("phase %s: inputs changed since it was started; discarding %s", name, scratch)
+            shutil.rmtree(scratch)
+        self.state["started"][name] = inputs
+        self._save_state()
+
+    def _finish(self, name: str, wall_s: float, result: Any = None, inputs: str | None = None) -> None:
+        self.state["phases"][name] = {"wall_s": wall_s, "result": result, "inputs": inputs}
+        self.state["started"].pop(name, None)
         self.phase_times[name] = wall_s
         self._save_state()
         self.log({f"phase_time/{name.split('/')[-1]}": wall_s})
         log.info("phase %s finished in %.1f s", name, wall_s)
 
     def row_phase(
-        self, name: str, rows: list[dict], process: Callable[[list[dict]], Iterable[list[dict]]], key: str = "id"
+        self,
+        name: str,
+        rows: list[dict],
+        process: Callable[[list[dict]], Iterable[list[dict]]],
+        key: str = "id",
+        failed: list[dict] | None = None,
     ) -> list[dict]:
         """Run ``process`` over the rows not yet done; each yielded batch is written at once as a part.
 
         ``process`` receives the remaining input rows and yields lists of output rows whose ``key``
-        (default ``id``) names the input row they came from.
+        (default ``id``) names the input row they came from. ``failed`` is the list ``process`` appends
+        ``{"id", "reason"}`` to for rows it could not produce. With ``key="id"`` (one output per input) an input
+        row without output is failed even when nobody said why; with another key (the teacher's 0..k examples
+        per seed) only rows in ``failed`` are.
         """
         final = self.dir / "phases" / f"{name}.parquet"
-        if self.done(name):
+        inputs = inputs_fingerprint(rows)
+        if self.done(name, inputs):
             return read_parquet(final)
+        input_ids = {r["id"] for r in rows}
         parts_dir = self.dir / "phases" / name
         parts = sorted(parts_dir.glob("part-*.parquet")) if parts_dir.exists() else []
-        previous = [r for p in parts for r in read_parquet(p)]
+        written = [r for p in parts for r in read_parquet(p)]
+        previous = [r for r in written if r[key] in input_ids]
+        if len(previous) < len(written):
+            log.warning(
+                "phase %s: %d rows of parts written from other inputs dropped", name, len(written) - len(previous)
+            )
         finished_ids = {r[key] for r in previous}
         todo = [r for r in rows if r["id"] not in finished_ids]
         if previous:
             log.info("phase %s: %d rows from an interrupted run kept, %d to go", name, len(finished_ids), len(todo))
+        self._start(name, inputs)
         start = time.perf_counter()
         produced = list(previous)
-        for index, batch in enumerate(process(todo) if todo else [], start=len(parts)):
+        failed = failed if failed is not None else []
+        next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=-1)
+        for index, batch in enumerate(process(todo) if todo else [], start=next_part):
             if batch:
                 write_parquet(parts_dir / f"part-{index:05d}.parquet", batch)
                 produced.extend(batch)
+        produced_ids = {r[key] for r in produced}
+        reasons = {f["id"]: f["reason"] for f in failed if f["id"] in input_ids and f["id"] not in produced_ids}
+        if key == "id":
+            reasons.update({i: "no output" for i in input_ids - produced_ids if i not in reasons})
+        self._record_failures(name, reasons, len(rows))
+        result = {"rows_in": len(rows), "rows_out": len(produced), "failed": len(reasons)}
+        if len(reasons) > self.config.run.max_failed_fraction * len(rows):
+            sample = "; ".join(f"{i}: {r}" for i, r in list(reasons.items())[:3])
+            raise PhaseFailedError(
+                f"phase {name}: {len(reasons)} of {len(rows)} rows failed, more than run.max_failed_fraction="
+                f"{self.config.run.max_failed_fraction:g} (e.g. {sample}); they are listed in "
+                f"{self.failed_path(name)}. Rerun the same command to retry exactly these rows"
+            )
         write_parquet(final, produced)
         shutil.rmtree(parts_dir, ignore_errors=True)
-        self._finish(name, time.perf_counter() - start, {"rows": len(produced)})
+        self._finish(name, time.perf_counter() - start, result, inputs)
         return produced
 
-    def once(self, name: str, fn: Callable[[], Any]) -> Any:
-        """A phase whose result is a small JSON value (a model path, metrics): run once, then remembered."""
-        if self.done(name):
+    def failed_path(self, name: str) -> Path:
+        return self.dir / "phases" / f"{name}.failed.parquet"
+
+    def _record_failures(self, name: str, reasons: dict[str, str], rows_in: int) -> None:
+        """The phase's failed rows now (a retry that succeeds clears them): file with reasons + count in state."""
+        path = self.failed_path(name)
+        if reasons:
+            session = self.state.get("sessions", 0)
+            write_parquet(path, [{"id": i, "reason": r, "session": session} for i, r in reasons.items()])
+            self.state["failed"][name] = {"rows": len(reasons), "of": rows_in}
+            log.warning("phase %s: %d of %d rows failed (%s)", name, len(reasons), rows_in, path)
+        else:
+            path.unlink(missing_ok=True)
+            self.state["failed"].pop(name, None)
+        self._save_state()
+
+    def failed_rows(self) -> dict[str, int]:
+        """Rows each phase could not produce, over every driver session of this run (from state.json)."""
+        return {name: f["rows"] for name, f in self.state["failed"].items() if f.get("rows")}
+
+    def once(self, name: str, fn: Callable[[], Any], inputs: str | None = None, scratch: Path | None = None) -> Any:
+        """A phase whose result is a small JSON value (a model path, metrics): run once, then remembered.
+        With ``inputs`` (a fingerprint) it runs again when they changed, after dropping ``scratch``."""
+        if self.done(name, inputs):
             return self.result(name)
+        self._start(name, inputs, scratch)
         start = time.perf_counter()
         result = fn()
-        self._finish(name, time.perf_counter() - start, result)
+        self._finish(name, time.perf_counter() - start, result, inputs)
         return result
 
     def model_dir(self, name: str) -> str:
@@ -261,11 +371,22 @@ class Run:
         if self.wandb is not None:
             self.wandb.summary[key] = value
 
-    def close(self, pools: dict[str, float] | None = None, extra: dict | None = None) -> dict:
+    def close(
+        self, pools: dict[str, float] | None = None, extra: dict | None = None, error: BaseException | None = None
+    ) -> dict:
+        try:
+            return self._close(pools, extra, error)
+        finally:
+            self.lease.release()
+
+    def _close(self, pools: dict[str, float] | None, extra: dict | None, error: BaseException | None) -> dict:
         peak = self.memory.stop()
         summary = {
             "method": self.config.run.method,
             "run_dir": str(self.dir),
+            "status": "failed" if error is not None else "finished",
+            **({"error": f"{type(error).__name__}: {error}"} if error is not None else {}),
+            "failed_rows": self.failed_rows(),
             "wall_s": time.perf_counter() - self.started,
             "phases": self.phase_times,
             "pool_idle_s": pools or {},
@@ -274,6 +395,8 @@ class Run:
             **(extra or {}),
         }
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        if error is not None:
+            log.error("run failed: %s", summary["error"])
         if self.wandb is not None:
             self.wandb.summary.update(
                 {
@@ -296,6 +419,8 @@ def _short(value: Any, limit: int = 2000) -> Any:
 
 def format_summary(summary: dict) -> str:
     lines = [f"== {summary['method']} run {summary['run_dir']} ==", f"{'phase':<40} {'wall s':>9}"]
+    if summary.get("status") == "failed":
+        lines.insert(1, f"FAILED: {summary.get('error')}")
     lines += [f"{name:<40} {seconds:>9.1f}" for name, seconds in summary["phases"].items()]
     if summary["pool_idle_s"]:
         lines += ["", f"{'pool':<40} {'idle s':>9}"]

@@ -38,6 +38,8 @@ def aft(ctl: Controller) -> None:
         )
         proposals = {k: v["samples"] for k, v in drafts.items()}
     examples = build_examples(train_rows, proposals, template)
+    aggregate = sum(e["kind"] == "aggregate" for e in examples)
+    ctl.record_rows("aft/aggregate-examples", len(train_rows), aggregate, "queries", "aggregate_examples")
     ctl.run.table("samples/aft_examples", examples, ["source_id", "kind", "messages", "response"])
 
     model = ctl.train("aft", "sft", init_model=base, examples=examples)

@@ -24,6 +24,7 @@ from cluster.config import ConfigError, JobConfig, SamplingConfig, load_config, 
 from cluster.connect import connect
 from cluster.data import likelihood_question, load_dataset, split, take
 from cluster.models import resolve_model
+from cluster.runfolder import RunFolderError, inputs_fingerprint, is_run_control
 from cluster.tracking import Run
 
 log = logging.getLogger("selfimprove")
@@ -163,9 +164,10 @@ class Controller:
         """A resumable generation phase: {row id: {response, ...lineage}} (first sample; all in 'samples')."""
         pool = pool or self.generator
         settings = json.dumps(sampling.as_dict())
+        failed: list[dict] = []  # rows the pool could not produce, with the reason: stored by the phase
 
         def process(todo: list[dict]):
-            for batch in pool.generate(todo, sampling, desc=name):
+            for batch in pool.generate(todo, sampling, desc=name, failed=failed):
                 yield [
                     {
                         "id": out["id"],
@@ -182,10 +184,7 @@ class Controller:
                     for out in batch
                 ]
 
-        outputs = self.run.row_phase(name, rows, process)
-        failed = [r["id"] for r in rows if r["id"] not in {o["id"] for o in outputs}]
-        if failed:
-            log.warning("%s: %d rows failed twice and are reported, not retried: %s", name, len(failed), failed[:10])
+        outputs = self.run.row_phase(name, rows, process, failed=failed)
         return {o["id"]: o for o in outputs}
 
     def judge_equivalence(self, name: str, rows: list[dict], responses: dict[str, str]) -> dict[str, str]:
@@ -193,12 +192,14 @@ class Controller:
         self.judge_pool_for(rows)
         by_id = {r["id"]: r for r in rows}
 
+        failed: list[dict] = []
+
         def process(todo: list[dict]):
             items = [{"id": r["id"], "row": r, "response": responses[r["id"]]} for r in todo if r["id"] in responses]
-            verdicts = self.judge.equivalent(items)
+            verdicts = self.judge.equivalent(items, failed=failed)
             yield [{"id": k, "verdict": v, "judge": self.config.judge.kind} for k, v in verdicts.items()]
 
-        out = self.run.row_phase(name, [r for r in by_id.values() if r["id"] in responses], process)
+        out = self.run.row_phase(name, [r for r in by_id.values() if r["id"] in responses], process, failed=failed)
         verdicts = {o["id"]: o["verdict"] for o in out}
         unknown = sum(v == "unknown" for v in verdicts.values())
         if unknown:
@@ -209,8 +210,16 @@ class Controller:
     def train(self, name: str, kind: str, init_model: str, examples: list[dict], **extra) -> str:
         """A training phase (SFT or SPIN) on the train pool; returns the HF folder it wrote."""
         output = self.run.model_dir(name)
+        minimum = self.config.training.min_examples
 
         def run() -> dict:
+            if len(examples) < minimum:
+                from training.service import TrainingError
+
+                raise TrainingError(
+                    f"phase {name}: {len(examples)} training examples, fewer than training.min_examples={minimum}; "
+                    "nothing to train on (see the failed rows of the phases before it)"
+                )
             data = self.run.write_rows(f"{name}-data", examples)
             spec = {
                 "name": name,
@@ -234,9 +243,20 @@ class Controller:
             )
             return result
 
-        result = self.run.once(name, run)
+        training = extra.get("training", to_dict(self.config)["training"])
+        settings = {k: v for k, v in training.items() if not is_run_control(f"training.{k}")}
+        inputs = inputs_fingerprint(examples, {"kind": kind, "init_model": init_model, **extra, "training": settings})
+        scratch = Path(self.run.phase_dir(f"{name}-train"))  # checkpoints + reference log-probs of these inputs
+        result = self.run.once(name, run, inputs=inputs, scratch=scratch)
         self.run.metric(f"{name}/train_tokens_per_s", round(result["train_tokens_per_s"], 1))
         return result["output"]
+
+    def record_rows(self, name: str, rows_in: int, rows_out: int, unit_in: str, unit_out: str) -> None:
+        """``<name>/rows``: what a step turned its inputs into and how many inputs it dropped (SPIN prompts -> pairs,
+        AFT queries -> aggregation examples)."""
+        self.run.metric(f"{name}/rows", {unit_in: rows_in, unit_out: rows_out, "dropped": rows_in - rows_out})
+        if rows_out < rows_in:
+            log.warning("%s: %d of %d %s gave no %s", name, rows_in - rows_out, rows_in, unit_in, unit_out)
 
     def record_accuracy(self, name: str, verdicts: dict[str, str], n: int) -> tuple[float, tuple[float, float]]:
         """Log ``<name>/accuracy``, ``/ci95`` (Wilson) and ``/n`` from judge verdicts over ``n`` rows."""
@@ -254,7 +274,9 @@ class Controller:
         self.use_generator_weights(model_path)
         outputs = self.generate(f"{name}-answers", rows, self.sampling(self.config.evaluation))
         verdicts = self.judge_equivalence(f"{name}-verdicts", rows, {k: v["response"] for k, v in outputs.items()})
-        accuracy, (low, high) = self.record_accuracy(name, verdicts, len(rows))
+        # A row never answered (or never judged) is a failed row, reported as such, not a wrong answer.
+        self.run.metric(f"{name}/failed", len(rows) - len(verdicts))
+        accuracy, (low, high) = self.record_accuracy(name, verdicts, len(verdicts))
         self.run.table(
             f"samples/{name}",
             [
@@ -269,7 +291,7 @@ class Controller:
             ],
             ["id", "prompt", "reference", "response", "verdict"],
         )
-        log.info("eval %s: accuracy %.3f (95%% CI %.3f-%.3f, n=%d)", name, accuracy, low, high, len(rows))
+        log.info("eval %s: accuracy %.3f (95%% CI %.3f-%.3f, n=%d)", name, accuracy, low, high, len(verdicts))
         return accuracy
 
     def evaluate_loglik(self, name: str, rows: list[dict], model_path: str) -> float:
@@ -292,24 +314,21 @@ class Controller:
             verdicts = {}
             for r, (_, candidates, gold) in scorable:
                 keys = [f"{r['id']}#{i}" for i in range(len(candidates))]
-                if not all(k in logprobs for k in keys):  # a candidate the engine could not score
-                    verdicts[r["id"]] = "unknown"
+                if not all(k in logprobs for k in keys):  # a candidate the engine could not score: failed, not wrong
                     continue
                 per_char = [sum(logprobs[k]) / max(1, len(text)) for k, text in zip(keys, candidates)]
                 verdicts[r["id"]] = "yes" if per_char.index(max(per_char)) == gold else "no"
             return verdicts
 
         verdicts = self.run.once(f"{name}-loglik", score)
-        accuracy, (low, high) = self.record_accuracy(name, verdicts, len(scorable))
-        log.info("loglik eval %s: accuracy %.3f (95%% CI %.3f-%.3f, n=%d)", name, accuracy, low, high, len(scorable))
+        self.run.metric(f"{name}/failed", len(scorable) - len(verdicts))
+        accuracy, (low, high) = self.record_accuracy(name, verdicts, len(verdicts))
+        log.info("loglik eval %s: accuracy %.3f (95%% CI %.3f-%.3f, n=%d)", name, accuracy, low, high, len(verdicts))
         return accuracy
 
-    def close(self) -> dict:
+    def close(self, error: BaseException | None = None) -> dict:
         idle = {role: round(p.stats.idle_s(len(p.actors)), 1) for role, p in self._pools.items()}
-        extra = {
-            "failed_rows": {role: p.stats.failed_rows for role, p in self._pools.items() if p.stats.failed_rows},
-            "judge_counts": dict(self.judge.counts) if self._judge else {},
-        }
+        extra = {"judge_counts": dict(self.judge.counts) if self._judge else {}}
         if self._trainer is not None:
             idle["train"] = round(self._trainer.idle_s(), 1)
             self._trainer.shutdown()
@@ -317,18 +336,26 @@ class Controller:
             role: p.stats.output_tokens / p.stats.generate_s for role, p in self._pools.items() if p.stats.generate_s
         }
         extra["generation_tokens_per_s"] = {k: round(v, 1) for k, v in tok.items()}
-        summary = self.run.close(idle, extra)
-        for pool in self._pools.values():
-            pool.shutdown()
+        try:
+            summary = self.run.close(idle, extra, error)
+        finally:
+            for pool in self._pools.values():
+                pool.shutdown()
         return summary
 
 
 def main(method: str, algorithm: Callable[[Controller], None], argv: list[str] | None = None) -> dict:
     config = parse_args(method, argv)
-    controller = Controller(config)
+    try:
+        controller = Controller(config)
+    except RunFolderError as err:  # held by another driver, config changed, unreadable state: nothing was touched
+        print(f"run folder error: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
     try:
         algorithm(controller)
-    finally:
-        summary = controller.close()
+    except BaseException as err:  # the summary says failed, with the error; the error still ends the job
+        controller.close(error=err)
+        raise
+    summary = controller.close()
     Path(config.run_dir / "DONE").write_text("ok\n")
     return summary

@@ -33,7 +33,8 @@ CSS = """body{font-family:sans-serif;margin:2em auto;max-width:1100px;color:#222
 h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}img{max-width:100%;display:block;margin:.5em 0}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}th{background:#f3f3f3}th,td{border:1px solid #ddd;
 padding:.25em .5em;text-align:left;vertical-align:top}td{white-space:pre-wrap;word-break:break-word;max-width:480px}
-.status{padding:.1em .5em;border-radius:4px;background:#dfd}.unfinished{background:#fed}.empty{color:#888}"""
+.status{padding:.1em .5em;border-radius:4px;background:#dfd}.unfinished{background:#fed}.failed{background:#fcc}
+.empty{color:#888}"""
 
 
 def _read(path: Path, parse: Callable[[str], Any] = json.loads) -> Any:
@@ -234,7 +235,11 @@ def _cell(value: Any) -> str:
 
 def render_html(run: dict, charts: dict[str, Path | None], out: Path) -> str:
     s, finished = run["summary"], run["finished"]
-    status = "finished" if finished else "unfinished (no summary.json yet: read from state.json)"
+    failed = finished and s.get("status") == "failed"  # the driver ended on an error: summary.json says which
+    if failed:
+        status = f"failed: {s.get('error', 'unknown error')}"
+    else:
+        status = "finished" if finished else "unfinished (no summary.json yet: read from state.json)"
     total = s.get("wall_s") if finished else sum(_numbers(s.get("phases")).values())
     overview = [{"": "wall time (s)" if finished else "finished phases (s)", "value": total}] + [
         {"": key.replace("_", " "), "value": s.get(key)}
@@ -243,7 +248,8 @@ def render_html(run: dict, charts: dict[str, Path | None], out: Path) -> str:
     ]
     parts = [
         f"<h1>{html.escape(str(s.get('method', '?')))} — {html.escape(str(s.get('run_dir', '')))}</h1>",
-        f'<p>Status: <span class="status{"" if finished else " unfinished"}">{html.escape(status)}</span></p>',
+        f'<p>Status: <span class="status{" failed" if failed else "" if finished else " unfinished"}">'
+        f"{html.escape(status)}</span></p>",
         "<h2>Overview</h2>",
         html_table(overview),
     ]

@@ -28,6 +28,7 @@ def spin(ctl: Controller) -> None:
         ctl.use_generator_weights(model)
         generated = ctl.generate(f"iter{t}/generate", train_rows, ctl.sampling(c.generation, salt=t), iteration=t)
         pairs = build_pairs(train_rows, generated, iteration=t)
+        ctl.record_rows(f"iter{t}/pairs", len(train_rows), len(pairs), "prompts", "pairs")
         ctl.run.table(f"samples/iter{t}/pairs", pairs, ["source_id", "chosen", "rejected"])
         model = ctl.train(
             f"iter{t}/spin",

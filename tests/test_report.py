@@ -183,3 +183,12 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     assert shot.is_file() and shot.read_bytes()[:8] == PNG_MAGIC
     assert shot.stat().st_size > 20_000  # a blank 1200x1600 page compresses to a few KB
     shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def test_a_crashed_run_is_reported_failed_with_its_error(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.update(status="failed", error="PhaseFailedError: phase iter0/generate: 5 of 8 rows failed")
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    text = main([str(run_dir)]).read_text()
+    assert '<span class="status failed">failed: PhaseFailedError: phase iter0/generate: 5 of 8 rows failed</span>' in text
+    assert ">finished<" not in text
