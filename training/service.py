@@ -4,6 +4,10 @@
 reports the result, forwarding rank 0's step metrics to the tracker as they arrive. The ``fit()`` runs in
 a background thread for the life of the job; if its workers die, Ray Train restarts the group
 (``FailureConfig``) and the loop resumes the unfinished phase from its DeepSpeed checkpoint.
+
+Every rank also beats into the queue (its optimizer step and where it is, each micro step). A rank silent for
+``training.stall_timeout_s`` (a hung collective, a stuck filesystem) fails the phase with an error naming the
+rank that went quiet first and its last step: without it a hung rank hung the driver forever.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class PhaseQueue:
         self.logs: list[dict] = []
         self.waiting: set[int] = set()  # ranks blocked in get(): the pool is up and idle
         self.changed = asyncio.Event()
+        self.put_at: dict[int, float] = {}
+        self.beats: dict[int, dict[int, tuple[int, str, float]]] = {}  # phase -> rank -> (step, stage, time)
 
     def _notify(self):
         self.changed.set()
@@ -38,7 +44,23 @@ class PhaseQueue:
 
     async def put(self, index: int, spec: dict | None) -> None:
         self.specs[index] = spec
+        self.put_at[index] = time.monotonic()
         self._notify()
+
+    async def beat(self, index: int, rank: int, step: int, stage: str) -> None:
+        self.beats.setdefault(index, {})[rank] = (step, stage, time.monotonic())
+
+    async def progress(self, index: int, world_size: int) -> dict[int, dict]:
+        """Each rank's last step and stage in phase ``index`` and seconds since it said so (since the phase was
+        queued for a rank that has not beaten yet); one clock, this actor's, for all ranks."""
+        now, beats = time.monotonic(), self.beats.get(index, {})
+        since_put = now - self.put_at.get(index, now)
+        return {
+            rank: {"step": beats[rank][0], "stage": beats[rank][1], "silent_s": now - beats[rank][2]}
+            if rank in beats
+            else {"step": None, "stage": "not started", "silent_s": since_put}
+            for rank in range(world_size)
+        }
 
     async def get(self, index: int, rank: int = 0) -> dict | None:
         self.waiting.add(rank)
@@ -111,6 +133,8 @@ class TrainingService:
 
         pool = config.pools.train
         check_pool_fits("train", pool)
+        self.stall_timeout_s = config.training.stall_timeout_s
+        self.stalled = False
         self.on_metrics = on_metrics or (lambda m: None)
         self.queue = PhaseQueue.remote()
         self.next_index = 0
@@ -164,6 +188,7 @@ class TrainingService:
                     break
                 if not self.thread.is_alive():
                     raise TrainingError(f"training workers stopped during phase {spec['name']}: {self.error!r}")
+                self._check_stall(index, spec["name"])
         finally:
             bar.close()
         if "error" in result:
@@ -171,6 +196,25 @@ class TrainingService:
         self.next_index += 1
         self.busy_s += time.perf_counter() - start
         return result
+
+    def _check_stall(self, index: int, name: str) -> None:
+        if not self.stall_timeout_s:
+            return
+        ranks = ray.get(self.queue.progress.remote(index, self.replicas))
+        rank, quiet = max(ranks.items(), key=lambda item: item[1]["silent_s"])
+        if quiet["silent_s"] < self.stall_timeout_s:
+            return
+        self.stalled = True
+        others = ", ".join(
+            f"rank {r}: step {p['step']} ({p['stage']}, {p['silent_s']:.0f} s ago)"
+            for r, p in ranks.items()
+            if r != rank
+        )
+        raise TrainingError(
+            f"phase {name} stalled: rank {rank} reported nothing for {quiet['silent_s']:.0f} s "
+            f"(training.stall_timeout_s={self.stall_timeout_s:g}); its last step was {quiet['step']} "
+            f"({quiet['stage']}). Other ranks: {others or 'none'}"
+        )
 
     def wait_ready(self, timeout_s: float) -> float:
         """Block until every rank waits for work (worker start-up and process group done); return seconds."""
@@ -188,4 +232,5 @@ class TrainingService:
     def shutdown(self) -> None:
         if self.thread.is_alive():
             ray.get(self.queue.put.remote(self.next_index, None))
-            self.thread.join(timeout=120)
+            # Hung ranks never read the stop spec; Ray ends them with the driver.
+            self.thread.join(timeout=5 if self.stalled else 120)

@@ -72,10 +72,12 @@ def _read_examples(path: str) -> list[dict]:
 
 
 class PhaseRunner:
-    """Runs one training phase on this rank."""
+    """Runs one training phase on this rank. ``beat_fn(step, stage)`` tells the driver this rank is alive and
+    where it is (every micro step); the driver fails a phase in which some rank went silent (a hung collective)."""
 
-    def __init__(self, spec: dict, rank: int, world_size: int, log_fn):
+    def __init__(self, spec: dict, rank: int, world_size: int, log_fn, beat_fn=None):
         self.spec, self.rank, self.world_size, self.log = spec, rank, world_size, log_fn
+        self.beat = beat_fn or (lambda step, stage: None)
         self.t = spec["training"]
         self.phase_dir = Path(spec["phase_dir"])
         self.ckpt_dir = self.phase_dir / "ckpt"
@@ -101,12 +103,15 @@ class PhaseRunner:
             t["max_prompt_length"],
             report,
         )
+        if not examples:  # the driver refuses this first (training.min_examples); never save an untrained model
+            raise ValueError(f"phase {spec['name']}: no training examples in {spec['data']}")
         if kind == "spin":
             items = [(build(ex, ex["chosen"]), build(ex, ex["rejected"])) for ex in examples]
             lengths = [max(len(a.input_ids), len(b.input_ids)) * 2 for a, b in items]
         else:
             items = [build(ex, ex["response"]) for ex in examples]
             lengths = [len(s.input_ids) for s in items]
+        self.beat(0, "loading")
 
         deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo / NCCL)
         ds_config = deepspeed_config(t)
@@ -142,6 +147,7 @@ class PhaseRunner:
         total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+        self.beat(0, "reference" if kind == "spin" else "loaded")
         ref_logps = self._reference_logps(engine, items, lengths, pad_id) if kind == "spin" else None
 
         start_micro = 0
@@ -151,7 +157,8 @@ class PhaseRunner:
         startup_s = time.perf_counter() - started
 
         engine.train()
-        micro_step = 0
+        micro_step, steps_done = 0, math.ceil(start_micro / t["grad_accum"])
+        self._stall_hook(steps_done)
         step_tokens, step_start, train_tokens, train_time = 0, time.perf_counter(), 0, 0.0
         last: dict[str, float] = {}
         for epoch, plan in enumerate(epochs):
@@ -159,6 +166,7 @@ class PhaseRunner:
                 micro_step += 1
                 if micro_step <= start_micro:
                     continue
+                self.beat(steps_done, f"micro step {micro_step}")
                 if kind == "spin":
                     loss, metrics, tokens = self._spin_step(engine, items, indices, ref_logps, pad_id)
                 else:
@@ -169,7 +177,7 @@ class PhaseRunner:
                 if micro_step % t["grad_accum"] == 0 or micro_step == micro_per_epoch * t["epochs"]:
                     elapsed = time.perf_counter() - step_start
                     all_tokens = self._sum(step_tokens)
-                    optimizer_step = math.ceil(micro_step / t["grad_accum"])
+                    optimizer_step = steps_done = math.ceil(micro_step / t["grad_accum"])
                     last = {
                         "loss": self._mean(loss.item()),
                         "lr": scheduler.get_last_lr()[0],
@@ -190,13 +198,16 @@ class PhaseRunner:
                         )
                         self._after_checkpoint(spec)
                     step_tokens, step_start = 0, time.perf_counter()
+                    self.beat(steps_done, "stepped")
+                    self._stall_hook(steps_done)
 
+        self.beat(steps_done, "saving")
         out = self._save(engine, model, tokenizer, spec["output"])
         if self.rank == 0:
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # the HF folder is the phase's result
         return {
             "output": out,
-            "steps": total_steps,
+            "steps": steps_done,  # optimizer steps this phase ran, across resumes (not the schedule's length)
             "resumed_from_micro_step": start_micro,
             "train_tokens": train_tokens,
             "train_time_s": train_time,
@@ -258,13 +269,18 @@ class PhaseRunner:
         merged = {k: v for part in gathered for k, v in part.items()}
         if self.rank == 0:
             self.phase_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(merged))
             tmp.rename(path)
         dist.barrier()
         return merged
 
     # -- helpers ---------------------------------------------------------------------------------------
+
+    def _stall_hook(self, step: int) -> None:
+        """Test hook: this rank hangs after a given step (``<phase>:<rank>:<step>``), as a stuck collective would."""
+        if os.environ.get("SELFIMPROVE_STALL_AT") == f"{self.spec['name']}:{self.rank}:{step}":
+            time.sleep(10**6)
 
     def _after_checkpoint(self, spec: dict) -> None:
         """Test hook: die right after a given checkpoint (simulates a crash mid-phase)."""
@@ -299,7 +315,7 @@ class PhaseRunner:
         )
         if self.rank == 0:
             out = Path(output)
-            tmp = out.with_name(out.name + ".tmp")
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -324,7 +340,13 @@ def train_loop_per_worker(config: dict) -> None:
         spec = ray.get(queue.get.remote(index, rank))
         if spec is None:
             break
-        runner = PhaseRunner(spec, rank, world_size, lambda m: queue.log.remote(m))
+        runner = PhaseRunner(
+            spec,
+            rank,
+            world_size,
+            lambda m: queue.log.remote(m),
+            lambda step, stage, index=index: queue.beat.remote(index, rank, step, stage),
+        )
         try:
             result = runner.run()
         except Exception as err:
