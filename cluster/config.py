@@ -99,7 +99,12 @@ class ClusterConfig:
     num_cpus: float = doc("Logical CPUs of the embedded local Ray (pools share the physical cores).", 8.0, bounds="> 0")
     resources: dict[str, float] = doc("Custom resources of the embedded local node.", factory=dict, bounds=">= 0")
     dashboard: bool = doc("Start the Ray dashboard with the embedded local Ray.", False)
-    auth_mode: Literal["disabled", "token"] = doc("RAY_AUTH_MODE for the embedded local Ray.", "disabled")
+    auth_mode: Literal["disabled", "token"] = doc(
+        "RAY_AUTH_MODE of the embedded local Ray (the environment variable wins). 'token': a fresh random token "
+        "per driver session in a 0600 file (RAY_AUTH_TOKEN_PATH); its GCS and raylets listen on every interface, "
+        "so 'disabled' lets anyone who reaches the machine join the cluster and run code.",
+        "token",
+    )
     ready_timeout_s: float = doc("Seconds a pool may take to be placed and ready before failing.", 300.0, bounds="> 0")
     object_store_gib: float = doc("Object store size of the embedded local Ray.", 1.0, bounds="> 0")
     worker_niceness: int = doc(

@@ -4,12 +4,21 @@ Design note: this is the only place that calls ``ray.init``. Under ``ray job sub
 ``RAY_ADDRESS`` variable is set and we join that cluster unchanged; otherwise we start a private local
 Ray (``address="local"``) bound to loopback, with its own temp dir and an explicit auth mode, so it never
 attaches to, or is killed with, anybody else's Ray on the machine.
+
+The embedded Ray is private: its GCS and raylets listen on every interface whatever ``_node_ip_address`` says
+(measured), so anyone who can reach the machine could join it and run code. Ray 2.60 token auth is therefore
+on by default (``cluster.auth_mode: token``): each driver session writes a fresh random token to a file only
+its user can read (0600 in a 0700 folder) and points ``RAY_AUTH_TOKEN_PATH`` at it; the GCS, raylets and
+workers inherit the variable from the driver, and a client without the token is refused.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -53,6 +62,18 @@ def _has_cuda() -> bool:
         return False
 
 
+def private_token_file() -> Path:
+    """A fresh random Ray auth token in a file only this user can read, removed when the driver exits."""
+    folder = Path(tempfile.mkdtemp(prefix="selfimprove-ray-auth-"))  # mkdtemp: mode 0700
+    path = folder / "auth_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate`
+    # Registered before ray.init, so it runs after Ray's own shutdown hook (atexit is last-in, first-out).
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return path
+
+
 def connect(config: ClusterConfig) -> str:
     """Connect to Ray once per process; return a description of where we are."""
     if ray.is_initialized():
@@ -65,6 +86,18 @@ def connect(config: ClusterConfig) -> str:
         ray.init(address=address, log_to_driver=True)
         return f"joined {address}"
     os.environ.setdefault("RAY_AUTH_MODE", config.auth_mode)
+    if os.environ["RAY_AUTH_MODE"] == "token" and not (
+        os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    ):
+        # Not Ray's default ~/.ray/auth_token: that file is shared by every Ray of the user, lives on, and is
+        # written with the umask's permissions.
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(private_token_file())
+    # Ray read RAY_AUTH_MODE and the token when it was imported: make this process see the values above too
+    # (what ray.init itself does when it turns token auth on), or the driver is refused by its own GCS.
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
     # Every idle Ray process costs ~1% of a core in periodic work; on a box whose cores the pools share with
     # Ray's own processes that time comes out of engine and training ranks. Metrics have no reader without
     # the dashboard, and a local box has no preemption notices to watch for. Set these to override.

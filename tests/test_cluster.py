@@ -72,3 +72,53 @@ def test_memory_monitor_stays_within_its_cpu_budget():
     peak_gib = monitor.stop()
     assert peak_gib > 0.05  # this pytest process alone holds more than 50 MiB
     assert used <= 0.05 * elapsed + 0.05, f"monitor used {used:.2f} CPU-s in {elapsed:.1f} s"
+
+
+def external_address() -> str:
+    """An address of this machine other than loopback (where a remote client would connect), else loopback."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outgoing interface
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def test_embedded_ray_refuses_clients_without_its_token(ray_session, tmp_path):
+    """The embedded Ray's GCS listens on every interface: without the session's token nobody may join."""
+    import subprocess
+    import sys
+
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    token_path = os.environ["RAY_AUTH_TOKEN_PATH"]
+    assert os.environ["RAY_AUTH_MODE"] == "token" and ClusterConfig().auth_mode == "token"
+    assert os.stat(token_path).st_mode & 0o777 == 0o600 and os.stat(os.path.dirname(token_path)).st_mode & 0o077 == 0
+    token = open(token_path).read().strip()
+    port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
+    gcs = f"{external_address()}:{port}"
+
+    def list_nodes(metadata: tuple) -> grpc.StatusCode:
+        with grpc.insecure_channel(gcs) as channel:
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            try:
+                stub.GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(), metadata=metadata, timeout=10)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                return err.code()
+
+    # Raw GCS calls from outside the driver: refused without the token or with a wrong one, served with it.
+    assert list_nodes(()) == grpc.StatusCode.UNAUTHENTICATED
+    assert list_nodes((("authorization", "Bearer " + "0" * 64),)) == grpc.StatusCode.UNAUTHENTICATED
+    assert list_nodes((("authorization", f"Bearer {token}"),)) == grpc.StatusCode.OK
+
+    # A Ray client in another process, with no token of its own (fresh HOME: no ~/.ray/auth_token either).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(tmp_path), RAY_AUTH_MODE="disabled")
+    code = f"import ray; ray.init(address={gcs!r}); print('JOINED', ray.cluster_resources())"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0 and "JOINED" not in result.stdout, result.stdout[-2000:]
+    assert "auth" in (result.stdout + result.stderr).lower(), result.stderr[-2000:]
