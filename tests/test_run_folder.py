@@ -1,0 +1,280 @@
+"""Run folders: one driver at a time, resume only under the same config, corrupt state, safe deletion, failed rows.
+
+Drivers here are real processes (``python -m jobs.spin``) or the real ``Run``; no Ray is needed until a driver
+gets past its run folder, so these tests stop drivers before or right after that point.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.config import load_config
+from cluster.runfolder import LEASE_FILE, RunFolderError, RunLease, check_inside
+from cluster.tracking import PhaseFailedError, Run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(run_dir: Path, *overrides: str):
+    return load_config(ROOT / "configs/spin-tiny.yaml", [f"run.dir={run_dir}", "tracking.mode=disabled", *overrides])
+
+
+def driver(run_dir: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "jobs.spin",
+        "--config",
+        "configs/spin-tiny.yaml",
+        f"run.dir={run_dir}",
+        "tracking.mode=disabled",
+        *overrides,
+    ]
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Stop the driver this test started and the processes it started (never `ray stop`)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        family = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_second_driver_on_a_run_folder_exits_at_once_naming_the_holder(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    lease = tmp_path / "spin" / "tiny" / LEASE_FILE
+    first = subprocess.Popen(
+        driver(tmp_path),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not lease.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        holder = json.loads(lease.read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        started = time.monotonic()
+        second = subprocess.run(driver(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first driver must still be running for this test to mean anything"
+    finally:
+        _kill_tree(first)  # the driver and the embedded Ray it started: exactly these processes
+        first.wait()
+    assert second.returncode == 3
+    assert f"pid {first.pid}" in second.stderr and "in use by another driver" in second.stderr
+    assert time.monotonic() - started < 60  # at once: no Ray started, no model loaded
+    assert json.loads(lease.read_text())["pid"] == first.pid  # the loser did not touch the holder's lease
+
+
+def _race(run_dir: str, start_at: float, results) -> None:
+    time.sleep(max(0.0, start_at - time.time()))
+    lease = RunLease(Path(run_dir), timeout_s=60)
+    try:
+        lease.acquire()
+        results.put(("won", os.getpid()))
+        time.sleep(2)
+        lease.release()
+    except RunFolderError as err:
+        results.put(("lost", str(err)))
+
+
+def test_of_drivers_starting_together_exactly_one_gets_the_folder(tmp_path):
+    results = multiprocessing.get_context("spawn").Queue()
+    start_at = time.time() + 3
+    procs = [
+        multiprocessing.get_context("spawn").Process(target=_race, args=(str(tmp_path), start_at, results))
+        for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert [o[0] for o in outcomes].count("won") == 1
+    winner = next(o[1] for o in outcomes if o[0] == "won")
+    assert all(f"pid {winner}" in o[1] for o in outcomes if o[0] == "lost")
+
+
+def test_stale_leases_are_taken_over_and_live_ones_are_not(tmp_path):
+    path = tmp_path / LEASE_FILE
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    now = time.time()
+    cases = [
+        ({"host": socket.gethostname(), "pid": dead.pid, "heartbeat": now}, True),  # dead pid on this host
+        ({"host": "elsewhere", "pid": 1, "heartbeat": now - 120}, True),  # old heartbeat from another host
+        ({"host": "elsewhere", "pid": 1, "heartbeat": now}, False),  # another host, alive
+        ({"host": socket.gethostname(), "pid": os.getppid(), "heartbeat": now - 30}, False),  # live pid here
+    ]
+    for holder, stale in cases:
+        path.write_text(json.dumps(holder))
+        lease = RunLease(tmp_path, timeout_s=60)
+        if stale:
+            lease.acquire()
+            assert json.loads(path.read_text())["pid"] == os.getpid()
+            lease.release()
+            assert not path.exists()
+        else:
+            with pytest.raises(RunFolderError, match=f"pid {holder['pid']}"):
+                lease.acquire()
+            assert json.loads(path.read_text()) == holder
+    assert not list(tmp_path.glob(f".{LEASE_FILE}.stale.*"))
+
+
+def test_heartbeat_keeps_a_lease_fresh(tmp_path):
+    lease = RunLease(tmp_path, timeout_s=0.4)
+    lease.acquire()
+    first = json.loads((tmp_path / LEASE_FILE).read_text())["heartbeat"]
+    time.sleep(0.5)
+    assert json.loads((tmp_path / LEASE_FILE).read_text())["heartbeat"] > first
+    assert RunLease(tmp_path, timeout_s=0.4).stale_reason(json.loads((tmp_path / LEASE_FILE).read_text())) is None
+    lease.release()
+
+
+def test_resume_after_a_config_change_stops_and_names_the_keys(tmp_path):
+    Run(config(tmp_path)).close()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    changed = subprocess.run(
+        driver(tmp_path, "training.lr=0.01", "spin.beta=[0.2]", "pools.generator.replicas=2"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert changed.returncode == 3
+    assert "training.lr: 0.001 -> 0.01" in changed.stderr and "spin.beta: [0.1, 0.5] -> [0.2]" in changed.stderr
+    assert "pools.generator" not in changed.stderr  # placement is not a change of what the run computes
+    assert "run.fresh=true" in changed.stderr
+    # Run-control keys may change between sessions; run.fresh=true starts over under the new config.
+    Run(config(tmp_path, "pools.generator.replicas=2", "run.max_failed_fraction=0.5")).close()
+    run = Run(config(tmp_path, "training.lr=0.01", "run.fresh=true"))
+    run.close()
+    state = json.loads((tmp_path / "spin/tiny/state.json").read_text())
+    assert state["config"]["training.lr"] == 0.01 and state["sessions"] == 1
+
+
+def test_corrupt_state_names_the_file_and_the_way_out(tmp_path):
+    run = Run(config(tmp_path))
+    run.metric("x", 1)
+    run.close()
+    state = tmp_path / "spin/tiny/state.json"
+    state.write_text(state.read_text()[:25])  # a torn write
+    with pytest.raises(RunFolderError) as err:
+        Run(config(tmp_path))
+    message = str(err.value)
+    assert str(state) in message and "state.json.bak" in message and "run.fresh=true" in message
+    assert not (tmp_path / "spin/tiny" / LEASE_FILE).exists()  # the refused driver released its lease
+    (tmp_path / "spin/tiny/state.json.bak").replace(state)  # the documented recovery works
+    Run(config(tmp_path)).close()
+
+
+def test_run_id_cannot_escape_the_method_folder(tmp_path):
+    from cluster.config import ConfigError
+
+    for bad in ("..", ".", "a/b", "../spin"):
+        with pytest.raises(ConfigError, match="run.id"):
+            config(tmp_path, f"run.id={bad}", "run.fresh=true")
+    (tmp_path / "spin").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "spin" / "link")
+    with pytest.raises(RunFolderError, match="refusing to delete"):
+        check_inside(tmp_path / "spin" / "link", tmp_path / "spin")
+    check_inside(tmp_path / "spin" / "ok", tmp_path / "spin")
+    keep = tmp_path / "spin" / "other-run" / "state.json"
+    keep.parent.mkdir()
+    keep.write_text("{}")
+    Run(config(tmp_path, "run.id=fresh-one", "run.fresh=true")).close()
+    assert keep.exists() and (tmp_path / "elsewhere").exists()
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"id": f"r{i}", "x": i} for i in range(n)]
+
+
+def test_parts_from_other_inputs_are_not_mixed_in(tmp_path):
+    run = Run(config(tmp_path))
+
+    def interrupted(todo):
+        yield [{"id": r["id"], "y": r["x"]} for r in todo[:3]]
+        raise KeyboardInterrupt  # the driver dies after one batch
+
+    with pytest.raises(KeyboardInterrupt):
+        run.row_phase("gen", _rows(6), interrupted)
+    seen: list[str] = []
+
+    def rest(todo):
+        seen.extend(r["id"] for r in todo)
+        yield [{"id": r["id"], "y": r["x"]} for r in todo]
+
+    current = [r for r in _rows(6) if r["id"] != "r1"] + [{"id": "new", "x": 9}]  # the inputs changed
+    out = run.row_phase("gen", current, rest)
+    assert sorted(r["id"] for r in out) == sorted(r["id"] for r in current)  # r1's row is not mixed in
+    assert seen == ["r3", "r4", "r5", "new"]  # r0 and r2 were kept from the part
+    # A finished phase whose inputs change runs again (the new inputs only).
+    seen.clear()
+    assert len(run.row_phase("gen", _rows(2), rest)) == 2 and seen == ["r0", "r1"]
+    run.close()
+
+
+def test_failed_rows_over_the_limit_fail_the_phase_and_the_rerun_retries_exactly_them(tmp_path):
+    attempts: list[list[str]] = []
+
+    def flaky(broken: set[str], failed: list[dict]):
+        def process(todo):
+            attempts.append([r["id"] for r in todo])
+            failed.extend({"id": r["id"], "reason": "replica gone"} for r in todo if r["id"] in broken)
+            yield [{"id": r["id"]} for r in todo if r["id"] not in broken]
+
+        return process
+
+    run = Run(config(tmp_path, "run.max_failed_fraction=0.1"))
+    failed: list[dict] = []
+    with pytest.raises(PhaseFailedError, match=r"phase gen: 2 of 10 rows failed.*run.max_failed_fraction=0.1"):
+        run.row_phase("gen", _rows(10), flaky({"r3", "r7"}, failed), failed=failed)
+    assert not run.done("gen")
+    failures = pq.read_table(tmp_path / "spin/tiny/phases/gen.failed.parquet").to_pylist()
+    assert [(f["id"], f["reason"]) for f in failures] == [("r3", "replica gone"), ("r7", "replica gone")]
+    run.close(error=RuntimeError("boom"))
+    summary = json.loads((tmp_path / "spin/tiny/summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failed_rows"] == {"gen": 2}
+
+    run = Run(config(tmp_path, "run.max_failed_fraction=0.1"))  # the next driver session
+    failed = []
+    out = run.row_phase("gen", _rows(10), flaky(set(), failed), failed=failed)
+    assert attempts[-1] == ["r3", "r7"] and len(out) == 10 and run.done("gen")
+    assert not (tmp_path / "spin/tiny/phases/gen.failed.parquet").exists()
+    # One row of ten fails: within the limit, the phase is done and the row stays counted in later sessions.
+    failed = []
+    run.row_phase("other", _rows(10), flaky({"r5"}, failed), failed=failed)
+    run.close()
+    run = Run(config(tmp_path, "run.max_failed_fraction=0.1"))
+    run.close()
+    summary = json.loads((tmp_path / "spin/tiny/summary.json").read_text())
+    assert summary["status"] == "finished" and summary["failed_rows"] == {"other": 1}
+    assert json.loads((tmp_path / "spin/tiny/state.json").read_text())["phases"]["other"]["result"] == {
+        "rows_in": 10,
+        "rows_out": 9,
+        "failed": 1,
+    }
