@@ -18,7 +18,7 @@ BARE_VLLM_ENV = {
 
 def bench_prompts(n: int = 16, seed: int = 0) -> list[dict]:
     """Real instructions (MT-Bench first turns): varied lengths, open-ended answers."""
-    rows, _ = load_dataset("mtbench")
+    rows, _ = load_dataset("mtbench", require_reference=False)  # prompts only: no gold answers needed
     return [{"id": r["id"], "messages": r["messages"]} for r in take(rows, n, seed)]
 
 

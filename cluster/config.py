@@ -147,9 +147,15 @@ class PoolsConfig:
 @dataclass
 class ModelConfig:
     name: str = doc(
-        "Model reference: 'smollm2-135m-instruct', 'tiny-random' or a local Hugging Face folder.", "tiny-random"
+        "Model reference: 'smollm2-135m-instruct', 'tiny-random', a local Hugging Face folder, or a hub id "
+        "(org/name, optionally org/name@revision) downloaded once by the driver into model.cache_dir.",
+        "tiny-random",
     )
-    cache_dir: str = doc("Where converted/built models are cached.", ".cache/models")
+    cache_dir: str = doc(
+        "Where built models are cached and hub models downloaded (a hub cache: models--org--name/snapshots/...). "
+        "On a cluster, a volume every node mounts: actors and training ranks load the resolved local folder.",
+        ".cache/models",
+    )
     trust_remote_code: bool = doc("Allow model repos to run their own code.", False)
 
 
@@ -193,9 +199,48 @@ class SamplingConfig:
 
 @dataclass
 class DataConfig:
-    train: str = doc("Training dataset reference (builtin name, .jsonl, .parquet or HF datasets folder).", "sst2")
-    eval: str | None = doc("Held-out dataset reference; None: split the train reference.", None)
-    general_eval: str | None = doc("General benchmark to measure forgetting (S3FT).", None)
+    train: str = doc(
+        "Training dataset: a built-in name (gsm8k, sst2, arc_easy, arc_challenge, mmlu, mbpp, boolq), a file "
+        "(.jsonl, .json, .csv, .parquet), a save_to_disk or data-files folder, or a hub dataset id (org/name, read "
+        "with datasets.load_dataset). Rows in any TRL format (messages, prompt+completion, prompt+chosen) or "
+        "mapped with data.columns.",
+        "sst2",
+    )
+    train_split: str = doc("Split of data.train when it has several (hub id, DatasetDict folder).", "train")
+    subset: str | None = doc("Subset (datasets config name) of data.train, as load_dataset(name=...).", None)
+    eval: str | None = doc(
+        "Held-out dataset, same kinds as data.train. None: data.train's data.eval_split if it has that split, "
+        "else a seeded data.eval_fraction of data.train.",
+        None,
+    )
+    eval_split: str = doc(
+        "Split of the eval source (data.eval, or data.train when data.eval is unset) when it has several; also "
+        "used for a multi-split data.general_eval.",
+        "test",
+    )
+    eval_subset: str | None = doc("Subset (datasets config name) of data.eval.", None)
+    columns: dict[str, str] = doc(
+        "Column mapping {field: dataset column} onto this repo's fields (id, prompt, messages, completion, "
+        "chosen, rejected, reference, label, task, proposals), e.g. {prompt: question, reference: answer}.",
+        factory=dict,
+    )
+    allow_overlap: bool = doc(
+        "Run even when evaluation prompts appear in the training data (by id or normalized prompt text); "
+        "otherwise the overlap is reported and the job stops before any work.",
+        False,
+    )
+    min_rows: int = doc(
+        "Fewest usable rows (after malformed ones are dropped) the training and the eval source may each have; "
+        "fewer stops the job before any work, with the load report's reasons.",
+        1,
+        bounds=">= 1",
+    )
+    cache_dir: str | None = doc(
+        "Hugging Face hub cache searched for hub dataset ids when offline (HF_HUB_OFFLINE=1); None: the default "
+        "hub cache (HF_HUB_CACHE, ~/.cache/huggingface/hub).",
+        None,
+    )
+    general_eval: str | None = doc("General benchmark to measure forgetting (S3FT); same kinds as data.train.", None)
     general_eval_protocol: Literal["generate", "loglik"] = doc(
         "How the general benchmark is scored. 'generate': greedy answer, then the verifier / judge. 'loglik': "
         "the candidate answer (choice text in cloze form, or label) with the highest log-prob per character "
@@ -214,14 +259,24 @@ class JudgeConfig:
     kind: Literal["auto", "rule", "llm"] = doc(
         "auto: the task's rule verifier when it has one, else the LLM judge.", "auto"
     )
-    model: str | None = doc("Judge model reference; None: the base model.", None)
-    prompts_dir: str = doc("Folder of judge prompt templates.", "actors/prompts")
+    model: str | None = doc(
+        "Judge model reference (same kinds as model.name, resolved into model.cache_dir); None: the base model.",
+        None,
+    )
+    prompts_dir: str = doc(
+        "Folder of judge, paraphrase, aggregation and teacher prompt templates (relative: to the project root); "
+        "checked before the job starts.",
+        "actors/prompts",
+    )
     max_tokens: int = doc("Tokens the LLM judge may write.", 32, bounds=">= 1")
 
 
 @dataclass
 class TeacherConfig:
-    model: str | None = doc("Teacher model reference; None: the base model.", None)
+    model: str | None = doc(
+        "Teacher model reference (same kinds as model.name, resolved into model.cache_dir); None: the base model.",
+        None,
+    )
     k: int = doc("New examples per wrong seed example (LLM2LLM code: 1).", 1, bounds=">= 1")
     temperature: float = doc("Teacher sampling temperature (LLM2LLM code: 1.0).", 1.0, bounds=">= 0")
     top_p: float = doc("Teacher nucleus mass (LLM2LLM code: 1.0).", 1.0, bounds="(0, 1]")
@@ -346,6 +401,25 @@ class AftConfig:
 
 
 @dataclass
+class ServeConfig:
+    api_key_env: str = doc(
+        "Environment variable holding the API key of jobs.serve (clients send 'Authorization: Bearer <key>'). "
+        "Unset or empty: no key is asked for. The key itself is never written to config files or logs.",
+        "SELFIMPROVE_API_KEY",
+    )
+    max_n: int = doc("Largest 'n' (samples per request) a client may ask for.", 8, bounds=">= 1")
+    max_tokens: int = doc(
+        "Largest 'max_tokens' a client may ask for (also capped by the context left after the prompt).",
+        1024,
+        bounds=">= 1",
+    )
+    default_max_tokens: int = doc("'max_tokens' of a request that does not set it.", 256, bounds=">= 1")
+    max_proposals: int = doc("Largest aggregate.n_proposals of a propose-and-aggregate request.", 8, bounds=">= 1")
+    max_layers: int = doc("Largest aggregate.layers of a propose-and-aggregate request.", 3, bounds=">= 1")
+    max_body_bytes: int = doc("Largest request body in bytes; larger ones are refused unread.", 10**6, bounds=">= 1")
+
+
+@dataclass
 class JobConfig:
     run: RunConfig = doc("Run identity and folder.", factory=RunConfig)
     cluster: ClusterConfig = doc("Ray connection.", factory=ClusterConfig)
@@ -366,6 +440,9 @@ class JobConfig:
     s3ft: S3ftConfig = doc("S3FT.", factory=S3ftConfig)
     llm2llm: Llm2llmConfig = doc("LLM2LLM.", factory=Llm2llmConfig)
     aft: AftConfig = doc("AFT.", factory=AftConfig)
+    serve: ServeConfig = doc(
+        "jobs.serve limits and API key; its replicas take their resources from pools.generator.", factory=ServeConfig
+    )
 
     @property
     def run_dir(self) -> Path:

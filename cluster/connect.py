@@ -28,20 +28,32 @@ from cluster.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
-# Environment every Ray worker process of ours gets (actors, train workers): offline hubs, quiet vLLM,
-# caches under the project so nothing is rebuilt per process.
+# Environment every Ray worker process of ours gets (actors, train workers): quiet vLLM, caches under the
+# project so nothing is rebuilt per process, and the user's own Hugging Face settings.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 EMBEDDED_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
+# Hugging Face variables passed on to workers only when the user set them: offline mode is the user's
+# choice (the Makefile exports HF_HUB_OFFLINE=1 for this box), never forced. Tokens stay on the driver: it
+# alone downloads (cluster.models), workers load local folders, and a runtime_env is visible to anyone who
+# can list the cluster's jobs.
+HF_SECRETS = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
+
+
+def user_hf_env() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if (k.startswith("HF_") or k == "TRANSFORMERS_OFFLINE") and k not in HF_SECRETS
+    }
+
 
 def worker_env() -> dict[str, str]:
     cache = PROJECT_ROOT / ".cache"
     env = {
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
+        **user_hf_env(),
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_CACHE_ROOT": str(cache / "vllm"),
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),

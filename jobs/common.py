@@ -8,7 +8,6 @@ with lineage (source id, model, iteration, sampling settings, verdict).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -20,10 +19,11 @@ from actors.engine import Sampling
 from actors.judge import Judge
 from actors.llm_actor import EnginePool
 from actors.teacher import Teacher
-from cluster.config import ConfigError, JobConfig, SamplingConfig, load_config, to_dict
-from cluster.connect import connect
-from cluster.data import likelihood_question, load_dataset, split, take
-from cluster.models import resolve_model
+from cluster.cli import parse_job_args
+from cluster.config import ConfigError, JobConfig, SamplingConfig, to_dict
+from cluster.connect import PROJECT_ROOT, connect
+from cluster.data import DataError, likelihood_question, prepare
+from cluster.models import resolve_model, resolve_models
 from cluster.runfolder import RunFolderError, inputs_fingerprint, is_run_control
 from cluster.tracking import Run
 
@@ -31,18 +31,29 @@ log = logging.getLogger("selfimprove")
 
 
 def parse_args(method: str, argv: list[str] | None = None) -> JobConfig:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m jobs.{method}", description=f"Run the {method} job. Overrides: section.key=value"
-    )
-    parser.add_argument("--config", default=f"configs/{method}.yaml")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, [f"run.method={method}", *args.overrides])
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return config
+    """``--help`` lists every config key with type, default and doc; ``--print-config`` prints and exits."""
+    return parse_job_args(method, argv)
+
+
+# Prompt templates each job reads (the judge's two for every job): a missing one is found before Ray starts.
+REQUIRED_PROMPTS = {
+    "s3ft": ["paraphrase"],
+    "aft": ["aggregate_system"],
+    "llm2llm": ["augment_system", "augment_user", "augment_example_user", "augment_example_assistant"],
+}
+
+
+def check_prompts_dir(config: JobConfig) -> Path:
+    """judge.prompts_dir resolved as actors.judge.load_prompt resolves it, with every template the job reads."""
+    folder = Path(config.judge.prompts_dir).expanduser()
+    folder = folder if folder.is_absolute() else PROJECT_ROOT / folder
+    if not folder.is_dir():
+        raise ConfigError(f"judge.prompts_dir: folder {folder} does not exist")
+    names = ["equivalence", "pairwise", *REQUIRED_PROMPTS.get(config.run.method, [])]
+    missing = [f"{n}.txt" for n in names if not (folder / f"{n}.txt").is_file()]
+    if missing:
+        raise ConfigError(f"judge.prompts_dir: {folder} lacks {', '.join(missing)}")
+    return folder
 
 
 def wilson_ci95(correct: int, n: int) -> tuple[float, float]:
@@ -58,39 +69,59 @@ class Controller:
     def __init__(self, config: JobConfig):
         self.config = config
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        # Everything the user pointed at is resolved and checked first, before Ray starts and before the run
+        # folder exists: a wrong model id, prompts folder or dataset is a config / data error naming its key,
+        # not a failure minutes later inside an actor, with a half-made run folder left behind.
+        self.model_paths = resolve_models(config)  # {config key: local folder}
+        check_prompts_dir(config)
+        self.data = prepare(config.data, config.run.seed)
+        self.base_model = self.model_paths["model.name"]
         self.run = Run(config)
+        self._log_inputs()
         where = connect(config.cluster)
         log.info("Ray: %s; run folder %s", where, self.run.dir)
-        self.base_model = resolve_model(config.model.name, config.model.cache_dir)
         self._pools: dict[str, EnginePool] = {}
         self._trainer = None
         self._judge: Judge | None = None
 
+    def _log_inputs(self) -> None:
+        for key, path in self.model_paths.items():
+            log.info("%s: %s", key, path)
+        for report in self.data.reports:
+            log.info("data %s", report)
+        log.info("eval rows from %s; overlap with training data: %s", self.data.eval_source, self.data.overlap)
+        # Every skipped row with its reason (the log line quotes only the first few).
+        (Path(self.run.dir) / "data_report.json").write_text(
+            json.dumps([r.as_dict() for r in self.data.reports], indent=1, ensure_ascii=False)
+        )
+        self.run.metric("data/malformed_rows", sum(r.malformed for r in self.data.reports))
+        self.run.metric("data/rows", {"train": len(self.data.train), "eval": len(self.data.eval)})
+        if self.data.overlap:  # only reachable with data.allow_overlap=true
+            log.warning("evaluation prompts in the training data (data.allow_overlap=true): %s", self.data.overlap)
+            self.run.metric(
+                "data/overlap", {"by_id": len(self.data.overlap.by_id), "by_text": len(self.data.overlap.by_text)}
+            )
+
     # -- data ------------------------------------------------------------------------------------------
 
     def datasets(self) -> tuple[list[dict], list[dict]]:
-        """(train, eval) rows: deterministic in the seed; malformed rows reported and skipped."""
-        c = self.config.data
-        rows, report = load_dataset(c.train)
-        log.info("data %s", report)
-        self.run.metric("data/malformed_rows", report.malformed)
-        if c.eval:
-            train = rows
-            eval_rows, eval_report = load_dataset(c.eval)
-            log.info("data %s", eval_report)
-        else:
-            train, eval_rows = split(rows, self.config.run.seed, c.eval_fraction)
-        train, eval_rows = take(train, c.n_train, self.config.run.seed), take(eval_rows, c.n_eval, self.config.run.seed)
-        if not train:
-            raise ValueError(f"data.train: {c.train!r} yielded no usable training rows ({report})")
-        return train, eval_rows
+        """(train, eval) rows, loaded and checked before the job started: deterministic in the seed, every
+        row with a gold answer, no eval prompt in the training data (unless data.allow_overlap)."""
+        return self.data.train, self.data.eval
+
+    def general_eval(self) -> list[dict]:
+        """data.general_eval's rows (S3FT's forgetting benchmark), checked against the training data too."""
+        return self.data.general
 
     # -- pools -----------------------------------------------------------------------------------------
 
     def pool(self, role: str, model: str | None = None) -> EnginePool:
         if role not in self._pools:
             c = self.config
-            path = resolve_model(model, c.model.cache_dir) if model else self.base_model
+            # Resolved before Ray started (resolve_models); a ref no config key names is resolved now.
+            known = {c.model.name: self.base_model, c.judge.model: self.model_paths["judge.model"]}
+            known[c.teacher.model] = self.model_paths["teacher.model"]
+            path = (known.get(model) or resolve_model(model, c.model.cache_dir, role)) if model else self.base_model
             self._pools[role] = EnginePool(
                 role,
                 path,
@@ -348,6 +379,10 @@ def main(method: str, algorithm: Callable[[Controller], None], argv: list[str] |
     config = parse_args(method, argv)
     try:
         controller = Controller(config)
+    except (ConfigError, DataError) as err:  # found before Ray started: no run folder was made
+        kind = "config" if isinstance(err, ConfigError) else "data"
+        print(f"{kind} error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except RunFolderError as err:  # held by another driver, config changed, unreadable state: nothing was touched
         print(f"run folder error: {err}", file=sys.stderr)
         raise SystemExit(3) from None

@@ -10,7 +10,6 @@ one SFT pass on those targets; compare with plain SFT on gold answers, in-domain
 from __future__ import annotations
 
 from actors.teacher import paraphrase_messages
-from cluster.data import load_dataset, take
 from jobs.common import Controller, main
 from methods.s3ft import bucket_fractions, select_target
 
@@ -18,7 +17,7 @@ from methods.s3ft import bucket_fractions, select_target
 def s3ft(ctl: Controller) -> None:
     c = ctl.config
     train_rows, eval_rows = ctl.datasets()
-    general_rows = take(load_dataset(c.data.general_eval)[0], c.data.n_eval, c.run.seed) if c.data.general_eval else []
+    general_rows = ctl.general_eval()
     base = ctl.base_model
     evaluate_general = ctl.evaluate_loglik if c.data.general_eval_protocol == "loglik" else ctl.evaluate
 

@@ -1,0 +1,98 @@
+"""The jobs' command line: ``--help`` lists every config key, ``--print-config`` prints the resolved config.
+
+The key listing is generated from the dataclasses in ``cluster.config`` (as HfArgumentParser does for TRL):
+each key under its section, with its type, its default (the value a job gets when neither the config file
+nor an override sets it) and its doc, so the help can never drift from what the loader accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import textwrap
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from cluster.config import ConfigError, JobConfig, load_config, to_dict
+
+WIDTH = 100
+
+
+def type_name(hint: Any) -> str:
+    """A type hint as a reader writes it: 'float', 'str | None', "'sigmoid' | 'hinge'", 'list[float]'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else type_name(a) for a in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _default_text(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, str):
+        return repr(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def config_reference(config: Any = None, prefix: str = "") -> list[str]:
+    """Help lines for every key of ``config`` (a JobConfig by default), grouped by section."""
+    config = JobConfig() if config is None else config
+    hints = typing.get_type_hints(type(config))
+    lines: list[str] = []
+    leaves = [f for f in dataclasses.fields(config) if not dataclasses.is_dataclass(hints[f.name])]
+    sections = [f for f in dataclasses.fields(config) if dataclasses.is_dataclass(hints[f.name])]
+    for f in leaves:
+        key = f"{prefix}{f.name}"
+        bounds = f.metadata.get("bounds")
+        text = f.metadata.get("doc", "") + (f" Range: {bounds.text}." if bounds else "")
+        lines.append(f"  {key}  ({type_name(hints[f.name])}, default {_default_text(getattr(config, f.name))})")
+        lines.extend(textwrap.wrap(text, WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    for f in sections:
+        key = f"{prefix}{f.name}"
+        lines.append("")
+        lines.append(f"{key}: {f.metadata.get('doc', '')}")
+        lines.extend(config_reference(getattr(config, f.name), key + "."))
+    return lines
+
+
+def _job_defaults(method: str) -> JobConfig:
+    defaults = JobConfig()
+    defaults.run.method = method  # what the job sets; every other default is the dataclasses'
+    return defaults
+
+
+def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
+    """Parse a job's command line into its validated config; ``--print-config`` prints it and exits 0, a
+    config error prints ``config error: <key>: <reason>`` and exits 2."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m jobs.{method}",
+        description=(
+            f"Run the {method} job: a YAML config file, then dotted overrides section.key=value "
+            "(e.g. training.lr=1e-6 data.columns.prompt=question). Every key:"
+        ),
+        epilog="\n".join(config_reference(_job_defaults(method))),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=f"configs/{method}.yaml", help="YAML config file (default: %(default)s)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (file + overrides + defaults) and exit"
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value (values parsed as YAML)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, [f"run.method={method}", *args.overrides])
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        sys.stdout.write(yaml.safe_dump(to_dict(config), sort_keys=False))
+        raise SystemExit(0)
+    return config
