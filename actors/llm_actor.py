@@ -70,7 +70,8 @@ class LLMActor:
         self.role = role
         options = dict(engine)
         backend = options.pop("backend")
-        options.pop("batch_size", None)
+        for driver_side in ("batch_size", "batch_timeout_s"):  # how the pool feeds the engine, not engine options
+            options.pop(driver_side, None)
         if backend == "hf":
             options = {"dtype": options["dtype"]}
         else:
