@@ -163,11 +163,43 @@ class VLLMEngine:
         return scores
 
     def load_weights(self, path: str) -> float:
+        """Reload ``path`` in place, then re-process an output head tied to the input embedding (see
+        ``reprocess_tied_heads``)."""
         start = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        self.llm.collective_rpc(reprocess_tied_heads)
         self.llm.reset_prefix_cache()
         self.model_path = path
         return time.perf_counter() - start
+
+
+def reprocess_tied_heads(worker) -> list[str]:
+    """Run on each vLLM worker after an in-place reload: redo the post-load processing of every output head
+    whose weight is tied to (the same parameter as) the input embedding. Returns the heads it redid.
+
+    Why: vLLM 0.32's ``reload_weights`` loads a tied model's embedding into the shared tensor, but the head
+    receives no checkpoint tensor of its own ("ParallelLMHead: Failed to load weights"), so its post-load
+    step is skipped. On CPU that step packs the weight for the GEMM kernel (``cpu_linear`` holds a packed
+    copy), so the head kept computing logits from the old weights. Re-running it on the shared, reloaded
+    tensor is exact and costs one repack of the vocab x hidden matrix. On GPU the step is a no-op for an
+    unquantized head (the tensor itself is shared). Only the unquantized method is redone: it reads the
+    weight without changing it, while a quantized method may repack the shared tensor in place."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+
+    model = worker.get_model()
+    embedding_weights = {
+        id(m.weight) for m in model.modules() if not isinstance(m, ParallelLMHead) and hasattr(m, "weight")
+    }
+    redone = []
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, ParallelLMHead)
+            and id(module.weight) in embedding_weights
+            and type(module.quant_method) is UnquantizedEmbeddingMethod
+        ):
+            module.quant_method.process_weights_after_loading(module)
+            redone.append(name)
+    return redone
 
 
 class HFEngine:

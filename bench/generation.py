@@ -6,7 +6,9 @@ SmolLM2-135M-Instruct, both cores in every case:
 (a') 2 generator actors, one engine bound to each core, 8-prompt batches (data parallel);
 (b) one bare vLLM engine in its own process, bound to both cores;
 (c) transformers `generate` in the same dtype as the engines (engine.dtype 'auto') with 2 torch threads.
-Each case runs once to warm up and once measured. Last line: one JSON object.
+Each case runs once to warm up and once measured. Then the cost of a new checkpoint: building a fresh engine
+vs reloading one in place (``VLLMEngine.load_weights``, which includes re-packing a tied output head; that
+repack is also timed alone). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -38,6 +40,26 @@ def bare_vllm(model: str, queue) -> None:
         return sum(len(c.token_ids) for out in engine.generate(prompts, sampling) for c in out)
 
     queue.put(_timed(generate, bench_prompts()))
+
+
+def weight_load(model: str, queue) -> None:
+    """Seconds to build an engine on a checkpoint vs to reload the checkpoint into a running engine."""
+    import shutil
+    import tempfile
+    import time
+
+    os.environ.update(BARE_VLLM_ENV)
+    from actors.engine import VLLMEngine, reprocess_tied_heads
+
+    start = time.perf_counter()
+    engine = VLLMEngine(model, max_model_len=1024)
+    fresh_build_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = shutil.copytree(model, f"{folder}/checkpoint")  # a new path: the reload reads it from disk
+        reload_s = engine.load_weights(checkpoint)
+    start = time.perf_counter()
+    engine.llm.collective_rpc(reprocess_tied_heads)
+    queue.put((fresh_build_s, reload_s, time.perf_counter() - start))
 
 
 def hf_generate(model: str, queue) -> None:
@@ -96,11 +118,21 @@ def main() -> None:
         "bare vLLM (1 engine, 2 cores)": in_subprocess(bare_vllm, model),
         "transformers generate (bf16, 2 threads)": in_subprocess(hf_generate, model),
     }
+    fresh_build_s, reload_s, head_repack_s = in_subprocess(weight_load, model)
     rates = {name: tokens / seconds for name, (tokens, seconds) in cases.items()}
     print_table(
         "generation: 16 prompts x 4 samples x 64 tokens, SmolLM2-135M-Instruct",
         [(name, tokens, seconds, rates[name]) for name, (tokens, seconds) in cases.items()],
         ("case", "tokens", "seconds", "tok/s"),
+    )
+    print_table(
+        "a new checkpoint in the generator (bare vLLM engine, 2 cores)",
+        [
+            ("fresh engine build", fresh_build_s),
+            ("in-place reload (load_weights)", reload_s),
+            ("  of which tied-head repack", head_repack_s),
+        ],
+        ("case", "seconds"),
     )
     actor_tok_s, actors2_tok_s, bare_tok_s, hf_tok_s = rates.values()
     emit(
@@ -112,6 +144,10 @@ def main() -> None:
             "actor_vs_bare": round(actor_tok_s / bare_tok_s, 3),
             "actors_2x1core_vs_bare": round(actors2_tok_s / bare_tok_s, 3),
             "vllm_vs_hf": round(bare_tok_s / hf_tok_s, 3),
+            "fresh_build_s": round(fresh_build_s, 2),
+            "reload_s": round(reload_s, 2),
+            "head_repack_s": round(head_repack_s, 3),
+            "reload_vs_build": round(reload_s / fresh_build_s, 3),
         }
     )
 

