@@ -1,0 +1,129 @@
+"""Models by hub id or path, resolved on the driver before anything starts; the user's HF env reaches workers."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from cluster.config import ConfigError, load_config
+from cluster.models import resolve_model, resolve_models
+
+ROOT = Path(__file__).resolve().parent.parent
+REVISION = "f00dfeedf00dfeedf00dfeedf00dfeedf00dfeed"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, tiny_model) -> Path:
+    """A hub cache holding the tiny model as `acme/tiny-chat`, laid out as snapshot_download leaves it."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-chat"
+    shutil.copytree(tiny_model, repo / "snapshots" / REVISION)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    return cache
+
+
+def test_a_hub_id_resolves_offline_from_the_cache_to_its_snapshot(hub_cache):
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE  # no network here: the id must come from the cache
+    snapshot = str((hub_cache / "models--acme--tiny-chat" / "snapshots" / REVISION).resolve())
+    assert resolve_model("acme/tiny-chat", str(hub_cache)) == snapshot
+    assert resolve_model(f"acme/tiny-chat@{REVISION}", str(hub_cache)) == snapshot
+    with pytest.raises(
+        FileNotFoundError, match=r"judge.model: could not get 'acme/other'.*offline \(HF_HUB_OFFLINE=1\)"
+    ):
+        resolve_model("acme/other", str(hub_cache), key="judge.model")
+    with pytest.raises(FileNotFoundError, match="model.name: .* is a local path without config.json"):
+        resolve_model(str(hub_cache), str(hub_cache))
+    with pytest.raises(FileNotFoundError, match="neither a known model"):
+        resolve_model("/no/such/model", str(hub_cache))
+
+
+def test_every_configured_model_is_resolved_and_a_missing_one_names_its_key(hub_cache, tiny_model):
+    config = load_config(
+        ROOT / "configs/spin-tiny.yaml",
+        [f"model.cache_dir={hub_cache}", "model.name=acme/tiny-chat", f"judge.model={tiny_model}"],
+    )
+    paths = resolve_models(config)
+    assert paths["model.name"] == paths["teacher.model"]  # teacher.model unset: the base model
+    assert paths["model.name"].endswith(REVISION) and paths["judge.model"] == str(Path(tiny_model).resolve())
+    config.teacher.model = "acme/missing"
+    with pytest.raises(ConfigError, match="teacher.model: could not get 'acme/missing'"):
+        resolve_models(config)
+
+
+def run_spin(tmp_path: Path, *overrides: str) -> dict:
+    from jobs.common import main
+    from jobs.spin import spin
+
+    return main("spin", spin, ["--config", str(ROOT / "configs/spin-tiny.yaml"), f"run.dir={tmp_path}", *overrides])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.name=acme/not-in-cache", "config error: model.name: could not get 'acme/not-in-cache'"),
+        (
+            "judge.prompts_dir=/no/such/prompts",
+            "config error: judge.prompts_dir: folder /no/such/prompts does not exist",
+        ),
+        ("data.train=/no/such/data.jsonl", "data error: data.train: '/no/such/data.jsonl' is neither a built-in"),
+    ],
+)
+def test_a_missing_input_stops_with_exit_2_before_ray_or_the_run_folder(tmp_path, capsys, override, message):
+    ray_was_up = ray.is_initialized()
+    with pytest.raises(SystemExit) as exit_info:
+        run_spin(tmp_path, override)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "spin").exists()  # no run folder was made
+    assert ray.is_initialized() == ray_was_up  # and Ray was not started for it
+
+
+@ray.remote
+class EnvProbe:
+    def hf_env(self) -> dict:
+        return {k: v for k, v in os.environ.items() if k.startswith("HF_")}
+
+
+def test_hf_settings_reach_workers_only_as_the_user_set_them(ray_session, monkeypatch):
+    from cluster.config import PoolConfig
+    from cluster.connect import worker_env
+    from cluster.pools import actor_options
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert not {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"} & set(worker_env())  # not forced
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.example.invalid")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_stays_on_the_driver")
+
+    actor = EnvProbe.options(**actor_options(PoolConfig(num_cpus=0.1))).remote()  # as a pool places its actors
+    seen = ray.get(actor.hf_env.remote(), timeout=120)
+    ray.kill(actor)
+    assert seen["HF_ENDPOINT"] == "http://hub.example.invalid" and seen["HF_HUB_OFFLINE"] == "1"
+    assert "HF_TOKEN" not in seen
+
+
+def test_the_tiny_spin_job_runs_from_a_model_given_by_hub_id(ray_session, tmp_path, hub_cache):
+    summary = run_spin(
+        tmp_path,
+        "model.name=acme/tiny-chat",
+        f"model.cache_dir={hub_cache}",
+        "spin.iterations=1",
+        "data.n_train=4",
+        "data.n_eval=2",
+    )
+    snapshot = str((hub_cache / "models--acme--tiny-chat" / "snapshots" / REVISION).resolve())
+    run = tmp_path / "spin" / "tiny"
+    generated = pq.read_table(run / "phases/iter0/generate.parquet").to_pylist()
+    assert len(generated) == 4 and {g["model"] for g in generated} == {snapshot}  # the actor loaded the snapshot
+    assert (run / "models/iter0/spin/config.json").exists() and "iter1/eval/accuracy" in summary["metrics"]
+    assert f"model.name: {snapshot}" in (run / "driver.log").read_text()
+    report = json.loads((run / "data_report.json").read_text())
+    assert report[0]["source"] == "sst2" and report[0]["malformed"] == 0
