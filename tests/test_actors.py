@@ -3,6 +3,7 @@
 import os
 import shutil
 import threading
+from collections import Counter
 
 import pytest
 import ray
@@ -10,9 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from actors.engine import HFEngine, Sampling, render_prompt, resolve_dtype, response_ids
-from actors.judge import Judge
+from actors.judge import Judge, combine_orders, parse_preference, parse_yes_no
 from actors.llm_actor import EnginePool
 from cluster.config import EngineConfig, PoolConfig
+from cluster.data import prompt_text
 
 ENGINE = EngineConfig(dtype="float32", max_model_len=2048, max_num_seqs=16, batch_size=3, kv_cache_gib=1)
 ROWS = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Tell me about the number {i}."}]} for i in range(7)]
@@ -123,10 +125,35 @@ def test_llm_judge_counts_unparseable_output_as_unknown(generator):
         {"id": r["id"], "row": {**r, "reference": "x", "label": "", "task": "none"}, "response": "y"} for r in ROWS[:3]
     ]
     verdicts = judge.equivalent(items)
-    assert set(verdicts) == {"r0", "r1", "r2"} and set(verdicts.values()) <= {"yes", "no", "unknown"}
-    assert sum(judge.counts.values()) == 3
+    # The same greedy requests sent straight to the engine: each verdict is what its reply says, counted.
+    requests = [
+        {
+            "id": it["id"],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": judge.equivalence_prompt.format(
+                        question=prompt_text(it["row"]), reference="x", response="y"
+                    ),
+                }
+            ],
+        }
+        for it in items
+    ]
+    replies = generator.generate_all(requests, Sampling(temperature=0.0, max_tokens=4))
+    expected = {k: parse_yes_no(v["samples"][0]["text"]) for k, v in replies.items()}
+    assert verdicts == expected and len(verdicts) == 3
+    assert judge.counts == Counter(f"llm_{v}" for v in expected.values())
     outcome = judge.compare([{"id": "p", "question": "q", "a": "one", "b": "two"}])
-    assert outcome["p"] in {"win", "lose", "tie", "unknown"}
+    orders = [
+        {"id": o, "messages": [{"role": "user", "content": judge.pairwise_prompt.format(question="q", a=a, b=b)}]}
+        for o, (a, b) in (("ab", ("one", "two")), ("ba", ("two", "one")))
+    ]
+    texts = {
+        k: v["samples"][0]["text"]
+        for k, v in generator.generate_all(orders, Sampling(temperature=0.0, max_tokens=4)).items()
+    }
+    assert outcome == {"p": combine_orders(parse_preference(texts["ab"]), parse_preference(texts["ba"]))}
 
 
 def test_auto_dtype_follows_this_cpu():
