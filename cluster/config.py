@@ -420,6 +420,25 @@ class ServeConfig:
 
 
 @dataclass
+class ServeConfig:
+    api_key_env: str = doc(
+        "Environment variable holding the API key of jobs.serve (clients send 'Authorization: Bearer <key>'). "
+        "Unset or empty: no key is asked for. The key itself is never written to config files or logs.",
+        "SELFIMPROVE_API_KEY",
+    )
+    max_n: int = doc("Largest 'n' (samples per request) a client may ask for.", 8, bounds=">= 1")
+    max_tokens: int = doc(
+        "Largest 'max_tokens' a client may ask for (also capped by the context left after the prompt).",
+        1024,
+        bounds=">= 1",
+    )
+    default_max_tokens: int = doc("'max_tokens' of a request that does not set it.", 256, bounds=">= 1")
+    max_proposals: int = doc("Largest aggregate.n_proposals of a propose-and-aggregate request.", 8, bounds=">= 1")
+    max_layers: int = doc("Largest aggregate.layers of a propose-and-aggregate request.", 3, bounds=">= 1")
+    max_body_bytes: int = doc("Largest request body in bytes; larger ones are refused unread.", 10**6, bounds=">= 1")
+
+
+@dataclass
 class JobConfig:
     run: RunConfig = doc("Run identity and folder.", factory=RunConfig)
     cluster: ClusterConfig = doc("Ray connection.", factory=ClusterConfig)
@@ -440,6 +459,9 @@ class JobConfig:
     s3ft: S3ftConfig = doc("S3FT.", factory=S3ftConfig)
     llm2llm: Llm2llmConfig = doc("LLM2LLM.", factory=Llm2llmConfig)
     aft: AftConfig = doc("AFT.", factory=AftConfig)
+    serve: ServeConfig = doc(
+        "jobs.serve limits and API key; its replicas take their resources from pools.generator.", factory=ServeConfig
+    )
     serve: ServeConfig = doc(
         "jobs.serve limits and API key; its replicas take their resources from pools.generator.", factory=ServeConfig
     )
