@@ -59,3 +59,63 @@ def test_answer_without_a_checkable_label_is_not_an_example():
     sst2, gsm8k = load_dataset("sst2")[0][0], load_dataset("gsm8k")[0][0]
     assert new_example(sst2, "a film .", "They're thrill-riders in the blood.", 0, iteration=0) is None
     assert new_example(gsm8k, "Bob has 2 cats.", "He has some cats.", 0, iteration=0) is None
+
+
+class ScriptedTeacherPool:
+    """The teacher's engine pool with fixed replies: a random-weight model never writes a well-formed one, and the
+    parsing, labelling, de-duplication and re-asking around the engine are what this test checks. Records what
+    the teacher asked for in each attempt."""
+
+    def __init__(self, replies: list[dict[str, str]]):
+        self.replies, self.asked = replies, []
+
+    def generate_all(self, requests, sampling, desc=None, failed=None):
+        attempt = len(self.asked)
+        self.asked.append({r["id"]: r["messages"][-1]["content"] for r in requests})
+        return {
+            r["id"]: {"id": r["id"], "samples": [{"text": self.replies[attempt][r["id"]]}]}
+            for r in requests
+            if r["id"] in self.replies[attempt]
+        }
+
+
+def test_augment_turns_a_well_formed_reply_into_labelled_examples_and_reasks_for_the_missing():
+    from actors.teacher import Teacher
+
+    a, b = load_dataset("gsm8k")[0][:2]
+    duplicate_of_b = split_prompt(b)[1]  # the teacher "invents" seed b's own question
+    pool = ScriptedTeacherPool(
+        [
+            {
+                a["id"]: "Question 1: Tom has 3 apples and buys 2 more. How many apples?\nAnswer 1: 3 + 2 = 5\n#### 5\n"
+                "Question 2: Ann has 10 pens and loses 4. How many pens?\nAnswer 2: 10 - 4 = 6\n#### 6",
+                b["id"]: f"Question 1: {duplicate_of_b}\nAnswer 1: 2 + 1 = 3\n#### 3\n"
+                "Question 2: A rope is cut in two. How long?\nAnswer 2: It depends on the rope.",
+            },
+            {b["id"]: "Sure! Here are some questions."},  # the re-ask gets an unparseable reply
+        ]
+    )
+    teacher = Teacher(
+        pool,
+        "actors/prompts",
+        k=2,
+        temperature=1.0,
+        top_p=1.0,
+        max_tokens=64,
+        rouge_threshold=0.95,
+        max_attempts=2,
+        seed=0,
+    )
+    examples = teacher.augment([a, b], [prompt_text(a), prompt_text(b)], iteration=0)
+    assert [(e["seed_id"], e["label"]) for e in examples] == [(a["id"], "5"), (a["id"], "6")]
+    assert examples[0]["id"] == f"{a['id']}-aug0-0" and "Tom has 3 apples" in prompt_text(examples[0])
+    assert prompt_text(examples[0]).endswith(split_prompt(a)[2])  # the seed's instruction framing is kept
+    assert teacher.stats == {
+        "requested": 4,
+        "parsed": 4,
+        "unlabelled": 1,  # "It depends on the rope." has no '#### <number>'
+        "duplicates": 1,  # seed b's own question
+        "missing": 2,
+        "unparseable_replies": 1,
+    }
+    assert list(pool.asked[1]) == [b["id"]] and "Write 2 new" in pool.asked[1][b["id"]]  # only b, for both again
