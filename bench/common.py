@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from queue import Empty
 
@@ -55,3 +56,9 @@ def _fmt(value) -> str:
 
 def emit(result: dict) -> None:
     print(json.dumps(result))
+
+
+def parse_cli(doc: str | None) -> argparse.Namespace:
+    """The benchmarks without options still answer ``--help`` (their docstring) instead of starting to run."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser.parse_args()

@@ -14,9 +14,14 @@ repack is also timed alone). Last line: one JSON object.
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 
-from bench.common import BARE_VLLM_ENV, bench_prompts, emit, in_subprocess, print_table
+if not __package__:  # run as `python bench/x.py`: Python put bench/ on sys.path, not the checkout that holds it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import BARE_VLLM_ENV, bench_prompts, emit, in_subprocess, parse_cli, print_table  # noqa: E402
 
 N_SAMPLES, MAX_TOKENS, TEMPERATURE = 4, 64, 1.0
 
@@ -153,4 +158,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     main()

@@ -13,11 +13,15 @@ Last line: one JSON object.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import BARE_VLLM_ENV, emit, in_subprocess, print_table
+if not __package__:  # run as `python bench/x.py`: Python put bench/ on sys.path, not the checkout that holds it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import BARE_VLLM_ENV, emit, in_subprocess, parse_cli, print_table  # noqa: E402
 
 N_PROMPTS = 64
 OVERRIDES = [
@@ -200,4 +204,5 @@ def _bare_rank(rank: int, world: int, port: int, spec: dict, threads: int, queue
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     main()

@@ -19,9 +19,13 @@ Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from bench.common import emit, print_table
+if not __package__:  # run as `python bench/x.py`: Python put bench/ on sys.path, not the checkout that holds it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import emit, print_table  # noqa: E402
 
 PLANS = {
     # method: (task, baseline metric, method metric, extra overrides)
@@ -103,7 +107,7 @@ def plot(path: Path, method: str, rows: list[tuple[str, float, list[float]]]) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=sorted(PLANS), required=True)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

@@ -13,7 +13,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.common import emit, in_subprocess, print_table
+if not __package__:  # run as `python bench/x.py`: Python put bench/ on sys.path, not the checkout that holds it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import emit, in_subprocess, parse_cli, print_table  # noqa: E402
+import sys
 
 N_EXAMPLES, GLOBAL_BATCH, WARMUP_STEPS = 96, 8, 2
 
@@ -141,3 +145,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    parse_cli(__doc__)

