@@ -9,6 +9,7 @@ Last line: one JSON object.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +18,6 @@ if not __package__:  # run as `python bench/x.py`: Python put bench/ on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit, in_subprocess, parse_cli, print_table  # noqa: E402
-import sys
 
 N_EXAMPLES, GLOBAL_BATCH, WARMUP_STEPS = 96, 8, 2
 
@@ -144,5 +144,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
     parse_cli(__doc__)
+    main()
