@@ -709,6 +709,27 @@ def redact_secrets(tree: Any) -> Any:
     return out
 
 
+SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact_secrets(tree: Any) -> Any:
+    """A copy of a ``to_dict`` tree whose secret-looking environment values (in any ``env`` / ``env_vars``
+    mapping, names containing TOKEN, KEY, SECRET or PASSWORD) read ``<redacted>``. For what is written where
+    others can read it: config.yaml in the run folder and the W&B run's config."""
+    if isinstance(tree, list):
+        return [redact_secrets(v) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key in ("env", "env_vars") and isinstance(value, dict):
+            out[key] = {k: REDACTED if SECRET_NAME.search(str(k)) and v else v for k, v in value.items()}
+        else:
+            out[key] = redact_secrets(value)
+    return out
+
+
 def describe(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, doc) for every field: the reference table in the README is made from it."""
     rows = []

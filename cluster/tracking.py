@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from cluster.config import JobConfig, to_dict
+from cluster.config import JobConfig, redact_secrets, to_dict
 from cluster.runfolder import (
     RunFolderError,
     RunLease,
@@ -157,7 +157,7 @@ class Run:
         self._save_state()
         (self.dir / "phases").mkdir(parents=True, exist_ok=True)
         (self.dir / "models").mkdir(exist_ok=True)
-        (self.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        (self.dir / "config.yaml").write_text(yaml.safe_dump(redact_secrets(to_dict(config)), sort_keys=False))
         self._setup_logging()
         self.resumed = bool(self.state["phases"])
         self.phase_times: dict[str, float] = {n: p["wall_s"] for n, p in self.state["phases"].items()}
@@ -200,7 +200,7 @@ class Run:
             group=group,
             mode=mode,
             dir=str(self.dir),
-            config=to_dict(self.config),
+            config=redact_secrets(to_dict(self.config)),
             job_type=self.config.run.method,
         )
 
