@@ -85,6 +85,12 @@ def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config (file + overrides + defaults) and exit"
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="place the pools on cluster.node_groups and estimate each GPU's memory (training and vLLM), print it "
+        "and exit: 0 if it fits, 2 and the reasons if not (offline; nothing is started)",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value (values parsed as YAML)")
     args = parser.parse_args(argv)
     try:
@@ -95,4 +101,8 @@ def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
     if args.print_config:
         sys.stdout.write(yaml.safe_dump(to_dict(config), sort_keys=False))
         raise SystemExit(0)
+    if args.plan:
+        from cluster.plan import print_plan
+
+        raise SystemExit(print_plan(config))
     return config

@@ -91,6 +91,17 @@ class RunConfig:
 
 
 @dataclass
+class NodeGroupConfig:
+    name: str = doc("Node group name (shown by --plan).", "node")
+    count: int = doc("Identical Ray nodes in the group.", 1, bounds=">= 1")
+    gpus_per_node: float = doc("GPUs Ray sees on each node.", 0.0, bounds=">= 0")
+    gpu_memory_gib: float = doc("Memory of one GPU in GiB (80 for an A100/H100 80GB).", 0.0, bounds=">= 0")
+    cpus_per_node: float = doc("Logical CPUs Ray sees on each node.", 1.0, bounds=">= 0")
+    labels: dict[str, str] = doc("Ray node labels (what pools.<role>.label_selector matches).", factory=dict)
+    resources: dict[str, float] = doc("Custom Ray resources of each node.", factory=dict, bounds=">= 0")
+
+
+@dataclass
 class ClusterConfig:
     address: str | None = doc(
         "Ray address to join. None: RAY_ADDRESS if set (ray job submit, KubeRay), else start an embedded local Ray.",
@@ -113,6 +124,12 @@ class ClusterConfig:
         "once, and the rank's OMP / gloo barriers then stall the others; 0 treats them as equals.",
         0,
         bounds="[0, 19]",
+    )
+    node_groups: list[NodeGroupConfig] = doc(
+        "The cluster shape this config needs, as node groups {name, count, gpus_per_node, gpu_memory_gib, "
+        "cpus_per_node, labels, resources}. Only read by --plan (python -m jobs.<method> --config <file> --plan), "
+        "which places the pools on it and estimates each GPU's memory; empty: no plan.",
+        factory=list,
     )
 
 
@@ -145,6 +162,21 @@ class PoolsConfig:
 
 
 @dataclass
+class ArchitectureConfig:
+    """A model's shape as --plan needs it when the model's config.json cannot be read (offline, not downloaded).
+    0 everywhere: read config.json."""
+
+    parameters: float = doc("Parameter count (0: computed from the other numbers).", 0.0, bounds=">= 0")
+    layers: int = doc("Transformer layers (num_hidden_layers).", 0, bounds=">= 0")
+    hidden_size: int = doc("Hidden size.", 0, bounds=">= 0")
+    intermediate_size: int = doc("MLP intermediate size.", 0, bounds=">= 0")
+    vocab_size: int = doc("Vocabulary size.", 0, bounds=">= 0")
+    attention_heads: int = doc("Attention heads (num_attention_heads).", 0, bounds=">= 0")
+    kv_heads: int = doc("Key/value heads (num_key_value_heads; grouped-query attention).", 0, bounds=">= 0")
+    tie_word_embeddings: bool = doc("Output head shares the embedding matrix.", False)
+
+
+@dataclass
 class ModelConfig:
     name: str = doc(
         "Model reference: 'smollm2-135m-instruct', 'tiny-random', a local Hugging Face folder, or a hub id "
@@ -157,6 +189,9 @@ class ModelConfig:
         ".cache/models",
     )
     trust_remote_code: bool = doc("Allow model repos to run their own code.", False)
+    architecture: ArchitectureConfig = doc(
+        "model.name's shape for --plan where its config.json cannot be read.", factory=ArchitectureConfig
+    )
 
 
 @dataclass
@@ -269,6 +304,9 @@ class JudgeConfig:
         "actors/prompts",
     )
     max_tokens: int = doc("Tokens the LLM judge may write.", 32, bounds=">= 1")
+    architecture: ArchitectureConfig = doc(
+        "judge.model's shape for --plan where its config.json cannot be read.", factory=ArchitectureConfig
+    )
 
 
 @dataclass
@@ -285,6 +323,9 @@ class TeacherConfig:
         "Drop a new question whose ROUGE-L F vs any existing one exceeds this.", 0.95, bounds="(0, 1]"
     )
     max_attempts: int = doc("Times to ask again for missing examples.", 2, bounds=">= 1")
+    architecture: ArchitectureConfig = doc(
+        "teacher.model's shape for --plan where its config.json cannot be read.", factory=ArchitectureConfig
+    )
 
 
 @dataclass
@@ -293,6 +334,24 @@ class DeepSpeedConfig:
     bf16: bool = doc("bf16 mixed precision (fp32 master weights).", False)
     offload_optimizer: bool = doc("ZeRO-Offload the optimizer state to CPU memory.", False)
     overlap_comm: bool = doc("Overlap communication with compute (off on gloo).", False)
+
+
+@dataclass
+class PhaseTrainingConfig:
+    """Settings of one kind of training phase (as TRL's SFTConfig and DPOConfig are separate): a field left
+    None keeps training.<field>. ``phase_training`` resolves them; the spec each phase sends to the ranks carries
+    the resolved values."""
+
+    lr: float | None = doc("Peak learning rate; None: training.lr.", None, bounds="> 0")
+    epochs: int | None = doc("Epochs per phase; None: training.epochs.", None, bounds=">= 1")
+    optimizer: Literal["adamw", "rmsprop"] | None = doc("Optimizer; None: training.optimizer.", None)
+    schedule: Literal["linear", "cosine", "constant"] | None = doc("LR schedule; None: training.schedule.", None)
+    warmup_ratio: float | None = doc("Warmup fraction; None: training.warmup_ratio.", None, bounds="[0, 1)")
+    weight_decay: float | None = doc("Weight decay; None: training.weight_decay.", None, bounds=">= 0")
+    micro_batch_size: int | None = doc("Micro-batch per rank; None: training.micro_batch_size.", None, bounds=">= 1")
+    grad_accum: int | None = doc("Micro steps per optimizer step; None: training.grad_accum.", None, bounds=">= 1")
+    max_length: int | None = doc("Longest sequence; None: training.max_length.", None, bounds=">= 8")
+    max_prompt_length: int | None = doc("Longest prompt; None: training.max_prompt_length.", None, bounds=">= 1")
 
 
 @dataclass
@@ -339,6 +398,14 @@ class TrainingConfig:
         "jemalloc",
     )
     deepspeed: DeepSpeedConfig = doc("DeepSpeed section.", factory=DeepSpeedConfig)
+    sft: PhaseTrainingConfig = doc(
+        "Overrides for SFT phases (SPIN's SFT start, S3FT, LLM2LLM's students, AFT and the SFT baselines).",
+        factory=PhaseTrainingConfig,
+    )
+    preference: PhaseTrainingConfig = doc(
+        "Overrides for preference phases (SPIN iterations; spin.lr, when set, gives each iteration its own lr).",
+        factory=PhaseTrainingConfig,
+    )
 
 
 @dataclass
@@ -355,7 +422,10 @@ class TrackingConfig:
 class SpinConfig:
     iterations: int = doc("Self-play iterations T.", 1, bounds=">= 1")
     beta: list[float] = doc(
-        "β per iteration (last value repeats). Paper: 0.1, 5.0 at iteration 3.", factory=lambda: [0.1], bounds="> 0"
+        "β per iteration, counted from 0 as the paper counts them (last value repeats). Paper: 0.1, then 5.0 at "
+        "iteration 3, the fourth: [0.1, 0.1, 0.1, 5.0].",
+        factory=lambda: [0.1],
+        bounds="> 0",
     )
     loss_type: Literal["sigmoid", "hinge"] = doc("SPIN loss: -logsigmoid(β·m) or relu(1 - β·m).", "sigmoid")
     mix_previous: bool = doc("Add iteration t-1's pairs to iteration t's data (official code).", True)
@@ -365,7 +435,18 @@ class SpinConfig:
         "model is already SFT'd on this data.",
         False,
     )
-    sft_lr: float = doc("Learning rate of that SFT pass (SPIN phases use training.lr).", 1.0e-5, bounds="> 0")
+    sft_lr: float = doc(
+        "Learning rate of that SFT pass when training.sft.lr is not set (this older key keeps older configs and "
+        "run folders as they were; training.sft sets the pass's other settings too).",
+        1.0e-5,
+        bounds="> 0",
+    )
+    lr: list[float] = doc(
+        "Peak learning rate per iteration (last value repeats); empty: training.preference.lr, else training.lr. "
+        "Paper: 5e-7 for iterations 0-1, then 1e-7: [5e-7, 5e-7, 1e-7].",
+        factory=list,
+        bounds="> 0",
+    )
 
 
 @dataclass
@@ -387,7 +468,9 @@ class AftConfig:
     n_proposals: int = doc("Proposals N per query (paper default 5).", 5, bounds=">= 1")
     layers: int = doc("Aggregation layers L (paper default 2: N proposals -> N aggregations -> 1).", 2, bounds=">= 1")
     proposal_source: Literal["on_policy", "off_policy"] = doc(
-        "Sample drafts from the model or read data field 'proposals'.", "on_policy"
+        "Sample drafts from the model, or read data field 'proposals' (off_policy: a training row without "
+        "proposals stops the job, naming it).",
+        "on_policy",
     )
     proposal_model: Literal["base", "sft"] = doc(
         "Which model samples on-policy drafts: 'base', or 'sft' (the base model fine-tuned on the propose data"
@@ -398,6 +481,13 @@ class AftConfig:
     proposal_top_p: float = doc("Proposal nucleus mass (code: 0.95).", 0.95, bounds="(0, 1]")
     aggregate_temperature: float = doc("Aggregation sampling temperature (code: 0.7).", 0.7, bounds=">= 0")
     baseline_sft: bool = doc("Also train the plain SFT baseline for the comparison.", True)
+    min_proposal_tokens: int = doc(
+        "An aggregation prompt longer than training.max_prompt_length keeps its instruction and query whole and "
+        "cuts its proposals at their ends, sharing the rest equally; a proposal keeps at least this many tokens "
+        "(or all of it, if shorter), else the training phase stops with the reason.",
+        32,
+        bounds=">= 1",
+    )
 
 
 @dataclass
@@ -640,6 +730,10 @@ def check_bounds(section: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_bounds(value, key + ".")
             continue
+        if isinstance(value, list) and value and all(dataclasses.is_dataclass(v) for v in value):
+            for i, item in enumerate(value):  # a list of sections (cluster.node_groups)
+                check_bounds(item, f"{key}.{i}.")
+            continue
         bounds: Bounds | None = f.metadata.get("bounds")
         if bounds is None or value is None:
             continue
@@ -682,10 +776,31 @@ def validate(c: JobConfig) -> None:
         0 < t.max_prompt_length < t.max_length, "training.max_prompt_length", "must be in (0, training.max_length)"
     )
     _require(len(c.spin.beta) >= 1, "spin.beta", "needs >= 1 positive value")
+    for phase in TRAINING_PHASES:
+        resolved = phase_training(c, phase)
+        _require(
+            0 < resolved["max_prompt_length"] < resolved["max_length"],
+            f"training.{phase}.max_prompt_length",
+            f"{resolved['max_prompt_length']} must be in (0, {resolved['max_length']}) (its phases' max_length)",
+        )
 
 
 def to_dict(config: JobConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+TRAINING_PHASES = ("sft", "preference")
+
+
+def phase_training(config: JobConfig, phase: Literal["sft", "preference"], **overrides: Any) -> dict:
+    """The training settings a phase of this kind runs with: ``training``, then the fields of ``training.<phase>``
+    that are set, then ``overrides`` that are not None (SPIN's per-iteration lr). The sft / preference
+    sub-sections themselves are left out: a rank needs only the resolved values."""
+    settings = to_dict(config)["training"]
+    sections = {name: settings.pop(name) for name in TRAINING_PHASES}
+    settings.update({k: v for k, v in sections[phase].items() if v is not None})
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
 
 
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)

@@ -45,6 +45,9 @@ RUN_CONTROL = (
     "pools.",
     "tracking.",
     "model.cache_dir",
+    "model.architecture.",  # read by --plan only
+    "judge.architecture.",
+    "teacher.architecture.",
     "engine.batch_size",  # sampling seeds follow the row id, not its batch
     "engine.batch_timeout_s",
     "engine.max_num_seqs",

@@ -1,9 +1,10 @@
 """AFT: aggregation fine-tuning (arXiv 2501.11877).
 
 proposals: N drafts per training query: on-policy, sampled from the base model or from the base model SFT'd on
-           the propose data (aft.proposal_model), or off-policy, read from the data
+           the propose data (aft.proposal_model), or off-policy, read from the data (every row must have some)
 examples:  propose   query                      -> reference answer
            aggregate aggregator system prompt listing the proposals + query -> reference answer
+           (an over-long one keeps its instruction and query; its proposals share the prompt budget, cut at their ends)
 train the base model on propose + aggregate data (and plain SFT as the baseline)
 inference: propose-and-aggregate, N proposals and L aggregation layers (the last layer one answer);
 evaluate single sample vs propose-and-aggregate: task accuracy and pairwise win rate against SFT
@@ -14,7 +15,7 @@ from __future__ import annotations
 from actors.judge import load_prompt
 from cluster.data import meta
 from jobs.common import Controller, main
-from methods.aft import build_examples, propose_and_aggregate
+from methods.aft import build_examples, off_policy_proposals, propose_and_aggregate
 
 
 def aft(ctl: Controller) -> None:
@@ -23,13 +24,15 @@ def aft(ctl: Controller) -> None:
     base = ctl.base_model
     template = load_prompt(c.judge.prompts_dir, "aggregate_system")
 
+    proposals: dict[str, list[str]] = {}
+    if a.proposal_source == "off_policy":  # read first: rows without drafts stop the job before any training
+        proposals = off_policy_proposals({r["id"]: meta(r).get("proposals") or [] for r in train_rows}, a.n_proposals)
+
     sft_model = None
     if a.baseline_sft or (a.proposal_source == "on_policy" and a.proposal_model == "sft"):
         sft_model = ctl.train("sft", "sft", init_model=base, examples=build_examples(train_rows, {}, template))
 
-    if a.proposal_source == "off_policy":
-        proposals = {r["id"]: meta(r).get("proposals", [])[: a.n_proposals] for r in train_rows}
-    else:
+    if a.proposal_source == "on_policy":
         ctl.use_generator_weights(sft_model if a.proposal_model == "sft" else base)
         drafts = ctl.generate(
             "proposals",
@@ -42,7 +45,7 @@ def aft(ctl: Controller) -> None:
     ctl.record_rows("aft/aggregate-examples", len(train_rows), aggregate, "queries", "aggregate_examples")
     ctl.run.table("samples/aft_examples", examples, ["source_id", "kind", "messages", "response"])
 
-    model = ctl.train("aft", "sft", init_model=base, examples=examples)
+    model = ctl.train("aft", "sft", init_model=base, examples=examples, min_proposal_tokens=a.min_proposal_tokens)
     if a.baseline_sft:
         ctl.evaluate("sft/eval", eval_rows, sft_model)
     ctl.evaluate("aft/single", eval_rows, model)  # single greedy sample from the AFT model

@@ -20,7 +20,7 @@ from actors.judge import Judge
 from actors.llm_actor import EnginePool
 from actors.teacher import Teacher
 from cluster.cli import parse_job_args
-from cluster.config import ConfigError, JobConfig, SamplingConfig, to_dict
+from cluster.config import ConfigError, JobConfig, SamplingConfig, phase_training
 from cluster.connect import PROJECT_ROOT, connect
 from cluster.data import DataError, likelihood_question, prepare
 from cluster.models import resolve_model, resolve_models
@@ -34,6 +34,9 @@ def parse_args(method: str, argv: list[str] | None = None) -> JobConfig:
     """``--help`` lists every config key with type, default and doc; ``--print-config`` prints and exits."""
     return parse_job_args(method, argv)
 
+
+# The phase group whose settings (training.sft / training.preference) a kind of training phase runs with.
+TRAINING_PHASE = {"sft": "sft", "spin": "preference"}
 
 # Prompt templates each job reads (the judge's two for every job): a missing one is found before Ray starts.
 REQUIRED_PROMPTS = {
@@ -238,9 +241,14 @@ class Controller:
         self.run.metric(f"{name}/unknown_verdicts", unknown)
         return verdicts
 
-    def train(self, name: str, kind: str, init_model: str, examples: list[dict], **extra) -> str:
-        """A training phase (SFT or SPIN) on the train pool; returns the HF folder it wrote."""
+    def train(
+        self, name: str, kind: str, init_model: str, examples: list[dict], training: dict | None = None, **extra
+    ) -> str:
+        """A training phase (SFT or SPIN) on the train pool; returns the HF folder it wrote. ``training``: the
+        resolved settings (``phase_training``); None: those of the kind's phase group (sft, or preference for
+        SPIN), which is what the ranks receive."""
         output = self.run.model_dir(name)
+        training = training or phase_training(self.config, TRAINING_PHASE[kind])
         minimum = self.config.training.min_examples
 
         def run() -> dict:
@@ -259,7 +267,7 @@ class Controller:
                 "data": data,
                 "phase_dir": self.run.phase_dir(f"{name}-train"),
                 "output": output,
-                "training": to_dict(self.config)["training"],
+                "training": training,
                 "seed": self.config.run.seed,
                 "trust_remote_code": self.config.model.trust_remote_code,
                 **extra,
@@ -274,12 +282,13 @@ class Controller:
             )
             return result
 
-        training = extra.get("training", to_dict(self.config)["training"])
         settings = {k: v for k, v in training.items() if not is_run_control(f"training.{k}")}
         inputs = inputs_fingerprint(examples, {"kind": kind, "init_model": init_model, **extra, "training": settings})
         scratch = Path(self.run.phase_dir(f"{name}-train"))  # checkpoints + reference log-probs of these inputs
         result = self.run.once(name, run, inputs=inputs, scratch=scratch)
         self.run.metric(f"{name}/train_tokens_per_s", round(result["train_tokens_per_s"], 1))
+        # sequences whose prompt or response was cut to fit, and AFT proposals cut to share the prompt budget
+        self.run.metric(f"{name}/truncation", result["truncation"])
         return result["output"]
 
     def record_rows(self, name: str, rows_in: int, rows_out: int, unit_in: str, unit_out: str) -> None:

@@ -4,15 +4,15 @@ model 0 = the base model, or SFT on the gold answers first (spin.sft_first: the 
 for t = 0..T-1:
     the opponent (model t, frozen) answers every SFT prompt        -> generated answers
     pairs: (prompt, gold answer = real/chosen, own answer = rejected)
-    model t+1 = train(model t, SPIN loss, reference = model t, β_t) on pairs_t (+ pairs_{t-1})
+    model t+1 = train(model t, SPIN loss, reference = model t, β_t, lr_t) on pairs_t (+ pairs_{t-1})
     evaluate model t+1 on the held-out split
 """
 
 from __future__ import annotations
 
-from cluster.config import to_dict
+from cluster.config import phase_training
 from jobs.common import Controller, main
-from methods.spin import beta_for, build_pairs, sft_examples, training_pairs
+from methods.spin import beta_for, build_pairs, lr_for, sft_examples, training_pairs
 
 
 def spin(ctl: Controller) -> None:
@@ -20,8 +20,15 @@ def spin(ctl: Controller) -> None:
     train_rows, eval_rows = ctl.datasets()
     model = ctl.base_model
     if c.spin.sft_first:
-        sft_training = {**to_dict(c)["training"], "lr": c.spin.sft_lr}
-        model = ctl.train("sft", "sft", init_model=model, examples=sft_examples(train_rows), training=sft_training)
+        sft_training = phase_training(c, "sft", lr=c.training.sft.lr or c.spin.sft_lr)
+        model = ctl.train(
+            "sft",
+            "sft",
+            init_model=model,
+            examples=sft_examples(train_rows),
+            training=sft_training,
+            uses=[ctl.source(train_rows)],
+        )
     ctl.evaluate("iter0/eval", eval_rows, model)
     previous_pairs: list[dict] = []
     for t in range(c.spin.iterations):
@@ -35,6 +42,10 @@ def spin(ctl: Controller) -> None:
             "spin",
             init_model=model,
             examples=training_pairs(pairs, previous_pairs, c.spin.mix_previous),
+            # what the pairs are made of (W&B lineage): gold answers, this iteration's and the mixed-in generations
+            uses=[ctl.source(train_rows), ctl.run.phase_file(f"iter{t}/generate")]
+            + ([ctl.run.phase_file(f"iter{t - 1}/generate")] if previous_pairs and c.spin.mix_previous else []),
+            training=phase_training(c, "preference", lr=lr_for(t, c.spin.lr)),
             beta=beta_for(t, c.spin.beta),
             loss_type=c.spin.loss_type,
         )

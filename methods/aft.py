@@ -20,8 +20,29 @@ def aggregation_messages(system_template: str, messages: list[dict], proposals: 
     return [system] + [m for m in messages if m["role"] != "system"]
 
 
+class ProposalError(ValueError):
+    """Proposals cannot be used as asked: rows without any (off-policy), or a prompt budget they cannot share."""
+
+
+def off_policy_proposals(proposals: dict[str, list[str]], n_proposals: int) -> dict[str, list[str]]:
+    """The data's own drafts, at most N per query. A row without any would silently become plain SFT data (only
+    its propose example), so every row must have some: else ProposalError naming the rows."""
+    missing = [row_id for row_id, drafts in proposals.items() if not drafts]
+    if missing:
+        raise ProposalError(
+            f"aft.proposal_source=off_policy, but {len(missing)} of {len(proposals)} training rows have no "
+            f"'proposals' (first: {', '.join(missing[:5])}); give every row a list of drafts (data.columns can map "
+            "a column onto 'proposals') or use aft.proposal_source=on_policy"
+        )
+    return {row_id: drafts[:n_proposals] for row_id, drafts in proposals.items()}
+
+
 def build_examples(rows: list[dict], proposals: dict[str, list[str]], system_template: str) -> list[dict]:
-    """Propose data (query -> reference) plus aggregate data (query + proposals -> reference)."""
+    """Propose data (query -> reference) plus aggregate data (query + proposals -> reference).
+
+    Every example carries ``query`` (the row's messages), ``proposals`` and ``aggregate_template`` (empty for
+    propose examples): the trainer rebuilds an aggregation prompt that is over budget from them, cutting the
+    proposals instead of the instruction (``share_budget``)."""
     examples = []
     for row in rows:
         if not row["reference"]:
@@ -33,6 +54,9 @@ def build_examples(rows: list[dict], proposals: dict[str, list[str]], system_tem
                 "kind": "propose",
                 "messages": row["messages"],
                 "response": row["reference"],
+                "query": row["messages"],
+                "proposals": [],
+                "aggregate_template": "",
             }
         )
         drafts = proposals.get(row["id"])
@@ -44,9 +68,25 @@ def build_examples(rows: list[dict], proposals: dict[str, list[str]], system_tem
                     "kind": "aggregate",
                     "messages": aggregation_messages(system_template, row["messages"], drafts),
                     "response": row["reference"],
+                    "query": row["messages"],
+                    "proposals": list(drafts),
+                    "aggregate_template": system_template,
                 }
             )
     return examples
+
+
+def share_budget(lengths: list[int], budget: int) -> list[int]:
+    """Tokens each proposal keeps when together they may take ``budget``: equal shares, and a proposal shorter
+    than its share keeps all of itself and leaves the rest to the others (max-min fair: no proposal is cut
+    while a shorter share is given to another). Proposals are cut at their ends."""
+    keep = [0] * len(lengths)
+    left, todo = budget, sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for position, i in enumerate(todo):
+        share = left // (len(todo) - position)
+        keep[i] = min(lengths[i], share)
+        left -= keep[i]
+    return keep
 
 
 def propose_and_aggregate(

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 
 def beta_for(iteration: int, betas: list[float]) -> float:
-    """β of iteration t; the last configured value repeats (paper: 0.1, raised to 5.0 at iteration 3)."""
+    """β of iteration t, counted from 0 as the paper does; the last configured value repeats (paper: 0.1, raised
+    to 5.0 at iteration 3, so [0.1, 0.1, 0.1, 5.0])."""
     return betas[min(iteration, len(betas) - 1)]
+
+
+def lr_for(iteration: int, lrs: list[float]) -> float | None:
+    """Peak lr of iteration t (last value repeats; paper: 5e-7 for iterations 0-1, then 1e-7); None when no list
+    is configured, so the preference phases' lr applies."""
+    return lrs[min(iteration, len(lrs) - 1)] if lrs else None
 
 
 def sft_examples(rows: list[dict]) -> list[dict]:

@@ -3,6 +3,10 @@
 The prompt is rendered with ``render_prompt`` (the generator's own function) so the trainer sees exactly
 the tokens the generator saw; the response gets the end-of-turn token. Prompts longer than
 ``max_prompt_length`` keep their last tokens, responses are cut to fit ``max_length``; both are counted.
+An AFT aggregation prompt is the exception: cutting its start would drop the aggregator instruction and the
+first proposals, so ``prompt_messages`` keeps the instruction and the query whole and cuts the proposals at
+their ends, sharing the budget equally (``methods.aft.share_budget``), or stops the phase when even a
+minimum share per proposal does not fit.
 Micro-batches are built once, globally, by sequence count and a padded-token budget, then dealt to ranks
 round-robin; a rank short of one micro-batch gets a zero-weight copy so every rank runs the same number
 of ZeRO-3 collectives.
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.engine import render_prompt, response_ids
+from methods.aft import ProposalError, aggregation_messages, share_budget
 from training.losses import IGNORE
 
 
@@ -31,6 +36,45 @@ class TruncationReport:
     sequences: int = 0
     prompts_truncated: int = 0
     responses_truncated: int = 0
+    aggregate_prompts_cut: int = 0  # AFT prompts whose proposals were cut to fit max_prompt_length
+    proposals_cut: int = 0  # proposals cut at their end (each counted once per prompt)
+
+
+def prompt_messages(
+    tokenizer, example: dict, max_prompt_length: int, min_proposal_tokens: int, report: TruncationReport
+) -> list[dict]:
+    """The messages to train on. An AFT aggregation example (``proposals`` set) over ``max_prompt_length`` is
+    rebuilt with its proposals cut at their ends to equal shares of what the instruction and the query leave;
+    every other example is returned as it is. Raise ProposalError when the proposals cannot each keep
+    ``min_proposal_tokens`` (or all of themselves, if shorter)."""
+    drafts = example.get("proposals") or []
+    if not drafts:
+        return example["messages"]
+    template, query = example["aggregate_template"], example["query"]
+    if len(render_prompt(tokenizer, aggregation_messages(template, query, drafts))) <= max_prompt_length:
+        return aggregation_messages(template, query, drafts)
+    fixed = len(render_prompt(tokenizer, aggregation_messages(template, query, [""] * len(drafts))))
+    tokens = [tokenizer(d.strip(), add_special_tokens=False)["input_ids"] for d in drafts]
+    budget = max_prompt_length - fixed
+    needed = sum(min(len(t), min_proposal_tokens) for t in tokens)
+    for _ in range(8):  # decoded cuts can re-tokenize a few tokens longer where they meet the numbering
+        if budget < needed:
+            raise ProposalError(
+                f"example {example['id']}: the aggregation instruction and the query take {fixed} of "
+                f"training.max_prompt_length={max_prompt_length} tokens, leaving {max(budget, 0)} for "
+                f"{len(drafts)} proposals that need {needed} (aft.min_proposal_tokens={min_proposal_tokens} each, or "
+                "all of a shorter one); raise training.max_prompt_length and max_length, or use fewer proposals"
+            )
+        keep = share_budget([len(t) for t in tokens], budget)
+        cut = [tokenizer.decode(t[:k]) for t, k in zip(tokens, keep)]
+        messages = aggregation_messages(template, query, cut)
+        over = len(render_prompt(tokenizer, messages)) - max_prompt_length
+        if over <= 0:
+            report.aggregate_prompts_cut += 1
+            report.proposals_cut += sum(k < len(t) for t, k in zip(tokens, keep))
+            return messages
+        budget -= over
+    raise ProposalError(f"example {example['id']}: proposals could not be cut to fit {max_prompt_length} tokens")
 
 
 def build_sequence(

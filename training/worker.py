@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from training.losses import sequence_logps, sft_loss, spin_loss
-from training.sequences import TruncationReport, build_sequence, collate, deal, micro_batches
+from training.sequences import TruncationReport, build_sequence, collate, deal, micro_batches, prompt_messages
 
 
 def deepspeed_config(t: dict) -> dict:
@@ -94,11 +94,12 @@ class PhaseRunner:
         examples = _read_examples(spec["data"])
         report = TruncationReport()
         kind = spec["kind"]
-        build = lambda ex, text: build_sequence(
+        min_proposal_tokens = spec.get("min_proposal_tokens", 1)  # AFT: a cut proposal keeps at least this
+        build = lambda ex, text: build_sequence(  # noqa: E731
             tokenizer,
             ex["id"],
-            ex["messages"],
-            text,  # noqa: E731
+            prompt_messages(tokenizer, ex, t["max_prompt_length"], min_proposal_tokens, report),
+            text,
             t["max_length"],
             t["max_prompt_length"],
             report,

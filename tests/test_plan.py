@@ -1,0 +1,158 @@
+"""--plan: every recipe in configs/recipes/ places its pools and fits in GPU memory by the estimate, offline; one
+that does not fit is refused with the reason (exit 2). The estimator's numbers against hand-computed ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ArchitectureConfig, load_config, phase_training
+from cluster.plan import (
+    GIB,
+    PlanError,
+    architecture_from_hf,
+    architecture_from_section,
+    make_plan,
+    model_architecture,
+    training_estimate,
+    vllm_estimate,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "configs/recipes").glob("*.yaml"))
+# Mistral-7B (zephyr-7b-sft-full), as its config.json states it.
+MISTRAL = {
+    "num_hidden_layers": 32,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "vocab_size": 32000,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": False,
+}
+
+
+def recipe(path: Path, *overrides: str):
+    return load_config(path, [f"run.method={path.stem}", *overrides])  # what jobs.<method> does
+
+
+def test_there_is_one_recipe_per_method():
+    assert [p.stem for p in RECIPES] == ["aft", "llm2llm", "s3ft", "spin"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_plans_and_fits(path):
+    assert path.read_text().startswith("# cluster:"), "first line names the cluster shape the recipe needs"
+    config = recipe(path)
+    plan = make_plan(config)
+    assert plan.fits, plan.text()
+    text = plan.text()
+    for group in config.cluster.node_groups:
+        assert f"node group '{group.name}'" in text
+    for role in ("generator", "train"):
+        assert f"  {role}: " in text
+    assert "ZeRO-3 over 8 ranks" in text and "KV cache holds" in text
+    assert "from model.architecture" in text  # offline: the recipe's stated shape, no download
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_trains_on_gpus_in_bf16(path):
+    config = recipe(path)
+    assert config.training.deepspeed.bf16 and config.training.deepspeed.zero_stage == 3
+    assert config.engine.backend == "vllm" and config.engine.dtype == "bfloat16"
+    assert all(getattr(config.pools, role).num_gpus >= 1 for role in ("generator", "train"))
+
+
+def test_cli_plan_exits_0_when_it_fits_and_2_with_the_reason_when_not():
+    cmd = [sys.executable, "-m", "jobs.spin", "--config", "configs/recipes/spin.yaml", "--plan"]
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "plan: fits" in ok.stdout and "preference phase" in ok.stdout
+    # 64 pairs of 1024 tokens per rank without checkpointing: far more activations than an 80 GiB GPU holds.
+    big = cmd + ["training.micro_batch_size=64", "training.gradient_checkpointing=false"]
+    refused = subprocess.run(big, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert "plan refused: pools.train on 'train': needs" in refused.stderr and "80 GiB" in refused.stderr
+
+
+def test_a_pool_no_node_can_host_is_refused():
+    config = recipe(
+        ROOT / "configs/recipes/llm2llm.yaml", "pools.teacher.tensor_parallel_size=16", "pools.teacher.num_gpus=16"
+    )
+    plan = make_plan(config)
+    assert not plan.fits and "tensor_parallel_size 16 exceeds the GPUs of every matching node" in plan.problems[0]
+
+
+def test_a_teacher_too_big_for_its_gpus_is_refused():
+    config = recipe(
+        ROOT / "configs/recipes/llm2llm.yaml", "pools.teacher.tensor_parallel_size=1", "pools.teacher.num_gpus=1"
+    )
+    plan = make_plan(config)
+    assert not plan.fits
+    assert any("pools.teacher" in p and "KV cache" in p for p in plan.problems), plan.problems
+
+
+def test_no_cluster_shape_or_unknown_model_is_a_plan_error():
+    with pytest.raises(PlanError, match="cluster.node_groups"):
+        make_plan(load_config(ROOT / "configs/spin.yaml"))
+    stated_nothing = ["model.architecture.layers=0", "model.name=nobody/not-downloaded-7b"]
+    with pytest.raises(PlanError, match="model.architecture"):
+        make_plan(recipe(ROOT / "configs/recipes/spin.yaml", *stated_nothing))
+
+
+def test_config_json_on_disk_wins_over_the_stated_numbers(tiny_model):
+    stated = ArchitectureConfig(layers=99, hidden_size=1, intermediate_size=1, vocab_size=1, attention_heads=1)
+    arch = model_architecture(tiny_model, ".cache/models", stated, "model.architecture")
+    expected = json.loads((Path(tiny_model) / "config.json").read_text())
+    assert arch.layers == expected["num_hidden_layers"] != 99 and arch.source.endswith("config.json")
+
+
+def test_parameter_count_from_the_shapes_matches_the_published_ones():
+    # Mistral-7B: 7.24B; Llama-3.1-8B: 8.03B (same layout, 128256-token vocabulary).
+    assert architecture_from_hf(MISTRAL, "x").parameters == pytest.approx(7.24e9, rel=0.002)
+    llama = {**MISTRAL, "vocab_size": 128256}
+    assert architecture_from_hf(llama, "x").parameters == pytest.approx(8.03e9, rel=0.002)
+    stated = ArchitectureConfig(
+        parameters=7.0e9, layers=32, hidden_size=4096, intermediate_size=14336, vocab_size=32000, attention_heads=32
+    )
+    arch = architecture_from_section(stated, "model.architecture")
+    assert arch.parameters == 7.0e9 and arch.kv_heads == 32  # kv heads default to the attention heads
+
+
+def test_zero3_state_and_activations_by_hand():
+    arch = architecture_from_hf(MISTRAL, "x")
+    config = load_config(ROOT / "configs/recipes/spin.yaml")
+    settings = phase_training(config, "preference")
+    settings.update(micro_batch_size=1, gradient_checkpointing=False, max_tokens_per_batch=0)
+    est = dict(training_estimate(arch, settings, 8, "preference", 80 * GIB).items)
+    p = arch.parameters
+    assert est["parameters"] == est["gradients"] == pytest.approx(2 * p / 8)
+    assert est["fp32 master"] == pytest.approx(4 * p / 8) and est["rmsprop state"] == pytest.approx(4 * p / 8)
+    tokens = 2 * 1024  # one pair: chosen and rejected, each up to max_length
+    per_layer = 2 * (5 * 4096 + 3 * 1024 + 4 * 14336) + 8 * 4096
+    assert est["activations"] == pytest.approx(tokens * 32 * per_layer)
+    assert est["logits"] == pytest.approx(tokens * 32000 * 10)
+    adamw = dict(training_estimate(arch, {**settings, "optimizer": "adamw"}, 8, "preference", 80 * GIB).items)
+    assert adamw["adamw state"] == pytest.approx(2 * est["rmsprop state"])  # two moments, not one
+    checkpointed = dict(
+        training_estimate(arch, {**settings, "gradient_checkpointing": True}, 8, "preference", 80 * GIB).items
+    )
+    assert checkpointed["activations"] == pytest.approx(tokens * (32 * 2 * 4096 + per_layer))
+    sft = dict(training_estimate(arch, settings, 8, "sft", 80 * GIB).items)
+    assert sft["activations"] == pytest.approx(est["activations"] / 2)  # a sequence, not a pair
+
+
+def test_vllm_kv_cache_by_hand():
+    arch = architecture_from_hf(MISTRAL, "x")
+    config = load_config(ROOT / "configs/recipes/spin.yaml")
+    est = vllm_estimate(arch, config, config.pools.generator, 80 * GIB)
+    items = dict(est.items)
+    assert items["weights"] == pytest.approx(2 * arch.parameters)
+    assert est.total == pytest.approx(0.85 * 80 * GIB)  # vLLM takes gpu_memory_utilization of the GPU
+    kv_per_token = 2 * 32 * 8 * 128 * 2  # K and V, layers, kv heads, head dim, bf16
+    assert f"holds {int(items['KV cache'] // (kv_per_token * 2048))} sequences of 2048 tokens" in est.notes[0]
