@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import textwrap
 import types
@@ -86,6 +87,11 @@ def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
         "--print-config", action="store_true", help="print the resolved config (file + overrides + defaults) and exit"
     )
     parser.add_argument(
+        "--check-data",
+        action="store_true",
+        help="load and check the data as the job would (formats, bad rows, overlap), print what it found and exit",
+    )
+    parser.add_argument(
         "--plan",
         action="store_true",
         help="place the pools on cluster.node_groups and estimate each GPU's memory (training and vLLM), print it "
@@ -101,8 +107,29 @@ def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
     if args.print_config:
         sys.stdout.write(yaml.safe_dump(to_dict(config), sort_keys=False))
         raise SystemExit(0)
+    if args.check_data:
+        raise SystemExit(check_data(config))
     if args.plan:
         from cluster.plan import print_plan
 
         raise SystemExit(print_plan(config))
     return config
+
+
+def check_data(config: JobConfig) -> int:
+    """What a job would train and evaluate on, without starting anything: 0 if usable, 2 (and why) if not."""
+    from cluster.data import DataError, prepare
+
+    try:
+        data = prepare(config.data, config.run.seed)
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
+    for report in data.reports:
+        print(report)
+        for where, reason in report.bad_rows[5:]:  # the summary line quotes the first five
+            print(f"  {where}: {reason}")
+    print(f"train rows: {len(data.train)}, eval rows: {len(data.eval)} ({data.eval_source}), overlap: {data.overlap}")
+    first = data.train[0]
+    print("first training row:", json.dumps({k: first[k] for k in ("id", "messages", "reference")}, ensure_ascii=False))
+    return 0

@@ -1,6 +1,7 @@
 """The jobs' command line: --help lists every config key with type, default and doc; --print-config."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,28 @@ def test_help_has_every_key_and_factory_defaults():
     assert "  evaluation.temperature  (float, default 0.0)" in text
     assert "  pools.train.replicas  (int, default 2)" in text
     assert type_name(dataclasses.fields(JobConfig)[0].type) == "RunConfig"
+
+
+def test_check_data_shows_what_a_job_would_get_and_exits(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]}
+        for i in range(4)
+    ]
+    rows.append({"messages": [{"role": "human", "content": "hi"}]})
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"prompt": "no answer"}) + "\n")
+
+    def check(data: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "jobs.spin", "--check-data", f"data.train={data}", "run.dir=" + str(tmp_path)]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    done = check(tmp_path / "chat.jsonl")
+    assert done.returncode == 0, done.stderr
+    assert "4 rows kept, 1 malformed (first: line 5: unknown role 'human'" in done.stdout
+    assert '"reference": "A' in done.stdout and "overlap: none" in done.stdout
+    empty = check(tmp_path / "empty.jsonl")
+    assert empty.returncode == 2 and "data error: data.train: 0 usable rows" in empty.stderr
+    assert not (tmp_path / "spin").exists()  # nothing was started or written
 
 
 def test_print_config_prints_the_resolved_config_and_exits():
