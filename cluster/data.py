@@ -372,6 +372,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
             for i in range(batch.num_rows):
                 try:
                     rows.append(batch.slice(i, 1).to_pylist()[0])
+                except UnicodeDecodeError as err:  # Parquet writers do not all validate their strings
+                    rows.append(BadRow(f"invalid UTF-8 ({err.reason}, byte 0x{err.object[err.start]:02x})"))
                 except Exception as err:
                     rows.append(BadRow(f"cannot be read ({type(err).__name__}: {err})"))
         for row in rows:
@@ -456,7 +458,8 @@ def _source_rows(
             chosen = _pick_split(list(loaded), split, ref, key)
             return f"{ref}[{chosen}]", _dataset_rows(loaded[chosen])
         return ref, _dataset_rows(loaded)
-    if path.is_dir() or (HUB_ID.match(ref) and not ref.startswith((".", "~"))):
+    looks_like_file = ref.lower().endswith(FILE_SUFFIXES)  # "data/train.jsonl" is a missing file, not a hub id
+    if path.is_dir() or (HUB_ID.match(ref) and not ref.startswith((".", "~")) and not looks_like_file):
         source = str(path) if path.is_dir() else _hub_dataset_folder(ref, cache_dir) or ref
         splits = dataset_splits(source, subset)
         chosen = _pick_split(splits, split, ref, key) if splits else split

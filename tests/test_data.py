@@ -100,8 +100,10 @@ def test_parquet_and_hf_folder(tmp_path):
 def test_unknown_reference_is_a_clear_error():
     with pytest.raises(DataError, match="not a built-in"):
         load_dataset("no-such-dataset")
-    with pytest.raises(DataError, match="neither a built-in"):
+    with pytest.raises(DataError, match="data.eval: './no/such/file.jsonl' is neither a built-in"):
         load_dataset("./no/such/file.jsonl", key="data.eval")
+    with pytest.raises(DataError, match="'data/train.jsonl' is neither a built-in"):  # not taken for a hub id
+        load_dataset("data/train.jsonl")
 
 
 def test_split_is_deterministic_and_disjoint():
@@ -311,6 +313,16 @@ def test_invalid_utf8_is_reported_per_row_in_jsonl_and_csv(tmp_path):
     csv_file.write_bytes(b"prompt,completion\nok,fine\nbad,\xc3\x28\nok2,fine\n")
     rows, report = load_dataset(str(csv_file))
     assert len(rows) == 2 and report.reasons == ["line 3: invalid UTF-8 in 'completion'"]
+    # A Parquet writer that did not validate its strings: the row is reported, its neighbours are read.
+    valid = pa.array(["ok", "bad!", "ok2"], pa.string())
+    validity, offsets, data = valid.buffers()
+    corrupt = bytearray(data.to_pybytes())
+    corrupt[2] = 0xFF  # first byte of "bad!"
+    prompts = pa.Array.from_buffers(pa.string(), 3, [validity, offsets, pa.py_buffer(bytes(corrupt))])
+    pq.write_table(pa.table({"prompt": prompts, "completion": ["a", "b", "c"]}), tmp_path / "d.parquet")
+    rows, report = load_dataset(str(tmp_path / "d.parquet"))
+    assert [r["reference"] for r in rows] == ["a", "c"]
+    assert report.reasons == ["row 1: invalid UTF-8 (invalid start byte, byte 0xff)"]
 
 
 def test_parquet_columns_json_cannot_hold_are_reported(tmp_path):
