@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.formats import TASKS, BadRow, normalize_row
+from cluster.formats import FIELDS, TASKS, BadRow, normalize_row
 
 if TYPE_CHECKING:
     from cluster.config import DataConfig
@@ -624,6 +624,14 @@ def prepare(c: DataConfig, seed: int) -> JobData:
     not only the sampled ``data.n_train`` rows, so raising ``n_train`` can never reveal a leak later."""
     if c.task is not None and c.task not in TASKS:
         raise DataError(f"data.task: {c.task!r} is not one of {TASKS}")
+    if c.columns and c.train in BUILTIN and (c.eval is None or c.eval in BUILTIN):
+        raise DataError(f"data.columns: a built-in ({c.train}) has this repo's fields already; the mapping is unused")
+    for field_name, column in c.columns.items():
+        if field_name not in FIELDS:  # a reversed mapping (column=field) would otherwise drop every row
+            raise DataError(
+                f"data.columns.{field_name}: {field_name!r} is not a field ({', '.join(FIELDS)}); the mapping is "
+                f"field=column, e.g. data.columns.prompt={column}"
+            )
     load = lambda ref, split, subset, key: load_dataset(  # noqa: E731
         ref, split, subset, c.columns, c.task, key=key, cache_dir=c.cache_dir
     )

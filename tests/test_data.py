@@ -545,3 +545,5 @@ def test_too_few_usable_rows_stop_before_any_work_with_the_reason(tmp_path):
         prepare(DataConfig(train=some, min_rows=3), seed=0)
     with pytest.raises(DataError, match="data.task: 'maths' is not one of"):
         prepare(DataConfig(train=some, task="maths"), seed=0)
+    with pytest.raises(DataError, match="data.columns.question: 'question' is not a field"):  # reversed mapping
+        prepare(DataConfig(train=some, columns={"question": "prompt"}), seed=0)
