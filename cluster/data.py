@@ -642,15 +642,15 @@ def prepare(c: DataConfig, seed: int) -> JobData:
         eval_split = c.eval_split if eval_splits else None
         eval_pool, eval_report = load(c.eval, eval_split, c.eval_subset, "data.eval")
         reports.append(eval_report)
-        eval_source = eval_report.source
+        eval_source, eval_key = eval_report.source, "data.eval"
     elif c.eval_split in (dataset_splits(c.train, c.subset, c.cache_dir) or []):
         eval_pool, eval_report = load(c.train, c.eval_split, c.subset, "data.eval_split")
         reports.append(eval_report)
-        eval_source = eval_report.source
+        eval_source, eval_key = eval_report.source, "data.eval_split"
     else:
         train_pool, eval_pool = split(train_pool, seed, c.eval_fraction)
-        eval_source = f"{c.eval_fraction:g} of {c.train} held out (seed {seed})"
-    for name, pool, report in (("data.train", train_pool, train_report), ("eval", eval_pool, reports[-1])):
+        eval_source, eval_key = f"{c.eval_fraction:g} of {c.train} held out (seed {seed})", "data.eval_fraction"
+    for name, pool, report in (("data.train", train_pool, train_report), (eval_key, eval_pool, reports[-1])):
         if len(pool) < c.min_rows:
             raise DataError(
                 f"{name}: {len(pool)} usable rows, fewer than data.min_rows={c.min_rows}. Load report: {report}"
@@ -667,7 +667,8 @@ def prepare(c: DataConfig, seed: int) -> JobData:
     overlap = find_overlap(train_pool, eval_rows + general)
     if overlap and not c.allow_overlap:
         raise DataError(
-            f"data.eval: evaluation prompts appear in the training data: {overlap}. Evaluating on trained-on "
+            f"{eval_key}{' / data.general_eval' if general else ''}: evaluation prompts appear in the training data "
+            f"(data.train): {overlap}. Evaluating on trained-on "
             "prompts measures memory, not skill: remove them from one side, or set data.allow_overlap=true"
         )
     return JobData(take(train_pool, c.n_train, seed), eval_rows, general, reports, overlap, eval_source)
