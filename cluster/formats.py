@@ -9,6 +9,8 @@ of ``{role, content}`` turns):
 - prompt-completion: ``prompt`` + ``completion`` -> reference = the completion;
 - preference: ``prompt`` + ``chosen`` (+ ``rejected``) -> reference = chosen, ``rejected`` kept in metadata;
   with an implicit prompt (``chosen`` is a whole conversation) the prompt is chosen's turns before its last;
+- unpaired preference: ``prompt`` + ``completion`` + a bool ``label``: a desirable completion is the reference,
+  an undesirable one is no gold answer (the row is malformed);
 - anything else through ``data.columns`` ({field: column}), e.g. ``{prompt: question, reference: answer}``.
 
 This repo's own fields keep working: ``reference`` (or ``answer`` / ``response``), ``label``, ``task``,
@@ -198,6 +200,11 @@ def normalize_row(
     if not any(t["role"] == "user" and t["content"].strip() for t in prompt):
         raise BadRow("the prompt has no non-empty user turn")
 
+    if isinstance(row.get("label"), bool) and row.get("completion") is not None:
+        # TRL's unpaired preference format (KTO): the bool says whether the completion is desirable.
+        if not row["label"]:
+            raise BadRow("the completion is labelled undesirable (unpaired preference, label=false): not a gold answer")
+        row = {k: v for k, v in row.items() if k != "label"}
     label = as_text(row.get("label"), "label") or ""
     if reference is None:
         field = next((f for f in REFERENCE_FIELDS if row.get(f) is not None), None)

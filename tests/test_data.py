@@ -240,6 +240,18 @@ def test_a_plain_text_row_is_reported_not_split_by_guess(tmp_path):
     assert rows == [] and "no boundary between prompt and answer" in report.reasons[0]
 
 
+def test_unpaired_preference_rows_keep_only_desirable_completions(tmp_path):
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"prompt": "2+2?", "completion": "4", "label": True}, {"prompt": "2+3?", "completion": "7", "label": False}],
+    )
+    rows, report = load_dataset(path)
+    assert [(r["reference"], r["label"]) for r in rows] == [("4", "")]
+    assert report.reasons == [
+        "line 2: the completion is labelled undesirable (unpaired preference, label=false): not a gold answer"
+    ]
+
+
 def test_a_label_alone_is_a_gold_answer_and_gsm8k_labels_come_from_the_solution(tmp_path):
     path = write_jsonl(
         tmp_path / "d.jsonl",
