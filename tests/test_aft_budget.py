@@ -4,6 +4,7 @@ without proposals stop the job instead of silently training plain SFT."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -103,5 +104,7 @@ def test_aft_job_with_off_policy_and_no_proposals_stops_before_training(ray_sess
     with pytest.raises(ProposalError, match="aft.proposal_source=off_policy, but 6 of 6 training rows"):
         main("aft", aft, argv)
     run = tmp_path / "aft" / "tiny"
-    assert not (run / "models").exists()  # nothing trained, not even the SFT baseline
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("ProposalError: aft.proposal_source")
+    assert summary["phases"] == {} and not list((run / "models").iterdir())  # nothing ran, not even the SFT baseline
     assert not (run / "DONE").exists()

@@ -34,9 +34,15 @@ def ids(path: Path) -> list[str]:
 
 
 def test_spin_two_iterations(ray_session, tmp_path):
-    summary = run_method("spin", tmp_path, "spin.sft_first=true", "spin.sft_lr=1e-4")
+    # Each iteration's own peak lr (spin.lr), held by a constant schedule so the last step shows it.
+    constant = ["training.preference.schedule=constant", "training.preference.warmup_ratio=0"]
+    per_iteration = ["spin.lr=[3e-3,2e-3]", *constant]
+    summary = run_method("spin", tmp_path, "spin.sft_first=true", "spin.sft_lr=1e-4", *per_iteration)
     run = tmp_path / "spin" / "tiny"
     m = summary["metrics"]
+    phases = json.loads((run / "state.json").read_text())["phases"]
+    assert [phases[f"iter{t}/spin"]["result"]["final"]["lr"] for t in (0, 1)] == pytest.approx([3e-3, 2e-3])
+    assert m["iter0/spin/truncation"]["sequences"] == 16  # 8 pairs, chosen and rejected
     assert {"iter0/eval/accuracy", "iter1/eval/accuracy", "iter2/eval/accuracy"} <= set(m)
     pairs0 = pq.read_table(run / "phases/iter0/spin-data.parquet").to_pylist()
     pairs1 = pq.read_table(run / "phases/iter1/spin-data.parquet").to_pylist()
