@@ -115,6 +115,8 @@ def connect(config: ClusterConfig) -> str:
     # the dashboard, and a local box has no preemption notices to watch for. Set these to override.
     for name, value in EMBEDDED_RAY_TRAIN_ENV.items():
         os.environ.setdefault(name, value)
+    if config.dashboard:  # the dashboard's Train page lists runs only when the train controller records them
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     temp_dir = Path(tempfile.gettempdir()) / f"selfimprove-ray-{os.getpid()}"
     ray.init(
         address="local",

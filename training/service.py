@@ -125,6 +125,8 @@ def rank_env(config: JobConfig) -> dict[str, str]:
 
 
 class TrainingService:
+    RUN_NAME = "train"
+
     def __init__(self, config: JobConfig, on_metrics: Callable[[dict], None] | None = None):
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
@@ -137,6 +139,8 @@ class TrainingService:
         self.stalled = False
         self.on_metrics = on_metrics or (lambda m: None)
         self.queue = PhaseQueue.remote()
+        # Ray Train's record of the job: each phase's metrics and HF checkpoint (``ray.train.Result.from_path``).
+        self.storage = Path(config.run_dir).resolve() / "ray_train" / self.RUN_NAME
         self.next_index = 0
         self.replicas = pool.replicas
         resources = {"CPU": pool.num_cpus, **pool.resources}
@@ -153,8 +157,8 @@ class TrainingService:
                 label_selector=dict(pool.label_selector) or None,
             ),
             run_config=RunConfig(
-                name="train",
-                storage_path=str(Path(config.run_dir).resolve() / "ray_train"),
+                name=self.RUN_NAME,
+                storage_path=str(self.storage.parent),
                 failure_config=FailureConfig(max_failures=pool.max_restarts),
                 worker_runtime_env={"env_vars": rank_env(config)},
             ),
@@ -225,6 +229,14 @@ class TrainingService:
                 raise TrainingError(f"train pool not ready after {timeout_s:.0f} s (cluster.ready_timeout_s)")
             time.sleep(0.5)
         return time.perf_counter() - self.started
+
+    def reported_phases(self) -> list[tuple[str, dict]]:
+        """(checkpoint folder, metrics) of every phase Ray Train registered, read from its run storage."""
+        from ray.train import Result
+
+        if not (self.storage / "checkpoint_manager_snapshot.json").exists():
+            return []
+        return [(c.path, m) for c, m in Result.from_path(str(self.storage)).best_checkpoints]
 
     def idle_s(self) -> float:
         return max(0.0, (time.perf_counter() - self.started - self.busy_s) * self.replicas)

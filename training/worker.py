@@ -43,18 +43,41 @@ def deepspeed_config(t: dict) -> dict:
     }
 
 
-def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
-    warmup = int(total_steps * warmup_ratio)
+# training.schedule -> transformers.get_scheduler's name: every schedule warms up linearly first.
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    return factor
+def lr_scheduler(optimizer, total_steps: int, warmup_ratio: float, schedule: str):
+    """The HF schedule the Trainer and TRL use (``transformers.get_scheduler``), stepped once per optimizer step."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        SCHEDULERS[schedule],
+        optimizer,
+        num_warmup_steps=int(total_steps * warmup_ratio),
+        num_training_steps=total_steps,
+    )
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory since the last ``reset_peak_rss`` (VmHWM), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # no procfs (macOS)
+        pass
+    return None
+
+
+def reset_peak_rss() -> float | None:
+    """Start a new peak-memory window (Linux: writing 5 to clear_refs resets VmHWM to the current RSS); returns
+    that starting RSS in MiB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return peak_rss_mib()
 
 
 def loaded_allocator() -> str:
@@ -83,12 +106,17 @@ class PhaseRunner:
         self.ckpt_dir = self.phase_dir / "ckpt"
 
     def run(self) -> dict:
+        import gc
+
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations import HfDeepSpeedConfig
 
         spec, t = self.spec, self.t
         started = time.perf_counter()
+        # The previous phase's DeepSpeed engine lives on in reference cycles until a collection: drop it before
+        # this phase loads its own model, or a long-lived rank holds two models' state.
+        gc.collect()
         torch.manual_seed(spec["seed"])
         tokenizer = AutoTokenizer.from_pretrained(spec["init_model"])
         examples = _read_examples(spec["data"])
@@ -122,6 +150,11 @@ class PhaseRunner:
             spec["init_model"], dtype=dtype, trust_remote_code=spec.get("trust_remote_code", False)
         )
         model.config.use_cache = False
+        self.beat(0, "model loaded")
+        if t["gradient_checkpointing"]:
+            # Non-reentrant: recomputes each layer in backward under ZeRO-3's parameter gathers (the reentrant
+            # variant needs inputs that require grad and misses parameters gathered inside the layer).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         epochs = [
             deal(
@@ -138,9 +171,7 @@ class PhaseRunner:
             optimizer = torch.optim.RMSprop(params, lr=t["lr"], weight_decay=t["weight_decay"])
         else:
             optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(total_steps, t["warmup_ratio"], t["schedule"])
-        )
+        scheduler = lr_scheduler(optimizer, total_steps, t["warmup_ratio"], t["schedule"])
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
@@ -158,6 +189,7 @@ class PhaseRunner:
         startup_s = time.perf_counter() - started
 
         engine.train()
+        rss_before_steps = reset_peak_rss()  # the steps' own peak: activations on top of the partitioned state
         micro_step, steps_done = 0, math.ceil(start_micro / t["grad_accum"])
         self._stall_hook(steps_done)
         step_tokens, step_start, train_tokens, train_time = 0, time.perf_counter(), 0, 0.0
@@ -202,6 +234,7 @@ class PhaseRunner:
                     self.beat(steps_done, "stepped")
                     self._stall_hook(steps_done)
 
+        train_peak_rss_mib = peak_rss_mib()
         self.beat(steps_done, "saving")
         out = self._save(engine, model, tokenizer, spec["output"])
         if self.rank == 0:
@@ -220,6 +253,10 @@ class PhaseRunner:
             "examples": len(items),
             "local_param_fraction": local / total,
             "allocator": loaded_allocator(),
+            # this rank's resident memory (rank 0's result reaches the driver): peak during the optimizer steps,
+            # and what it held when they started (model, optimizer state, the process itself)
+            "train_peak_rss_mib": train_peak_rss_mib,
+            "rss_before_steps_mib": rss_before_steps,
         }
 
     # -- steps -----------------------------------------------------------------------------------------
@@ -326,6 +363,80 @@ class PhaseRunner:
         return output
 
 
+def checkpoint_dir_name(phase: str) -> str:
+    """The phase's checkpoint folder under Ray Train's run storage (phase names hold '/': ``iter0/spin``)."""
+    return "checkpoint_" + phase.replace("/", "-")
+
+
+def phase_metrics(spec: dict, result: dict) -> dict:
+    """What Ray Train records with the phase's checkpoint: its name, size, speed and last step's metrics."""
+    final = {k: v for k, v in result["final"].items() if isinstance(v, (int, float))}
+    return {
+        "phase": spec["name"],
+        "kind": spec["kind"],
+        **final,
+        "steps": result["steps"],
+        "examples": result["examples"],
+        "train_tokens": result["train_tokens"],
+        "train_tokens_per_s": result["train_tokens_per_s"],
+        "wall_s": result["wall_s"],
+    }
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """``target`` becomes a copy of ``source`` made of hard links where the filesystem allows (no second copy
+    of the weights), real copies elsewhere."""
+    shutil.rmtree(target, ignore_errors=True)  # a phase reported again after a crash between report and done
+    for path in sorted(source.rglob("*")):
+        dest = target / path.relative_to(source)
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, dest)
+        except OSError:  # another device, or a filesystem without hard links
+            shutil.copy2(path, dest)
+
+
+def register_checkpoint(checkpoint, dir_name: str):
+    """``checkpoint_upload_fn`` of the phase's report: on a local storage path the HF folder is linked into the
+    run storage, not copied (Ray's default upload would write every weight file a second time)."""
+    import pyarrow.fs
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        return storage.persist_current_checkpoint(checkpoint, dir_name)  # Ray's own upload (cloud storage)
+    target = Path(storage.experiment_fs_path) / dir_name
+    link_tree(Path(checkpoint.path), target)
+    return ray.train.Checkpoint(str(target), filesystem=storage.storage_filesystem)
+
+
+def report_phase(spec: dict, result: dict, rank: int) -> str:
+    """Every rank reports the finished phase to Ray Train (``ray.train.report`` is a barrier); rank 0 attaches
+    the HF folder, which Ray Train then registers as the run's checkpoint with these metrics. Returns the
+    registered folder. One report per phase: Train V2 keeps only metrics that come with a checkpoint, and its
+    controller takes one report per worker per poll (2 s), which per-step reports of short steps would queue
+    behind; the per-step curves go to W&B on the optimizer step."""
+    import ray.train
+
+    name = checkpoint_dir_name(spec["name"])
+    checkpoint = ray.train.Checkpoint.from_directory(result["output"]) if rank == 0 else None
+    ray.train.report(
+        phase_metrics(spec, result),
+        checkpoint=checkpoint,
+        checkpoint_dir_name=name,
+        checkpoint_upload_fn=register_checkpoint,
+    )
+    if rank != 0:
+        return ""
+    # Wait until the controller has registered it, so the driver never sees a finished phase that Ray Train's
+    # record (``ray.train.Result.from_path`` on the run storage) does not list yet.
+    reported = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    return next(r.checkpoint.path for r in reversed(reported) if r.checkpoint.path.endswith(name))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: serve phase specs from the queue until it says stop."""
     import ray
@@ -354,6 +465,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 ray.get(queue.fail.remote(index, f"{type(err).__name__}: {err}"))
             raise
+        result["ray_checkpoint"] = report_phase(spec, result, rank)
         if rank == 0:
             ray.get(queue.done.remote(index, result))
         index += 1
