@@ -209,6 +209,7 @@ class TrainingService:
         if quiet["silent_s"] < self.stall_timeout_s:
             return
         self.stalled = True
+        self.next_index += 1  # the stalled phase's slot is spent: ranks that ever get past it find the stop spec next
         others = ", ".join(
             f"rank {r}: step {p['step']} ({p['stage']}, {p['silent_s']:.0f} s ago)"
             for r, p in ranks.items()

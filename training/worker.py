@@ -316,9 +316,11 @@ class PhaseRunner:
     # -- helpers ---------------------------------------------------------------------------------------
 
     def _stall_hook(self, step: int) -> None:
-        """Test hook: this rank hangs after a given step (``<phase>:<rank>:<step>``), as a stuck collective would."""
-        if os.environ.get("SELFIMPROVE_STALL_AT") == f"{self.spec['name']}:{self.rank}:{step}":
-            time.sleep(10**6)
+        """Test hook: this rank hangs for ``<seconds>`` after a given step (``<phase>:<rank>:<step>:<seconds>``), as
+        a stuck collective would, then goes on (so a test's train pool can wind down afterwards)."""
+        where, _, seconds = os.environ.get("SELFIMPROVE_STALL_AT", "").rpartition(":")
+        if where == f"{self.spec['name']}:{self.rank}:{step}":
+            time.sleep(float(seconds))
 
     def _after_checkpoint(self, spec: dict) -> None:
         """Test hook: die right after a given checkpoint (simulates a crash mid-phase)."""
