@@ -63,13 +63,16 @@ def aft(ctl: Controller) -> None:
             a.aggregate_temperature,
         ),
     )
-    verdicts = ctl.judge_equivalence("aft/pa-verdicts", eval_rows, {k: v["answer"] for k, v in answers.items()})
-    ctl.record_accuracy("aft/propose_aggregate", verdicts, len(eval_rows))
+    # A query whose last layer never answered (its requests failed) is a failed row, not a wrong answer.
+    answered = {k: v["answer"] for k, v in answers.items() if v["layers"][-1]}
+    verdicts = ctl.judge_equivalence("aft/pa-verdicts", eval_rows, answered)
+    ctl.run.metric("aft/propose_aggregate/failed", len(eval_rows) - len(verdicts))
+    ctl.record_accuracy("aft/propose_aggregate", verdicts, len(verdicts))
     # The sequential-refinement axis: does each aggregation layer beat the one before? (first response per layer)
     for layer in range(a.layers):
         firsts = {k: v["layers"][layer][0] for k, v in answers.items() if v["layers"][layer]}
         layer_verdicts = ctl.judge_equivalence(f"aft/pa-layer{layer}-verdicts", eval_rows, firsts)
-        ctl.record_accuracy(f"aft/layer{layer}", layer_verdicts, len(eval_rows))
+        ctl.record_accuracy(f"aft/layer{layer}", layer_verdicts, len(layer_verdicts))
 
     if a.baseline_sft:
         sft_answers = ctl.run.rows("sft/eval-answers")
