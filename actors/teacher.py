@@ -132,8 +132,11 @@ class Teacher:
             "unparseable_replies": 0,
         }
 
-    def augment(self, wrong_seeds: list[dict], existing_questions: list[str], iteration: int) -> list[dict]:
-        """k new examples per wrong seed, near-duplicates of anything so far dropped, missing ones re-asked."""
+    def augment(
+        self, wrong_seeds: list[dict], existing_questions: list[str], iteration: int, failed: list[dict] | None = None
+    ) -> list[dict]:
+        """k new examples per wrong seed, near-duplicates of anything so far dropped, missing ones re-asked.
+        Seeds whose teacher request could not be run (batch failed twice, over-long prompt) go to ``failed``."""
         from actors.engine import Sampling
 
         existing = list(existing_questions)
@@ -159,7 +162,8 @@ class Teacher:
                 max_tokens=self.max_tokens,
                 seed=self.seed + 1000 * iteration + attempt,
             )
-            for out in self.pool.generate_all(requests, sampling, desc=f"teacher augment {attempt}").values():
+            replies = self.pool.generate_all(requests, sampling, desc=f"teacher augment {attempt}", failed=failed)
+            for out in replies.values():
                 seed = by_id[out["id"]]
                 pairs = parse_augmentations(out["samples"][0]["text"])
                 if not pairs:

@@ -40,13 +40,15 @@ def llm2llm(ctl: Controller) -> None:
             break  # the last student is the result; more data would not be trained on
         existing_questions = [prompt_text(r) for r in data]
 
-        def augment(todo: list[dict], known: list[str] = existing_questions, t: int = t) -> list[list[dict]]:
+        failed: list[dict] = []  # seeds the teacher pool could not answer: stored and counted by the phase
+
+        def augment(todo: list[dict], known: list[str] = existing_questions, t: int = t, failed=failed):
             teacher = ctl.teacher()
-            examples = teacher.augment(todo, known, iteration=t)
+            examples = teacher.augment(todo, known, iteration=t, failed=failed)
             ctl.run.metric(f"iter{t}/teacher", teacher.stats)  # where the teacher's replies were lost
             return [examples]
 
-        new = ctl.run.row_phase(f"iter{t}/augment", wrong, augment, key="seed_id")
+        new = ctl.run.row_phase(f"iter{t}/augment", wrong, augment, key="seed_id", failed=failed)
         ctl.run.metric(f"iter{t}/new_examples", len(new))
         data = accumulate(data, new)
         ctl.run.metric(f"iter{t}/data_size", len(data))
