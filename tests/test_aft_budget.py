@@ -108,3 +108,24 @@ def test_aft_job_with_off_policy_and_no_proposals_stops_before_training(ray_sess
     assert summary["status"] == "failed" and summary["error"].startswith("ProposalError: aft.proposal_source")
     assert summary["phases"] == {} and not list((run / "models").iterdir())  # nothing ran, not even the SFT baseline
     assert not (run / "DONE").exists()
+
+
+def test_examples_keep_their_proposals_through_the_parquet_the_ranks_read(tokenizer, tmp_path):
+    from cluster.tracking import write_parquet
+    from training.worker import _read_examples
+
+    rows = [{"id": f"q{i}", "messages": QUERY, "reference": "Rayleigh scattering."} for i in range(2)]
+    drafts = {"q1": ["the light scatters off air molecules " * 60, "Blue light scatters most."]}
+    examples = build_examples(rows, drafts, TEMPLATE)  # the first row written is a propose example
+    write_parquet(tmp_path / "aft-data.parquet", examples)
+    read = _read_examples(str(tmp_path / "aft-data.parquet"))
+    assert [(e["kind"], e["proposals"]) for e in read] == [
+        ("propose", []),
+        ("propose", []),
+        ("aggregate", drafts["q1"]),
+    ]
+    aggregate = read[2]
+    assert aggregate["query"] == QUERY and aggregate["aggregate_template"] == TEMPLATE
+    report = TruncationReport()
+    messages = prompt_messages(tokenizer, aggregate, 128, 8, report)
+    assert len(render_prompt(tokenizer, messages)) <= 128 and report.proposals_cut == 1
