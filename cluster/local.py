@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -68,6 +69,11 @@ def node_env(folder: Path) -> dict[str, str]:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(folder / "auth_token"),
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray turns "127.0.0.1" into the machine's external address in every process that connects (the
+            # head's job agent, a job's driver), while these nodes listen on loopback only. Off, Ray's address
+            # lookup answers loopback (ray._private.services.get_node_ip_address); `ray start` of a worker node
+            # would then refuse to join, which pin_loopback undoes inside it.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             # Seconds a raylet waits for its agents to start, and `ray start` for its raylet: Ray's 30 s / 60 s
             # defaults are too short on a busy 2-core machine (the dashboard agent alone took 40 s to come up).
             "RAY_agent_register_timeout_ms": "300000",
@@ -82,8 +88,9 @@ def pin_loopback(ray_params, head: bool) -> None:
     external address (``services.resolve_ip_for_localhost``), and ``--address=127.0.0.1:P`` too, which would
     put the cluster's traffic on eth0 (and a worker node then looks for a loopback-bound head on eth0). This runs
     inside ``ray start`` before either is resolved: loopback stays loopback."""
-    from ray._private import services
+    from ray._private import ray_constants, services
 
+    ray_constants.ENABLE_RAY_CLUSTER = True  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is for the node's clients only
     services.resolve_ip_for_localhost = lambda host: host
     ray_params.node_ip_address = "127.0.0.1"
     ray_params.node_name = "127.0.0.1"
@@ -286,13 +293,22 @@ def up(
         }
         _save_state(folder, state)
         names = [(role, role) for role in roles] + [(role, f"{role}-spare") for role in spares]
-        for role, name in names:
+
+        def start(role: str, name: str) -> dict:
             cpus = (num_cpus or {}).get(role, 2)
-            state["nodes"][name] = {
+            return {
                 "role": role,
                 **_start_node(folder, name, worker_args(state, role, cpus, object_store_mib), timeout_s),
             }
-            _save_state(folder, state)
+
+        # Worker nodes start together: each `ray start` mostly waits for its processes to come up.
+        with ThreadPoolExecutor(max(1, len(names))) as pool:
+            futures = {name: pool.submit(start, role, name) for role, name in names}
+        errors = [f.exception() for f in futures.values() if f.exception()]
+        state["nodes"].update({name: f.result() for name, f in futures.items() if not f.exception()})
+        _save_state(folder, state)  # every node that started, so down() stops it even when another failed
+        if errors:
+            raise errors[0]
         wait_for_job_api(state, timeout_s)
     except BaseException:
         down(folder, keep_logs=True)  # the nodes' logs say why
