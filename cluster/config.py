@@ -525,25 +525,6 @@ class ServeConfig:
 
 
 @dataclass
-class ServeConfig:
-    api_key_env: str = doc(
-        "Environment variable holding the API key of jobs.serve (clients send 'Authorization: Bearer <key>'). "
-        "Unset or empty: no key is asked for. The key itself is never written to config files or logs.",
-        "SELFIMPROVE_API_KEY",
-    )
-    max_n: int = doc("Largest 'n' (samples per request) a client may ask for.", 8, bounds=">= 1")
-    max_tokens: int = doc(
-        "Largest 'max_tokens' a client may ask for (also capped by the context left after the prompt).",
-        1024,
-        bounds=">= 1",
-    )
-    default_max_tokens: int = doc("'max_tokens' of a request that does not set it.", 256, bounds=">= 1")
-    max_proposals: int = doc("Largest aggregate.n_proposals of a propose-and-aggregate request.", 8, bounds=">= 1")
-    max_layers: int = doc("Largest aggregate.layers of a propose-and-aggregate request.", 3, bounds=">= 1")
-    max_body_bytes: int = doc("Largest request body in bytes; larger ones are refused unread.", 10**6, bounds=">= 1")
-
-
-@dataclass
 class JobConfig:
     run: RunConfig = doc("Run identity and folder.", factory=RunConfig)
     cluster: ClusterConfig = doc("Ray connection.", factory=ClusterConfig)
@@ -564,9 +545,6 @@ class JobConfig:
     s3ft: S3ftConfig = doc("S3FT.", factory=S3ftConfig)
     llm2llm: Llm2llmConfig = doc("LLM2LLM.", factory=Llm2llmConfig)
     aft: AftConfig = doc("AFT.", factory=AftConfig)
-    serve: ServeConfig = doc(
-        "jobs.serve limits and API key; its replicas take their resources from pools.generator.", factory=ServeConfig
-    )
     serve: ServeConfig = doc(
         "jobs.serve limits and API key; its replicas take their resources from pools.generator.", factory=ServeConfig
     )
@@ -816,27 +794,6 @@ def phase_training(config: JobConfig, phase: Literal["sft", "preference"], **ove
     settings.update({k: v for k, v in sections[phase].items() if v is not None})
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings
-
-
-SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
-REDACTED = "<redacted>"
-
-
-def redact_secrets(tree: Any) -> Any:
-    """A copy of a ``to_dict`` tree whose secret-looking environment values (in any ``env`` / ``env_vars``
-    mapping, names containing TOKEN, KEY, SECRET or PASSWORD) read ``<redacted>``. For what is written where
-    others can read it: config.yaml in the run folder and the W&B run's config."""
-    if isinstance(tree, list):
-        return [redact_secrets(v) for v in tree]
-    if not isinstance(tree, dict):
-        return tree
-    out = {}
-    for key, value in tree.items():
-        if key in ("env", "env_vars") and isinstance(value, dict):
-            out[key] = {k: REDACTED if SECRET_NAME.search(str(k)) and v else v for k, v in value.items()}
-        else:
-            out[key] = redact_secrets(value)
-    return out
 
 
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
