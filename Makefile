@@ -9,7 +9,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: venv demo test lint lock bench quality clean-runs
+.PHONY: venv demo test lint lock bench quality clean-runs cluster-up cluster-down cluster-status
 
 venv: $(STAMP)
 
@@ -33,6 +33,19 @@ lint: venv
 
 bench: venv
 	$(PY) -m bench.generation && $(PY) -m bench.training && $(PY) -m bench.overhead
+
+# A real multi-node Ray cluster on this machine: a head plus one node labelled selfimprove/pool=<role> per pool
+# (cluster/local.py; ROLES=generator,train SPARES=generator to change). Prints how to `ray job submit` to it.
+ROLES ?= generator,judge,teacher,train
+SPARES ?=
+cluster-up: venv
+	$(PY) -m cluster.local up --roles $(ROLES) --spares "$(SPARES)"
+
+cluster-down:
+	$(PY) -m cluster.local down
+
+cluster-status:
+	$(PY) -m cluster.local status
 
 # Each method against its baseline on a real task (<= 30 min each on 2 cores).
 quality: venv

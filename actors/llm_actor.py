@@ -20,12 +20,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from tqdm import tqdm
 
 from actors.engine import Sampling, build_engine, render_prompt, response_ids, row_seeds
 from cluster.config import EngineConfig, PoolConfig
-from cluster.pools import actor_options, check_pool_fits, wait_ready
+from cluster.pools import (
+    PoolPlacementError,
+    actor_options,
+    check_pool_fits,
+    missing_resources,
+    node_labels,
+    wait_ready,
+)
+from cluster.storage import check_storage
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +74,13 @@ class LLMActor:
         tensor_parallel_size: int = 1,
         seed: int = 0,
         trust_remote_code: bool = False,
+        shared_paths: dict[str, list[str]] | None = None,
     ):
         self.role = role
+        self.node_id = ray.get_runtime_context().get_node_id()
+        # From this replica's own node, before the engine build: a node without the shared volume fails here,
+        # naming itself and the mount, not minutes later inside the engine or at the first weight reload.
+        check_storage(f"pool {role}", self.node_id, **(shared_paths or {}))
         options = dict(engine)
         backend = options.pop("backend")
         for driver_side in ("batch_size", "batch_timeout_s"):  # how the pool feeds the engine, not engine options
@@ -85,7 +98,13 @@ class LLMActor:
     def ready(self) -> dict:
         import os
 
-        return {"role": self.role, "pid": os.getpid(), "build_s": self.build_s, "model": self.engine.model_path}
+        return {
+            "role": self.role,
+            "pid": os.getpid(),
+            "node_id": self.node_id,
+            "build_s": self.build_s,
+            "model": self.engine.model_path,
+        }
 
     def generate(self, rows: list[dict], sampling: dict) -> list[dict]:
         start = time.perf_counter()
@@ -175,10 +194,13 @@ class EnginePool:
         timeout_s: float,
         seed: int = 0,
         trust_remote_code: bool = False,
+        shared_paths: dict[str, list[str]] | None = None,
     ):
+        """``shared_paths``: {"read": [...], "write": [...]} each replica checks from its node before it starts."""
         check_pool_fits(role, pool)
         self.role, self.pool, self.batch_size = role, pool, engine.batch_size
         self.batch_timeout_s = engine.batch_timeout_s
+        self.ready_timeout_s = timeout_s
         self.model_path = model_path
         env: dict[str, str] = {}
         if engine.backend == "vllm" and pool.num_gpus == 0:
@@ -188,11 +210,12 @@ class EnginePool:
         engine_dict = {k: getattr(engine, k) for k in engine.__dataclass_fields__}
         self.actors = [
             remote.options(**actor_options(pool, extra_env={**env, **replica_binding(pool, i)})).remote(
-                role, model_path, engine_dict, pool.tensor_parallel_size, seed + i, trust_remote_code
+                role, model_path, engine_dict, pool.tensor_parallel_size, seed + i, trust_remote_code, shared_paths
             )
             for i in range(pool.replicas)
         ]
         self.info = wait_ready(role, [a.ready.remote() for a in self.actors], timeout_s, pool)
+        self.moves: dict[int, list[str]] = {}  # replica -> nodes it ran on before a restart moved it
         self.stats = PoolStats()
         self.alive = list(range(len(self.actors)))  # replicas in rotation
         self.gone: dict[int, str] = {}  # replicas out of it, with why
@@ -317,25 +340,50 @@ class EnginePool:
     def score_all(self, rows: list[dict]) -> dict[str, list[float]]:
         return {r["id"]: r["logprobs"] for batch in self.map("score", rows, None, progress=False) for r in batch}
 
-    def _recover(self, replica: int, timeout_s: float = 600) -> bool:
-        """After a failure: wait for Ray's restart (the engine rebuilds), then put the current weights back.
-        False when the replica is gone for good (restarts used up, or not back within ``timeout_s``)."""
+    def _recover(self, replica: int, timeout_s: float | None = None) -> bool:
+        """After a failure: wait for Ray's restart (the engine rebuilds, on another node with the pool's labels
+        when its node was lost), then put the current weights back. False when the replica is gone for good
+        (restarts used up, or not back within ``timeout_s``, default cluster.ready_timeout_s). Raises
+        ``PoolPlacementError`` naming the pool when it is not back because no alive node can host the pool
+        (its node lost, no spare with its labels): the job stops, and a rerun resumes once a node is back."""
+        timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s
         actor = self.actors[replica]
         deadline = time.monotonic() + timeout_s
+        ref = actor.ready.remote()
         while True:
             try:
-                info = ray.get(actor.ready.remote(), timeout=timeout_s)
+                info = ray.get(ref, timeout=5.0)
                 break
+            except GetTimeoutError:  # pending: being rebuilt, or waiting for a node that can host it
+                pass
             except ActorUnavailableError:  # restarting: the new process is still building its engine
-                if time.monotonic() > deadline:
-                    log.error("%s replica %d did not come back within %.0f s", self.role, replica, timeout_s)
-                    ray.kill(actor, no_restart=True)
-                    return False
                 time.sleep(1.0)
+                ref = actor.ready.remote()
             except Exception as err:  # restarts exhausted (ActorDiedError) or it cannot even answer
                 log.error("%s replica %d did not come back: %s", self.role, replica, err)
                 ray.kill(actor, no_restart=True)
                 return False
+            if time.monotonic() > deadline:
+                ray.kill(actor, no_restart=True)
+                lacking = missing_resources(self.pool)
+                if lacking:
+                    raise PoolPlacementError(
+                        f"pool '{self.role}': replica {replica} was lost with its node and no alive node can host "
+                        f"it ({'; '.join(f'{k}: {v}' for k, v in lacking.items())}) within {timeout_s:g} s "
+                        "(cluster.ready_timeout_s); start a node that can, then rerun the same command to resume"
+                    )
+                log.error("%s replica %d did not come back within %.0f s", self.role, replica, timeout_s)
+                return False
+        if info.get("node_id") != self.info[replica].get("node_id"):
+            log.warning(
+                "%s replica %d restarted on node %s (was %s)",
+                self.role,
+                replica,
+                info.get("node_id"),
+                self.info[replica].get("node_id"),
+            )
+            self.moves.setdefault(replica, []).append(self.info[replica].get("node_id"))
+        self.info[replica] = info
         try:
             if info["model"] != self.model_path:
                 ray.get(actor.load_weights.remote(self.model_path))
@@ -345,6 +393,18 @@ class EnginePool:
         return True
 
     # -- lifecycle -------------------------------------------------------------------------------------
+
+    def placement(self) -> list[dict]:
+        """Where each replica runs: its node and that node's labels (and the nodes a restart moved it from)."""
+        labels = node_labels()
+        return [
+            {
+                "node_id": info.get("node_id"),
+                "labels": labels.get(info.get("node_id"), {}),
+                **({"previous_node_ids": self.moves[i]} if i in self.moves else {}),
+            }
+            for i, info in enumerate(self.info)
+        ]
 
     def load_weights(self, path: str) -> float:
         """Load a new checkpoint into every replica in place; returns the slowest replica's seconds."""

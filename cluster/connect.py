@@ -50,18 +50,33 @@ def user_hf_env() -> dict[str, str]:
     }
 
 
-def worker_env() -> dict[str, str]:
-    cache = PROJECT_ROOT / ".cache"
+# Set by connect(): True when the driver joined a cluster (RAY_ADDRESS / cluster.address) instead of embedding one.
+_joined_cluster = False
+
+
+def worker_env(joined: bool | None = None) -> dict[str, str]:
+    """Environment of our actors and training ranks. On an embedded Ray, workers share this machine: code and
+    caches come from this checkout. On a cluster we joined, nothing points into the driver's checkout (another
+    node has no such path; under ``ray job submit`` it is the head's private copy of the working dir): the
+    job's ``working_dir`` brings the code to every node and each node keeps its own caches."""
+    joined = _joined_cluster if joined is None else joined
     env = {
         **user_hf_env(),
         "VLLM_NO_USAGE_STATS": "1",
-        "VLLM_CACHE_ROOT": str(cache / "vllm"),
-        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions")),
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu") if not _has_cuda() else "cuda",
         "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }
+    if joined:
+        return env
+    cache = PROJECT_ROOT / ".cache"
+    env.update(
+        {
+            "VLLM_CACHE_ROOT": str(cache / "vllm"),
+            "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions")),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        }
+    )
     return env
 
 
@@ -88,10 +103,12 @@ def private_token_file() -> Path:
 
 def connect(config: ClusterConfig) -> str:
     """Connect to Ray once per process; return a description of where we are."""
+    global _joined_cluster
     if ray.is_initialized():
         return "already connected"
-    os.environ.update({k: v for k, v in worker_env().items() if k not in os.environ or k == "PYTHONPATH"})
     address = config.address or os.environ.get("RAY_ADDRESS")
+    _joined_cluster = bool(address)
+    os.environ.update({k: v for k, v in worker_env().items() if k not in os.environ or k == "PYTHONPATH"})
     if address:
         # The job's own runtime_env (working_dir, pip) stays in charge; actors add worker_env() themselves.
         log.info("joining Ray cluster at %s", address)

@@ -73,9 +73,28 @@ def check_pool_fits(pool_name: str, pool: PoolConfig) -> None:
         raise PoolPlacementError(f"pool '{pool_name}' cannot be placed on any node: {details}")
 
 
+def node_labels() -> dict[str, dict[str, str]]:
+    """Every node's Ray labels by node id (dead nodes too: a replica's record outlives its node)."""
+    return {node["NodeID"]: dict(node.get("Labels") or {}) for node in ray.nodes()}
+
+
+def start_failure(err: BaseException) -> str:
+    """The line of a failed actor start that says why (a StorageError names the node, path and mount)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "StorageError:" in line), lines[-1] if lines else type(err).__name__)
+
+
 def wait_ready(pool_name: str, refs: list, timeout_s: float, pool: PoolConfig) -> list:
-    """Wait for the readiness refs of a pool's actors; raise PoolPlacementError on timeout."""
+    """Wait for the readiness refs of a pool's actors; raise PoolPlacementError on timeout or a failed start."""
     ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for i, ref in enumerate(refs):
+        if ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as err:  # the replica could not start on the node it was placed on
+                raise PoolPlacementError(
+                    f"pool '{pool_name}' replica {i} failed to start: {start_failure(err)}"
+                ) from err
     if pending:
         available = ray.available_resources()
         need = replica_resources(pool)

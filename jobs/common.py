@@ -133,6 +133,7 @@ class Controller:
                 c.cluster.ready_timeout_s,
                 seed=c.run.seed,
                 trust_remote_code=c.model.trust_remote_code,
+                shared_paths=self.shared_paths(path),
             )
             log.info("pool %s ready: %s", role, self._pools[role].info)
         return self._pools[role]
@@ -184,8 +185,24 @@ class Controller:
                 on_metrics=lambda m: self.run.log(
                     {f"train/{k}": v for k, v in m.items() if isinstance(v, (int, float))}
                 ),
+                shared_paths=self.shared_paths(self.base_model),
             )
         return self._trainer
+
+    def shared_paths(self, model_path: str) -> dict[str, list[str]]:
+        """What every replica / rank must see from its own node: the model it loads, the run folder it writes
+        (and the checkpoints the generator reloads from it)."""
+        return {"read": [model_path], "write": [str(Path(self.run.dir).resolve())]}
+
+    def placement(self) -> dict[str, list[dict]]:
+        """{pool: [{node_id, labels}, ...]}: where each replica and training rank of the pools used ran."""
+        from cluster.pools import node_labels
+
+        placement = {role: p.placement() for role, p in self._pools.items()}
+        if self._trainer is not None:
+            labels = node_labels()
+            placement["train"] = [{**r, "labels": labels.get(r["node_id"], {})} for r in self._trainer.placement()]
+        return placement
 
     # -- operations ------------------------------------------------------------------------------------
 
@@ -369,6 +386,11 @@ class Controller:
     def close(self, error: BaseException | None = None) -> dict:
         idle = {role: round(p.stats.idle_s(len(p.actors)), 1) for role, p in self._pools.items()}
         extra = {"judge_counts": dict(self.judge.counts) if self._judge else {}}
+        try:
+            extra["placement"] = self.placement()
+            self.run.record_placement(extra["placement"])
+        except Exception as err:  # Ray already gone (the error being reported): the summary must still be written
+            log.warning("placement not recorded: %s", err)
         if self._trainer is not None:
             idle["train"] = round(self._trainer.idle_s(), 1)
             self._trainer.shutdown()

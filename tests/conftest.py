@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +34,73 @@ def ray_session():
     connect(ClusterConfig(num_cpus=8, resources={"gen_pool": 1}))
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------
+# One real multi-node Ray cluster per test session (cluster.local), shared by the modules that submit jobs
+# ---------------------------------------------------------------------------------------------------
+
+MULTINODE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def local_cluster():
+    """A head plus one node labelled selfimprove/pool=<role> per pool role and a spare generator node, each
+    `ray start` in its own session; stopped by session (never `ray stop`) however the tests end."""
+    from cluster import local
+
+    folder = Path(tempfile.mkdtemp(prefix="sicl-", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        yield local.up(folder, roles=local.ROLES, spares=("generator",), num_cpus={"train": 4}, head_cpus=2)
+    finally:
+        local.down(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def submit_job(
+    state: dict, method: str, run_dir: Path, *overrides: str, pin: bool = True, wait: bool = True, entrypoint=None
+):
+    """`ray job submit --working-dir <checkout>` of ``jobs.<method>`` with its tiny config, every pool pinned to its
+    labelled node. ``wait=False`` returns the running `ray job submit` (it streams the job's output)."""
+    from cluster import local
+
+    runtime_env = {
+        "excludes": [".venv", ".cache", "runs", ".git", "**/__pycache__"],
+        "env_vars": {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"},
+    }
+    command = entrypoint or [
+        "python",
+        "-m",
+        f"jobs.{method}",
+        "--config",
+        f"configs/{method}-tiny.yaml",
+        f"run.dir={run_dir}",
+        f"model.cache_dir={MULTINODE_ROOT / '.cache/models'}",
+        *(local.pin_overrides(state) if pin else []),
+        *overrides,
+    ]
+    cmd = [
+        str(local.BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        state["dashboard"],
+        "--working-dir",
+        str(MULTINODE_ROOT),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        *command,
+    ]
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **local.client_env(state)}
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=MULTINODE_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    deadline = time.monotonic() + 120
+    while True:
+        result = subprocess.run(cmd, cwd=MULTINODE_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        # A fresh head answers before its job agent is up: that refusal is not the job's result.
+        if "No available agent to submit job" not in result.stderr + result.stdout or time.monotonic() > deadline:
+            return result
+        time.sleep(3)

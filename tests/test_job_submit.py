@@ -1,125 +1,56 @@
-"""`ray job submit` for real: a local Ray head of our own, a method job submitted to it, and cleanup of
-exactly the processes we started (never `ray stop`, which would kill every Ray on the machine)."""
+"""`ray job submit` for real, across nodes: every method's tiny job on the session's local multi-node cluster
+(conftest.local_cluster: a head and one node labelled selfimprove/pool=<role> per pool), each pool pinned to its
+node by label_selector; the summary's placement must show each pool on its labelled node and nowhere else."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-import psutil
 import pytest
+from conftest import submit_job
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from cluster.local import LABEL_KEY
 
-
-def free_port(low: int = 20000) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= low:  # outside Ray's worker port range (10002-19999)
-            return port
-
-
-@pytest.fixture(scope="module")
-def head():
-    temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")
-    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env = (free_port() for _ in range(7))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
-    subprocess.run(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            f"--port={gcs}",
-            "--node-ip-address=127.0.0.1",
-            f"--temp-dir={temp_dir}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={client}",
-            "--num-cpus=8",
-            # every port our own: another Ray on the machine (the test session's) holds the defaults
-            f"--dashboard-agent-listen-port={agent_http}",
-            f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--metrics-export-port={metrics}",
-            f"--runtime-env-agent-port={runtime_env}",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=180,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True)
-        if ok.returncode == 0:
-            break
-        time.sleep(2)
-    yield address, env
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(temp_dir in part for part in proc.info["cmdline"] or []):
-                proc.kill()
-        except psutil.Error:
-            pass
+# What each tiny job places (LLM judge / teacher only where the method or its data needs them).
+POOLS_USED = {
+    "spin": {"generator", "train"},
+    "s3ft": {"generator", "train"},
+    "llm2llm": {"generator", "teacher", "train"},
+    "aft": {"generator", "train"},
+}
+OVERRIDES = {
+    "spin": ["spin.iterations=1"],
+    "s3ft": ["s3ft.baseline_sft=false"],
+    "llm2llm": ["llm2llm.iterations=1"],
+    "aft": [],
+}
 
 
-def submit(address: str, env: dict, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    runtime_env = {
-        "excludes": [".venv", ".cache", "runs", ".git", "**/__pycache__"],
-        "env_vars": {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"},
-    }
-    cmd = [
-        str(BIN / "ray"),
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--working-dir",
-        str(ROOT),
-        "--runtime-env-json",
-        json.dumps(runtime_env),
-        "--",
-        "python",
-        "-m",
-        "jobs.spin",
-        "--config",
-        "configs/spin-tiny.yaml",
-        f"run.dir={run_dir}",
-        f"model.cache_dir={ROOT / '.cache/models'}",
-        *overrides,
-    ]
-    deadline = time.monotonic() + 120
-    while True:
-        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        # A fresh head answers `ray job list` before its job agent is up: that refusal is not the job's result.
-        if "No available agent to submit job" not in result.stderr + result.stdout or time.monotonic() > deadline:
-            return result
-        time.sleep(3)
+def nodes_with_role(state: dict, role: str) -> set[str]:
+    return {n["node_id"] for n in state["nodes"].values() if n["role"] == role}
 
 
-def test_submitted_method_job_succeeds_and_writes_its_run(head, tmp_path):
-    address, env = head
-    result = submit(address, env, tmp_path, "spin.iterations=1")
+@pytest.mark.parametrize("method", ["spin", "s3ft", "llm2llm", "aft"])
+def test_each_method_runs_with_every_pool_on_its_labelled_node(local_cluster, tmp_path, method):
+    result = submit_job(local_cluster, method, tmp_path, *OVERRIDES[method])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
-    run = tmp_path / "spin" / "tiny"
+    run = tmp_path / method / "tiny"
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished"
     assert "joined" in (run / "driver.log").read_text()  # the driver joined the submitted-to cluster
-    assert {"iter0/eval/accuracy", "iter1/eval/accuracy"} <= set(summary["metrics"])
-    assert (run / "models/iter0/spin/config.json").exists()
+    placement = summary["placement"]
+    assert POOLS_USED[method] <= set(placement), placement
+    for pool, replicas in placement.items():
+        assert replicas, f"{pool}: no replica recorded"
+        for replica in replicas:
+            assert replica["labels"].get(LABEL_KEY) == pool, (pool, replica)
+            assert replica["node_id"] in nodes_with_role(local_cluster, pool), (pool, replica)
+    assert len(placement["train"]) == 2  # one entry per rank
+    # W&B gets the same record (offline files: the run's config).
+    configs = list((run / "wandb").glob("offline-run-*/files/config.yaml"))
+    assert configs and all("placement" in c.read_text() for c in configs)
 
 
-def test_failed_job_exits_nonzero_with_the_driver_error(head, tmp_path):
-    address, env = head
-    result = submit(address, env, tmp_path, "training.lr=-1")
+def test_failed_job_exits_nonzero_with_the_driver_error(local_cluster, tmp_path):
+    result = submit_job(local_cluster, "spin", tmp_path, "training.lr=-1")
     assert result.returncode != 0
     assert "training.lr: must be > 0" in result.stdout + result.stderr

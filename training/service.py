@@ -37,6 +37,7 @@ class PhaseQueue:
         self.changed = asyncio.Event()
         self.put_at: dict[int, float] = {}
         self.beats: dict[int, dict[int, tuple[int, str, float]]] = {}  # phase -> rank -> (step, stage, time)
+        self.ranks: dict[int, dict] = {}  # rank -> {node_id, pid, storage_error}: where the ranks run now
 
     def _notify(self):
         self.changed.set()
@@ -70,6 +71,12 @@ class PhaseQueue:
         finally:
             self.waiting.discard(rank)
         return self.specs[index]
+
+    async def arrive(self, rank: int, info: dict) -> None:
+        self.ranks[rank] = info
+
+    async def placement(self) -> dict[int, dict]:
+        return dict(self.ranks)
 
     async def waiting_ranks(self) -> int:
         return len(self.waiting)
@@ -127,7 +134,13 @@ def rank_env(config: JobConfig) -> dict[str, str]:
 class TrainingService:
     RUN_NAME = "train"
 
-    def __init__(self, config: JobConfig, on_metrics: Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        config: JobConfig,
+        on_metrics: Callable[[dict], None] | None = None,
+        shared_paths: dict[str, list[str]] | None = None,
+    ):
+        """``shared_paths``: {"read": [...], "write": [...]} every rank checks from its node when it starts."""
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -149,7 +162,7 @@ class TrainingService:
         threads = config.training.threads_per_worker or max(1, int(pool.num_cpus))
         self.trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"queue": self.queue, "threads": threads},
+            train_loop_config={"queue": self.queue, "threads": threads, "shared_paths": shared_paths or {}},
             scaling_config=ScalingConfig(
                 num_workers=pool.replicas,
                 use_gpu=pool.num_gpus > 0,
@@ -192,6 +205,7 @@ class TrainingService:
                     break
                 if not self.thread.is_alive():
                     raise TrainingError(f"training workers stopped during phase {spec['name']}: {self.error!r}")
+                self._check_storage()
                 self._check_stall(index, spec["name"])
         finally:
             bar.close()
@@ -221,9 +235,22 @@ class TrainingService:
             f"({quiet['stage']}). Other ranks: {others or 'none'}"
         )
 
+    def _check_storage(self) -> None:
+        """A rank that cannot use the shared paths from its node fails the pool at once, naming node and path
+        (Ray Train would otherwise restart the group on the same node and fail again)."""
+        errors = [r["storage_error"] for r in ray.get(self.queue.placement.remote()).values() if r.get("storage_error")]
+        if errors:
+            raise TrainingError(errors[0])
+
+    def placement(self) -> list[dict]:
+        """Node id per training rank (in rank order), as the ranks reported it when they started."""
+        ranks = ray.get(self.queue.placement.remote())
+        return [{"node_id": ranks[r]["node_id"]} for r in sorted(ranks)]
+
     def wait_ready(self, timeout_s: float) -> float:
         """Block until every rank waits for work (worker start-up and process group done); return seconds."""
         while ray.get(self.queue.waiting_ranks.remote()) < self.replicas:
+            self._check_storage()
             if not self.thread.is_alive():
                 raise TrainingError(f"training workers stopped during start-up: {self.error!r}")
             if time.perf_counter() - self.started > timeout_s:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from cluster.storage import StorageError, check_storage
 from training.losses import sequence_logps, sft_loss, spin_loss
 from training.sequences import TruncationReport, build_sequence, collate, deal, micro_batches, prompt_messages
 
@@ -449,6 +450,17 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     queue = config["queue"]
+    # Where this rank runs, and whether its node sees the shared model and run folders: told to the driver
+    # first, so a node without the mount fails the pool at once, by name, instead of a phase failing later.
+    node_id = ray.get_runtime_context().get_node_id()
+    try:
+        check_storage(f"pool train rank {rank}", node_id, **config.get("shared_paths", {}))
+        storage_error = None
+    except StorageError as err:
+        storage_error = str(err)
+    ray.get(queue.arrive.remote(rank, {"node_id": node_id, "pid": os.getpid(), "storage_error": storage_error}))
+    if storage_error:
+        raise StorageError(storage_error)
     index = ray.get(queue.first_unfinished.remote())
     while True:
         spec = ray.get(queue.get.remote(index, rank))
