@@ -9,7 +9,9 @@ Layout of ``runs/<method>/<run-id>/``::
     phases/<name>.parquet  each finished phase's rows (lineage columns included)
     phases/<name>/part-*.parquet  rows of an unfinished phase, written batch by batch
     phases/<name>.failed.parquet  rows the phase could not produce, with the reason (id, reason, session)
+    phases/data-<split>.parquet  the seed data splits, the roots of the W&B lineage (tracking.artifacts)
     models/<name>/         HF checkpoints written by training phases
+    ray_train/train/       Ray Train's record: each training phase's reported metrics + checkpoint (hard links)
     summary.json           per-iteration metrics and phase times
     wandb/                 W&B files (offline by default)
 
@@ -40,6 +42,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from cluster.config import JobConfig, redact_secrets, to_dict
+from cluster.lineage import Lineage, iteration_metric
 from cluster.runfolder import (
     RunFolderError,
     RunLease,
@@ -54,6 +57,9 @@ from cluster.runfolder import (
 )
 
 log = logging.getLogger("selfimprove")
+
+TRAIN_STEP = "optimizer_step"  # W&B x-axis of training metrics: optimizer steps over all training phases
+ITERATION = "iteration"  # W&B x-axis of per-iteration metrics
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
@@ -165,6 +171,11 @@ class Run:
         self.started = time.perf_counter()
         self.step = 0  # W&B step within this driver session's run
         self.wandb = self._init_wandb()
+        self.iteration_metrics: set[str] = set()  # W&B metrics already put on the iteration axis
+        self.lineage = (
+            Lineage(self.wandb, self.dir, self.wandb.group) if self.wandb and config.tracking.artifacts else None
+        )
+        self.finished_now: set[str] = set()  # phases this session ran to the end (not found done)
         if self.resumed:
             log.info("resuming %s: %d phases already finished", self.dir, len(self.state["phases"]))
 
@@ -192,7 +203,7 @@ class Run:
         # hold its run id, so a resumed session must not reuse it. The group shows the whole job.
         group = f"{self.config.run.method}-{self.config.run.id}"
         folder = hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:8]
-        return wandb.init(
+        run = wandb.init(
             project=self.config.tracking.project,
             entity=self.config.tracking.entity,
             name=f"{group}-s{self.state['sessions']}",
@@ -203,6 +214,12 @@ class Run:
             config=redact_secrets(to_dict(self.config)),
             job_type=self.config.run.method,
         )
+        # Each metric one curve: training on the optimizer step counted over the job's training phases,
+        # per-iteration metrics (``iter<t>/...`` in summary.json) on the iteration.
+        run.define_metric(TRAIN_STEP)
+        run.define_metric("train/*", step_metric=TRAIN_STEP)
+        run.define_metric(ITERATION)
+        return run
 
     # -- phases ----------------------------------------------------------------------------------------
 
@@ -241,6 +258,7 @@ class Run:
         self.state["phases"][name] = {"wall_s": wall_s, "result": result, "inputs": inputs}
         self.state["started"].pop(name, None)
         self.phase_times[name] = wall_s
+        self.finished_now.add(name)
         self._save_state()
         self.log({f"phase_time/{name.split('/')[-1]}": wall_s})
         log.info("phase %s finished in %.1f s", name, wall_s)
@@ -342,6 +360,10 @@ class Run:
     def phase_dir(self, name: str) -> str:
         return str((self.dir / "phases" / name).resolve())
 
+    def phase_file(self, name: str) -> str:
+        """Where a row phase's (or written rows') Parquet file lies."""
+        return str((self.dir / "phases" / f"{name}.parquet").resolve())
+
     def write_rows(self, name: str, rows: list[dict]) -> str:
         path = self.dir / "phases" / f"{name}.parquet"
         write_parquet(path, rows)
@@ -354,6 +376,30 @@ class Run:
         if self.wandb is not None:
             self.wandb.log(metrics, step=self.step)
 
+    def train_steps_before(self) -> int:
+        """Optimizer steps of the job's finished training phases, this session's and earlier ones'."""
+        results = (p.get("result") for p in self.state["phases"].values())
+        return sum(r["steps"] for r in results if isinstance(r, dict) and "steps" in r and "train_tokens" in r)
+
+    def log_training(self, metrics: dict) -> None:
+        """One optimizer step of the running training phase (``train/*`` on the job's optimizer step)."""
+        numbers = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if "step" in metrics:
+            numbers[TRAIN_STEP] = self.train_steps_before() + metrics["step"]
+        self.log(numbers)
+
+    def record_lineage(
+        self, name: str, job_type: str, uses: list, outputs: list, label: str | None = None, always: bool = False
+    ) -> None:
+        """W&B lineage of phase ``name`` if it finished in this session (or ``always``): the files it used and the
+        ones it wrote (``cluster.lineage``), as a W&B run called ``label`` (default: the phase's name)."""
+        if self.lineage is None or not (always or name in self.finished_now):
+            return
+        try:
+            self.lineage.phase(label or name, job_type, uses, outputs)
+        except Exception as err:  # tracking must never fail a phase whose results are already on disk
+            log.warning("W&B lineage of phase %s not recorded: %s", name, err)
+
     def table(self, name: str, rows: list[dict], columns: list[str]) -> None:
         if self.wandb is None or not rows:
             return
@@ -363,20 +409,21 @@ class Run:
         self.wandb.log({name: wandb.Table(columns=columns, data=data)}, step=self.step)
 
     def metric(self, key: str, value: Any) -> None:
-        """A summary metric (per-iteration eval, bucket fractions...): kept in summary.json and W&B."""
+        """A summary metric (per-iteration eval, bucket fractions...): kept in summary.json and W&B. In W&B
+        ``iter<t>/eval/accuracy`` is ``eval/accuracy`` at iteration t: one curve over the iterations."""
         self.state["metrics"][key] = value
         self._save_state()
         if isinstance(value, (int, float)):
-            self.log({key: value})
+            name, iteration = iteration_metric(key)
+            if iteration is None:
+                self.log({key: value})
+            else:
+                if self.wandb is not None and name not in self.iteration_metrics:
+                    self.wandb.define_metric(name, step_metric=ITERATION)
+                    self.iteration_metrics.add(name)
+                self.log({name: value, ITERATION: iteration})
         if self.wandb is not None:
             self.wandb.summary[key] = value
-
-    def record_placement(self, placement: dict) -> None:
-        """Where each pool's replicas and training ranks ran, into W&B's config and summary (summary.json gets
-        it from the closing summary)."""
-        if self.wandb is not None:
-            self.wandb.config.update({"placement": placement}, allow_val_change=True)
-            self.wandb.summary["placement"] = placement
 
     def close(
         self, pools: dict[str, float] | None = None, extra: dict | None = None, error: BaseException | None = None

@@ -81,6 +81,7 @@ class Controller:
         self.base_model = self.model_paths["model.name"]
         self.run = Run(config)
         self._log_inputs()
+        self._record_input_lineage()
         where = connect(config.cluster)
         log.info("Ray: %s; run folder %s", where, self.run.dir)
         self._pools: dict[str, EnginePool] = {}
@@ -104,6 +105,22 @@ class Controller:
             self.run.metric(
                 "data/overlap", {"by_id": len(self.data.overlap.by_id), "by_text": len(self.data.overlap.by_text)}
             )
+
+    def _record_input_lineage(self) -> None:
+        """The job's inputs as W&B artifacts, the roots of its lineage graph: the seed data splits (written as
+        ``phases/data-<split>.parquet``) and the base model."""
+        if self.run.lineage is None:
+            return
+        splits = {"train": self.data.train, "eval": self.data.eval, "general": self.data.general}
+        paths = [self.run.write_rows(f"data-{split}", rows) for split, rows in splits.items() if rows]
+        self.run.record_lineage("inputs", "inputs", [], [*paths, self.base_model], always=True)
+
+    def source(self, rows: list[dict]) -> str | None:
+        """The seed data file ``rows`` are (W&B lineage), or None for rows a phase made."""
+        for split, known in (("train", self.data.train), ("eval", self.data.eval), ("general", self.data.general)):
+            if rows is known:
+                return self.run.phase_file(f"data-{split}")
+        return None
 
     # -- data ------------------------------------------------------------------------------------------
 
@@ -182,9 +199,7 @@ class Controller:
 
             self._trainer = TrainingService(
                 self.config,
-                on_metrics=lambda m: self.run.log(
-                    {f"train/{k}": v for k, v in m.items() if isinstance(v, (int, float))}
-                ),
+                on_metrics=self.run.log_training,
                 shared_paths=self.shared_paths(self.base_model),
             )
         return self._trainer
@@ -236,10 +251,14 @@ class Controller:
                 ]
 
         outputs = self.run.row_phase(name, rows, process, failed=failed)
+        self.run.record_lineage(name, "generate", [pool.model_path, self.source(rows)], [self.run.phase_file(name)])
         return {o["id"]: o for o in outputs}
 
-    def judge_equivalence(self, name: str, rows: list[dict], responses: dict[str, str]) -> dict[str, str]:
-        """A resumable judging phase: {row id: yes/no/unknown}."""
+    def judge_equivalence(
+        self, name: str, rows: list[dict], responses: dict[str, str], uses: list[str] | None = None
+    ) -> dict[str, str]:
+        """A resumable judging phase: {row id: yes/no/unknown}. ``uses``: the files rows and responses came from
+        (W&B lineage)."""
         self.judge_pool_for(rows)
         by_id = {r["id"]: r for r in rows}
 
@@ -251,6 +270,10 @@ class Controller:
             yield [{"id": k, "verdict": v, "judge": self.config.judge.kind} for k, v in verdicts.items()]
 
         out = self.run.row_phase(name, [r for r in by_id.values() if r["id"] in responses], process, failed=failed)
+        judge_model = [self.judge.pool.model_path] if self.judge.pool is not None else []
+        self.run.record_lineage(
+            name, "judge", [*(uses or [self.source(rows)]), *judge_model], [self.run.phase_file(name)]
+        )
         verdicts = {o["id"]: o["verdict"] for o in out}
         unknown = sum(v == "unknown" for v in verdicts.values())
         if unknown:
@@ -259,12 +282,19 @@ class Controller:
         return verdicts
 
     def train(
-        self, name: str, kind: str, init_model: str, examples: list[dict], training: dict | None = None, **extra
+        self,
+        name: str,
+        kind: str,
+        init_model: str,
+        examples: list[dict],
+        training: dict | None = None,
+        uses: list[str] | None = None,
+        **extra,
     ) -> str:
         """A training phase (SFT or SPIN) on the train pool; returns the HF folder it wrote. ``training``: the
         resolved settings (``phase_training``); None: those of the kind's phase group (sft, or preference for
         SPIN), which is what the ranks receive."""
-        output = self.run.model_dir(name)
+        output = self.run.model_dir(name)  # ``uses``: files the examples were made from (W&B lineage)
         training = training or phase_training(self.config, TRAINING_PHASE[kind])
         minimum = self.config.training.min_examples
 
@@ -303,6 +333,10 @@ class Controller:
         inputs = inputs_fingerprint(examples, {"kind": kind, "init_model": init_model, **extra, "training": settings})
         scratch = Path(self.run.phase_dir(f"{name}-train"))  # checkpoints + reference log-probs of these inputs
         result = self.run.once(name, run, inputs=inputs, scratch=scratch)
+        # W&B lineage: the examples (made from ``uses``), then model in + examples -> model out.
+        examples_file = self.run.phase_file(f"{name}-data")
+        self.run.record_lineage(name, f"{kind}-data", uses or [], [examples_file], label=f"{name}-data")
+        self.run.record_lineage(name, "train", [init_model, examples_file], [result["output"]])
         self.run.metric(f"{name}/train_tokens_per_s", round(result["train_tokens_per_s"], 1))
         # sequences whose prompt or response was cut to fit, and AFT proposals cut to share the prompt budget
         self.run.metric(f"{name}/truncation", result["truncation"])
@@ -330,7 +364,10 @@ class Controller:
             return float("nan")
         self.use_generator_weights(model_path)
         outputs = self.generate(f"{name}-answers", rows, self.sampling(self.config.evaluation))
-        verdicts = self.judge_equivalence(f"{name}-verdicts", rows, {k: v["response"] for k, v in outputs.items()})
+        answers = {k: v["response"] for k, v in outputs.items()}
+        verdicts = self.judge_equivalence(
+            f"{name}-verdicts", rows, answers, uses=[self.source(rows), self.run.phase_file(f"{name}-answers")]
+        )
         # A row never answered (or never judged) is a failed row, reported as such, not a wrong answer.
         self.run.metric(f"{name}/failed", len(rows) - len(verdicts))
         accuracy, (low, high) = self.record_accuracy(name, verdicts, len(verdicts))

@@ -21,7 +21,14 @@ def spin(ctl: Controller) -> None:
     model = ctl.base_model
     if c.spin.sft_first:
         sft_training = phase_training(c, "sft", lr=c.training.sft.lr or c.spin.sft_lr)
-        model = ctl.train("sft", "sft", init_model=model, examples=sft_examples(train_rows), training=sft_training)
+        model = ctl.train(
+            "sft",
+            "sft",
+            init_model=model,
+            examples=sft_examples(train_rows),
+            training=sft_training,
+            uses=[ctl.source(train_rows)],
+        )
     ctl.evaluate("iter0/eval", eval_rows, model)
     previous_pairs: list[dict] = []
     for t in range(c.spin.iterations):
@@ -35,6 +42,9 @@ def spin(ctl: Controller) -> None:
             "spin",
             init_model=model,
             examples=training_pairs(pairs, previous_pairs, c.spin.mix_previous),
+            # what the pairs are made of (W&B lineage): gold answers, this iteration's and the mixed-in generations
+            uses=[ctl.source(train_rows), ctl.run.phase_file(f"iter{t}/generate")]
+            + ([ctl.run.phase_file(f"iter{t - 1}/generate")] if previous_pairs and c.spin.mix_previous else []),
             training=phase_training(c, "preference", lr=lr_for(t, c.spin.lr)),
             beta=beta_for(t, c.spin.beta),
             loss_type=c.spin.loss_type,

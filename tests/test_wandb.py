@@ -43,22 +43,93 @@ def spin_run(ray_session, tmp_path_factory):
     from jobs.spin import spin
 
     root = tmp_path_factory.mktemp("wandb")
-    main("spin", spin, ["--config", "configs/spin-tiny.yaml", f"run.dir={root}", "spin.iterations=1"])
+    # SFT first, so the lineage runs seed data -> model 0 -> generations -> pairs -> model 1.
+    args = ["--config", "configs/spin-tiny.yaml", f"run.dir={root}", "spin.iterations=1", "spin.sft_first=true"]
+    main("spin", spin, args)
     return root / "spin" / "tiny"
 
 
 def test_offline_run_has_config_metrics_and_tables(spin_run):
-    (wandb_file,) = glob.glob(str(spin_run / "wandb/offline-run-*/run-*.wandb"))
+    (wandb_file,) = glob.glob(str(spin_run / "wandb/offline-run-*-s1/run-*.wandb"))  # the session's main run
     records = read_records(wandb_file)
     updates = [u for r in records if r.HasField("run") for u in r.run.config.update]
     updates += [u for r in records if r.HasField("config") for u in r.config.update]
     config = {u.key: json.loads(u.value_json) for u in updates}
     assert config["training"]["lr"] == 1e-3 and config["model"]["name"] == "tiny-random"
     history_keys = {i.key or "/".join(i.nested_key) for r in records if r.HasField("history") for i in r.history.item}
-    assert {"iter0/eval/accuracy", "train/loss", "train/reward_margin", "train/tokens_per_s"} <= history_keys
+    assert {"eval/accuracy", "iteration", "train/loss", "train/reward_margin", "train/tokens_per_s"} <= history_keys
+    assert not any(k.startswith("iter0/") for k in history_keys)  # one key per metric, the iteration its x-axis
     assert any(k.startswith("phase_time/") for k in history_keys)
     tables = glob.glob(str(spin_run / "wandb/offline-run-*/files/media/table/samples/**/*.table.json"), recursive=True)
     pairs = [t for t in tables if "pairs" in t]
     assert pairs, tables
     table = json.loads(Path(pairs[0]).read_text())
     assert table["columns"] == ["source_id", "chosen", "rejected"] and table["data"]
+
+
+def history(records) -> list[dict]:
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.HasField("history")
+    ]
+
+
+def test_metrics_are_one_curve_each_on_their_own_axis(spin_run):
+    (wandb_file,) = glob.glob(str(spin_run / "wandb/offline-run-*-s1/run-*.wandb"))
+    records = read_records(wandb_file)
+    axes = {m.metric.name or m.metric.glob_name: m.metric.step_metric for m in records if m.HasField("metric")}
+    assert axes["train/*"] == "optimizer_step" and axes["eval/accuracy"] == "iteration"
+    rows = history(records)
+    evals = sorted((row["iteration"], row["eval/accuracy"]) for row in rows if "eval/accuracy" in row)
+    assert [it for it, _ in evals] == [0, 1]  # model 0 and model 1 on one curve
+    summary = json.loads((spin_run / "summary.json").read_text())["metrics"]
+    assert [acc for _, acc in evals] == [summary["iter0/eval/accuracy"], summary["iter1/eval/accuracy"]]
+    # The optimizer step counts on across the job's training phases (SFT, then SPIN), one value per step.
+    steps = [row["optimizer_step"] for row in rows if "train/loss" in row]
+    phases = json.loads((spin_run / "state.json").read_text())["phases"]
+    total = phases["sft"]["result"]["steps"] + phases["iter0/spin"]["result"]["steps"]
+    assert steps == list(range(1, total + 1))
+
+
+def test_lineage_runs_seed_data_to_model_0_to_generations_to_pairs_to_model_1(spin_run):
+    logged, used, job_types = {}, {}, {}  # artifact -> producing run; run -> artifacts used; run -> job type
+    digests: dict[str, set[str]] = {}
+    for wandb_file in glob.glob(str(spin_run / "wandb/offline-run-*/run-*.wandb")):
+        records = read_records(wandb_file)
+        (run_id,) = {r.run.run_id for r in records if r.HasField("run")}
+        job_types[run_id] = next(r.run.job_type for r in records if r.HasField("run"))
+        for r in records:
+            if not r.HasField("artifact"):
+                continue
+            digests.setdefault(r.artifact.name, set()).add(r.artifact.digest)
+            if r.artifact.use_after_commit:  # the offline form of run.use_artifact
+                used.setdefault(run_id, set()).add(r.artifact.name)
+            else:
+                assert r.artifact.name not in logged, r.artifact.name  # one producer per artifact
+                logged[r.artifact.name] = run_id
+    # Every use names content some run logged (same name, same digest: on sync, the same version).
+    for names in used.values():
+        for name in names:
+            assert name in logged and len(digests[name]) == 1, name
+
+    def edge(source: str, target: str) -> bool:
+        """``target`` was logged by a run that used ``source``."""
+        return source in used.get(logged[target], set())
+
+    chain = [
+        "spin-tiny-data-train",  # seed data
+        "spin-tiny-sft-data",  # SFT examples
+        "spin-tiny-model-sft",  # model 0
+        "spin-tiny-iter0-generate",  # generations
+        "spin-tiny-iter0-spin-data",  # pairs
+        "spin-tiny-model-iter0-spin",  # model 1
+    ]
+    for source, target in zip(chain, chain[1:]):
+        assert edge(source, target), (source, target, used.get(logged.get(target)))
+    assert edge("spin-tiny-model-sft", "spin-tiny-model-iter0-spin")  # model 1 = model 0 trained on the pairs
+    assert edge("spin-tiny-data-train", "spin-tiny-iter0-spin-data")  # gold answers are the chosen side
+    assert edge("model-tiny-random", "spin-tiny-model-sft")  # the base model the job started from
+    assert edge("spin-tiny-model-iter0-spin", "spin-tiny-iter1-eval-answers")  # model 1 is what iteration 1 evaluates
+    assert job_types[logged["spin-tiny-model-iter0-spin"]] == "train"
+    assert job_types[logged["spin-tiny-iter0-generate"]] == "generate"
