@@ -112,7 +112,11 @@ class Controller:
         if self.run.lineage is None:
             return
         splits = {"train": self.data.train, "eval": self.data.eval, "general": self.data.general}
-        paths = [self.run.write_rows(f"data-{split}", rows) for split, rows in splits.items() if rows]
+        try:
+            paths = [self.run.write_rows(f"data-{split}", rows) for split, rows in splits.items() if rows]
+        except Exception as err:  # rows Arrow cannot hold in one table: the graph loses its roots, the job goes on
+            log.warning("W&B lineage: seed data not written: %s", err)
+            return
         self.run.record_lineage("inputs", "inputs", [], [*paths, self.base_model], always=True)
 
     def source(self, rows: list[dict]) -> str | None:
