@@ -156,3 +156,17 @@ def test_vllm_kv_cache_by_hand():
     assert est.total == pytest.approx(0.85 * 80 * GIB)  # vLLM takes gpu_memory_utilization of the GPU
     kv_per_token = 2 * 32 * 8 * 128 * 2  # K and V, layers, kv heads, head dim, bf16
     assert f"holds {int(items['KV cache'] // (kv_per_token * 2048))} sequences of 2048 tokens" in est.notes[0]
+
+
+@pytest.mark.parametrize("method", ["spin", "s3ft", "llm2llm", "aft"])
+@pytest.mark.parametrize("profile", ["gpu-1node-8xh100.yaml", "gpu-multinode.yaml"])
+def test_gpu_profiles_plan_and_fit_every_method(profile, method):
+    config = load_config(ROOT / "configs" / profile, [f"run.method={method}"])
+    plan = make_plan(config)
+    assert plan.fits, plan.text()
+    # The shape --plan reads is the one configs/gpu-profiles.yaml declares for the placement test.
+    from cluster.placement_check import load_profiles
+
+    declared = load_profiles(ROOT / "configs/gpu-profiles.yaml")[profile]
+    shape = [(g.name, g.count, g.gpus_per_node, g.cpus_per_node, dict(g.labels)) for g in config.cluster.node_groups]
+    assert shape == [(g.name, g.count, g.gpus_per_node, g.cpus_per_node, dict(g.labels)) for g in declared]
