@@ -11,8 +11,10 @@ Memory model, per GPU (B = bytes of a bf16/fp16 value, 2; fp32 runs use 4):
 - Training, DeepSpeed ZeRO-3 over W ranks (ZeRO paper, Rajbhandari et al. 2020): parameters B·P/W, gradients
   B·P/W, fp32 master weights 4·P/W (mixed precision only), optimizer state 8·P/W for AdamW (two moments) or
   4·P/W for RMSprop (one), moved to CPU memory by ``deepspeed.offload_optimizer``. Stages 2/1/0 keep parameters
-  (and gradients, stage 1/0) whole on every rank. ZeRO-3 also holds the parameters it has gathered for the
-  running module: taken as two transformer layers plus the embedding matrix.
+  (and gradients, stage 1/0) whole on every rank. DeepSpeed's communication buffers at its defaults, which
+  ``training/worker.deepspeed_config`` leaves alone: ZeRO-3 keeps up to ``stage3_max_live_parameters`` (1e9)
+  gathered parameters, and gradients wait in a ``reduce_bucket_size`` (5e8) bucket (stages 1-2 also gather
+  parameters through an ``allgather_bucket_size`` (5e8) bucket); each at most P values of B bytes.
 - Activations kept for backward, per token per layer, with SDPA / flash attention (no seq x seq scores kept):
   B·(5h + 3·kv + 4·I) for the norm inputs/outputs, q/k/v and rotated q/k, attention output, and the SwiGLU gate,
   up, activation and product, plus 2 x 4·h for the RMSNorms' fp32 copies (h hidden, kv = kv heads x head dim,
@@ -45,6 +47,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CUDA_CONTEXT = 1.5 * GIB
 FRAGMENTATION = 0.10
 VLLM_MIN_BATCHED_TOKENS = 8192
+MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's stage3_max_live_parameters default
+BUCKET_SIZE = 5e8  # DeepSpeed's reduce_bucket_size and allgather_bucket_size defaults
 
 # The pools each job places (the judge counted where evaluation may need the LLM judge).
 METHOD_POOLS = {
@@ -222,8 +226,10 @@ def training_estimate(arch: Architecture, settings: dict, world_size: int, phase
     else:
         items += states
     if stage == 3:
-        gathered = min(p, 2 * arch.layer_parameters + arch.embedding_parameters)
-        items.append(("gathered layers", b * gathered))
+        items.append(("gathered parameters", b * min(p, MAX_LIVE_PARAMETERS)))
+    elif stage >= 1:
+        items.append(("allgather bucket", b * min(p, BUCKET_SIZE)))
+    items.append(("reduce bucket", b * min(p, BUCKET_SIZE)))
     per_item = settings["max_length"] * (2 if phase == "preference" else 1)
     tokens = settings["micro_batch_size"] * per_item
     if settings.get("max_tokens_per_batch"):

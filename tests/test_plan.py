@@ -133,6 +133,7 @@ def test_zero3_state_and_activations_by_hand():
     p = arch.parameters
     assert est["parameters"] == est["gradients"] == pytest.approx(2 * p / 8)
     assert est["fp32 master"] == pytest.approx(4 * p / 8) and est["rmsprop state"] == pytest.approx(4 * p / 8)
+    assert est["gathered parameters"] == 2 * 1e9 and est["reduce bucket"] == 2 * 5e8  # DeepSpeed's defaults
     tokens = 2 * 1024  # one pair: chosen and rejected, each up to max_length
     per_layer = 2 * (5 * 4096 + 3 * 1024 + 4 * 14336) + 8 * 4096
     assert est["activations"] == pytest.approx(tokens * 32 * per_layer)
