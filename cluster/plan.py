@@ -23,7 +23,7 @@ Memory model, per GPU (B = bytes of a bf16/fp16 value, 2; fp32 runs use 4):
   preference phases (a pair is two sequences), capped by ``max_tokens_per_batch``: the worst case, every
   sequence padded to max_length.
 - Logits of the micro step: tokens x vocab x (B + 4 + 4): the logits, their fp32 copy and the log-softmax.
-- Plus 1.5 GiB for the CUDA context and communication buffers and 10% for allocator fragmentation.
+- Plus 1.5 GiB for the CUDA context and NCCL, and 10% for allocator fragmentation.
 - vLLM, per GPU of a replica with tensor parallelism T: weights B·P/T; a forward pass over the batched tokens
   (max(8192, max_model_len)) of B·(2·I + 4·h)/T per token, sampler logits max_num_seqs x vocab x 4, and 1.5 GiB
   of CUDA context and graphs. vLLM takes ``gpu_memory_utilization`` of the GPU and gives the rest of that to the
