@@ -2,7 +2,11 @@
 
 Measured: one steady-state iteration through the real machinery (generator actor -> Parquet phase -> the
 long-lived Ray Train ZeRO-3 pool -> weights back into the generator), with both pools already up, as they
-are in every iteration of a job after the first (pool start-up is paid once per job and printed apart).
+are in every iteration of a job after the first (pool start-up is paid once per job and printed apart; with
+cluster.start_pools_together, the default on a joined cluster, both pools start at once and the table reports
+what the overlap saved). On the local multi-node cluster (``make cluster-up``), from the checkout:
+``ray job submit --working-dir . -- python -m bench.overhead model.cache_dir=$PWD/.cache/models
+'pools.generator.label_selector={selfimprove/pool: generator}' 'pools.train.label_selector={selfimprove/pool: train}'``.
 Bare: the same phases with their one-time start-up outside the timing too: the same generation on a vLLM
 engine alone in one process, and the same SPIN phase (``training.worker.PhaseRunner``: model load,
 DeepSpeed ZeRO-3 init, reference log-probs, steps, consolidated save) on a plain two-process gloo group
@@ -38,11 +42,16 @@ OVERRIDES = [
 ]
 
 
+# Extra `key=value` overrides from the command line (pool pins and cluster.start_pools_together on a cluster).
+EXTRA: list[str] = []
+
+
 def config(run_dir: str):
     from cluster.config import load_config
 
     return load_config(
-        "configs/spin.yaml", ["run.method=bench", "run.id=overhead", f"run.dir={run_dir}", "run.fresh=true", *OVERRIDES]
+        "configs/spin.yaml",
+        ["run.method=bench", "run.id=overhead", f"run.dir={run_dir}", "run.fresh=true", *OVERRIDES, *EXTRA],
     )
 
 
@@ -64,6 +73,7 @@ def bare_generation(run_dir: str, rows: list[dict], sampling, queue) -> None:
 def main() -> None:
     import ray
 
+    from cluster.connect import joined_cluster
     from jobs.common import Controller
     from methods.spin import beta_for, build_pairs
 
@@ -71,10 +81,16 @@ def main() -> None:
     ctl = Controller(config(tmp))
     train_rows, _ = ctl.datasets()
     c = ctl.config
+    together = joined_cluster() if c.cluster.start_pools_together is None else c.cluster.start_pools_together
     started = time.perf_counter()
+    if together:  # as a job starts them (cluster.start_pools_together): the ranks start while the generator builds
+        ctl.start_pools(("generator", "train"))
     generator = ctl.generator
     startup = {"generator": time.perf_counter() - started}
-    startup["train"] = ctl.trainer.wait_ready(c.cluster.ready_timeout_s)
+    startup["train"] = ctl.trainer.wait_ready(c.cluster.ready_timeout_s)  # from the train pool's own start
+    startup["both pools ready"] = time.perf_counter() - started
+    # One after the other, both ready = generator + train; together, the saving is what overlapped.
+    startup["saved by starting together"] = startup["generator"] + startup["train"] - startup["both pools ready"]
     generator_busy, train_busy = generator.stats.busy_s, ctl.trainer.busy_s
 
     sampling = ctl.sampling(c.generation)
@@ -121,7 +137,7 @@ def main() -> None:
         "one SPIN iteration, SmolLM2-135M-Instruct, 64 SST-2 prompts (pools up; start-up is once per job)",
         [(name, seconds) for name, seconds in phases.items()]
         + [("whole iteration", iteration_s), ("bare generation", bare_generate_s), ("bare training", bare_train_s)]
-        + [(f"{pool} pool start-up (once per job)", seconds) for pool, seconds in startup.items()],
+        + [(f"start-up, once per job: {name}", seconds) for name, seconds in startup.items()],
         ("phase", "seconds"),
     )
     print_table("pool idle during the iteration (replica-seconds)", list(idle.items()), ("pool", "idle s"))
@@ -130,6 +146,7 @@ def main() -> None:
             "phases": phases,
             "pool_idle_s": idle,
             "pool_startup_s": {k: round(v, 1) for k, v in startup.items()},
+            "pools_started_together": together,
             "iteration_s": round(iteration_s, 1),
             "bare_s": round(bare, 1),
             "bare_generate_s": round(bare_generate_s, 1),
@@ -204,5 +221,10 @@ def _bare_rank(rank: int, world: int, port: int, spec: dict, threads: int, queue
 
 
 if __name__ == "__main__":
+    import sys
+
+    # `key=value` arguments are config overrides (e.g. pool label selectors when submitted to a cluster).
+    EXTRA.extend(a for a in sys.argv[1:] if "=" in a and not a.startswith("-"))
+    sys.argv[1:] = [a for a in sys.argv[1:] if a not in EXTRA]
     parse_cli(__doc__)
     main()

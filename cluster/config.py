@@ -125,6 +125,13 @@ class ClusterConfig:
         0,
         bounds="[0, 19]",
     )
+    start_pools_together: bool | None = doc(
+        "Place the pools a method needs from its first phases (generator and train; the teacher too for LLM2LLM) "
+        "all at once when the job starts, so the train pool's worker start-up (30-45 s) overlaps the first "
+        "generation instead of following it. None: yes on a joined cluster (each pool on its own nodes), no on "
+        "the embedded one (one box's cores: starting ranks would slow the generator down).",
+        None,
+    )
     node_groups: list[NodeGroupConfig] = doc(
         "The cluster shape this config needs, as node groups {name, count, gpus_per_node, gpu_memory_gib, "
         "cpus_per_node, labels, resources}. Only read by --plan (python -m jobs.<method> --config <file> --plan), "

@@ -54,6 +54,11 @@ def user_hf_env() -> dict[str, str]:
 _joined_cluster = False
 
 
+def joined_cluster() -> bool:
+    """Whether connect() joined a cluster (RAY_ADDRESS / cluster.address) rather than embedding a local Ray."""
+    return _joined_cluster
+
+
 def worker_env(joined: bool | None = None) -> dict[str, str]:
     """Environment of our actors and training ranks. On an embedded Ray, workers share this machine: code and
     caches come from this checkout. On a cluster we joined, nothing points into the driver's checkout (another

@@ -12,7 +12,9 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from actors.engine import Sampling
@@ -21,7 +23,7 @@ from actors.llm_actor import EnginePool
 from actors.teacher import Teacher
 from cluster.cli import parse_job_args
 from cluster.config import ConfigError, JobConfig, SamplingConfig, phase_training
-from cluster.connect import PROJECT_ROOT, connect
+from cluster.connect import PROJECT_ROOT, connect, joined_cluster
 from cluster.data import DataError, likelihood_question, prepare
 from cluster.models import resolve_model, resolve_models
 from cluster.runfolder import RunFolderError, inputs_fingerprint, is_run_control
@@ -158,6 +160,21 @@ class Controller:
             )
             log.info("pool %s ready: %s", role, self._pools[role].info)
         return self._pools[role]
+
+    def start_pools(self, roles: Iterable[str]) -> None:
+        """Place these pools concurrently: the train pool's ranks start in the background (its fit() thread) while
+        the engine pools build, each in its own thread; returns when the engine pools are ready."""
+        start = time.perf_counter()
+        if "train" in roles:
+            self.trainer  # noqa: B018 (starting it is the point: TrainingService starts its ranks at once)
+        models = {"judge": self.config.judge.model, "teacher": self.config.teacher.model}
+        engines = [role for role in roles if role != "train" and role not in self._pools]
+        if engines:
+            with ThreadPoolExecutor(len(engines)) as threads:
+                list(threads.map(lambda role: self.pool(role, models.get(role)), engines))
+        log.info(
+            "pools %s placed together; engine pools ready after %.1f s", ", ".join(roles), time.perf_counter() - start
+        )
 
     @property
     def generator(self) -> EnginePool:
@@ -447,6 +464,15 @@ class Controller:
         return summary
 
 
+# The pools each method uses from its first phases on (cluster.start_pools_together places them at the start).
+POOLS_AT_START = {
+    "spin": ("generator", "train"),
+    "s3ft": ("generator", "train"),
+    "llm2llm": ("generator", "teacher", "train"),
+    "aft": ("generator", "train"),
+}
+
+
 def main(method: str, algorithm: Callable[[Controller], None], argv: list[str] | None = None) -> dict:
     config = parse_args(method, argv)
     try:
@@ -459,6 +485,9 @@ def main(method: str, algorithm: Callable[[Controller], None], argv: list[str] |
         print(f"run folder error: {err}", file=sys.stderr)
         raise SystemExit(3) from None
     try:
+        together = config.cluster.start_pools_together
+        if joined_cluster() if together is None else together:
+            controller.start_pools(POOLS_AT_START.get(method, ()))
         algorithm(controller)
     except BaseException as err:  # the summary says failed, with the error; the error still ends the job
         controller.close(error=err)

@@ -2,10 +2,12 @@
 (conftest.local_cluster: a head and one node labelled selfimprove/pool=<role> per pool), each pool pinned to its
 node by label_selector; the summary's placement must show each pool on its labelled node and nowhere else."""
 
+import glob
 import json
 
 import pytest
 from conftest import submit_job
+from test_wandb import read_records
 
 from cluster.local import LABEL_KEY
 
@@ -45,9 +47,13 @@ def test_each_method_runs_with_every_pool_on_its_labelled_node(local_cluster, tm
             assert replica["labels"].get(LABEL_KEY) == pool, (pool, replica)
             assert replica["node_id"] in nodes_with_role(local_cluster, pool), (pool, replica)
     assert len(placement["train"]) == 2  # one entry per rank
-    # W&B gets the same record (offline files: the run's config).
-    configs = list((run / "wandb").glob("offline-run-*/files/config.yaml"))
-    assert configs and all("placement" in c.read_text() for c in configs)
+    # W&B gets the same record: the session's main offline run has it in its config and its summary.
+    (wandb_file,) = glob.glob(str(run / "wandb/offline-run-*-s1/run-*.wandb"))
+    records = read_records(wandb_file)
+    config = {u.key: json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update}
+    assert config["placement"] == placement
+    summary_keys = {u.key for r in records if r.HasField("summary") for u in r.summary.update}
+    assert "placement" in summary_keys
 
 
 def test_failed_job_exits_nonzero_with_the_driver_error(local_cluster, tmp_path):
