@@ -155,3 +155,21 @@ def test_concurrent_requests_are_in_the_engine_together(server):
     assert a["usage"]["completion_tokens"] == b["usage"]["completion_tokens"] == 96
     first, second = sorted((a["timing"], b["timing"]), key=lambda t: t["engine_start"])
     assert second["engine_start"] < first["engine_end"], f"one after the other in the engine: {first}, {second}"
+
+
+def test_replicas_take_resources_from_the_gpu_profile():
+    """`--config configs/gpu-1node-8xh100.yaml`: replicas, GPUs and tensor parallelism come from pools.generator,
+    and the replicas get only the key's digest."""
+    from cluster.config import load_config
+    from jobs.serve import build_app, key_digest
+
+    config = load_config("configs/gpu-1node-8xh100.yaml")
+    pool = config.pools.generator
+    assert pool.num_gpus >= 1 and pool.tensor_parallel_size >= 2
+    deployment = build_app("/m", asdict(config.engine), pool, config.serve, API_KEY)._bound_deployment
+    assert deployment.num_replicas == pool.replicas
+    assert deployment.ray_actor_options["num_gpus"] == pool.num_gpus
+    assert deployment.ray_actor_options["num_cpus"] == pool.num_cpus
+    model_path, engine, limits, digest, tensor_parallel_size, _ = deployment.init_args
+    assert tensor_parallel_size == pool.tensor_parallel_size and limits == asdict(config.serve)
+    assert digest == key_digest(API_KEY) and API_KEY not in repr(deployment.init_args)
