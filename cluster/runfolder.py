@@ -277,7 +277,10 @@ class RunLease:
                 self.lost = True
                 log.error("lost the lease on %s to another driver (heartbeat missed for too long?)", self.path.parent)
                 return
-            write_atomic(self.path, json.dumps(self._record()))
+            try:
+                write_atomic(self.path, json.dumps(self._record()))
+            except OSError as err:  # shared storage hiccup: the next beat tries again before the lease goes stale
+                log.warning("could not refresh the lease %s: %s", self.path, err)
 
     def release(self) -> None:
         self._stop.set()
