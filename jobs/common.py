@@ -486,8 +486,8 @@ def main(method: str, algorithm: Callable[[Controller], None], argv: list[str] |
         raise SystemExit(3) from None
     try:
         together = config.cluster.start_pools_together
-        if joined_cluster() if together is None else together:
-            controller.start_pools(POOLS_AT_START.get(method, ()))
+        if method in POOLS_AT_START and (joined_cluster() if together is None else together):
+            controller.start_pools(POOLS_AT_START[method])
         algorithm(controller)
     except BaseException as err:  # the summary says failed, with the error; the error still ends the job
         controller.close(error=err)

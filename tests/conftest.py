@@ -53,8 +53,13 @@ def local_cluster():
     try:
         yield local.up(folder, roles=local.ROLES, spares=("generator",), num_cpus={"train": 4}, head_cpus=2)
     finally:
+        sessions = [n["sid"] for n in (local.load_state(folder) or {"nodes": {}})["nodes"].values()]
         local.down(folder)
         shutil.rmtree(folder, ignore_errors=True)
+    # Nothing the jobs started outlives the cluster: Ray Train controllers and workers included (they rename
+    # themselves ray::..., so a teardown matching the temp dir in command lines missed them and left orphans).
+    leftover = [p.pid for sid in sessions for p in local.session_processes(sid)]
+    assert not leftover, f"processes of the local cluster still running: {leftover}"
 
 
 def submit_job(

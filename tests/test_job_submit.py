@@ -4,11 +4,13 @@ node by label_selector; the summary's placement must show each pool on its label
 
 import glob
 import json
+from pathlib import Path
 
 import pytest
 from conftest import submit_job
 from test_wandb import read_records
 
+from cluster import local
 from cluster.local import LABEL_KEY
 
 # What each tiny job places (LLM judge / teacher only where the method or its data needs them).
@@ -27,7 +29,9 @@ OVERRIDES = {
 
 
 def nodes_with_role(state: dict, role: str) -> set[str]:
-    return {n["node_id"] for n in state["nodes"].values() if n["role"] == role}
+    """Node ids of the cluster's nodes labelled for ``role``, read from its state file (nodes added later count)."""
+    live = local.load_state(Path(state["dir"]))
+    return {n["node_id"] for n in live["nodes"].values() if n["role"] == role}
 
 
 @pytest.mark.parametrize("method", ["spin", "s3ft", "llm2llm", "aft"])
