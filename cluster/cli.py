@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cluster.config import ConfigError, JobConfig, load_config, to_dict
+from cluster.config import ConfigError, JobConfig, load_config, redact_secrets, to_dict
 
 WIDTH = 100
 
@@ -105,7 +105,7 @@ def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
-        sys.stdout.write(yaml.safe_dump(to_dict(config), sort_keys=False))
+        sys.stdout.write(yaml.safe_dump(redact_secrets(to_dict(config)), sort_keys=False))
         raise SystemExit(0)
     if args.check_data:
         raise SystemExit(check_data(config))

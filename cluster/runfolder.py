@@ -237,8 +237,12 @@ class RunLease:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(20):
+            # Written whole under a temp name, then hard-linked into place: the link fails if a lease exists
+            # (atomic, on NFS too), and a reader never sees a half-written lease.
+            pending = temp_path(self.path)
+            pending.write_text(json.dumps(self._record()))
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(pending, self.path)
             except FileExistsError:
                 holder = self.holder()
                 if holder is None:
@@ -258,8 +262,8 @@ class RunLease:
                     pass
                 time.sleep(0.05)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self._record()))
+            finally:
+                pending.unlink(missing_ok=True)
             for old in self.path.parent.glob(f".{LEASE_FILE}.stale.*"):
                 old.unlink(missing_ok=True)
             self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="run-lease")

@@ -87,28 +87,27 @@ def test_second_driver_on_a_run_folder_exits_at_once_naming_the_holder(tmp_path)
     assert json.loads(lease.read_text())["pid"] == first.pid  # the loser did not touch the holder's lease
 
 
-def _race(run_dir: str, start_at: float, results) -> None:
+def _race(run_dir: str, start_at: float, results, everyone_tried) -> None:
     time.sleep(max(0.0, start_at - time.time()))
     lease = RunLease(Path(run_dir), timeout_s=60)
     try:
         lease.acquire()
         results.put(("won", os.getpid()))
-        time.sleep(2)
+        everyone_tried.wait(120)  # held until every racer has tried: a late starter must meet a live lease
         lease.release()
     except RunFolderError as err:
         results.put(("lost", str(err)))
 
 
 def test_of_drivers_starting_together_exactly_one_gets_the_folder(tmp_path):
-    results = multiprocessing.get_context("spawn").Queue()
+    context = multiprocessing.get_context("spawn")
+    results, everyone_tried = context.Queue(), context.Event()
     start_at = time.time() + 3
-    procs = [
-        multiprocessing.get_context("spawn").Process(target=_race, args=(str(tmp_path), start_at, results))
-        for _ in range(4)
-    ]
+    procs = [context.Process(target=_race, args=(str(tmp_path), start_at, results, everyone_tried)) for _ in range(4)]
     for p in procs:
         p.start()
     outcomes = [results.get(timeout=60) for _ in procs]
+    everyone_tried.set()
     for p in procs:
         p.join(timeout=30)
     assert [o[0] for o in outcomes].count("won") == 1
