@@ -425,6 +425,13 @@ class Run:
         if self.wandb is not None:
             self.wandb.summary[key] = value
 
+    def record_placement(self, placement: dict) -> None:
+        """Where each pool's replicas and training ranks ran, into W&B's config and summary (summary.json gets
+        it from the closing summary)."""
+        if self.wandb is not None:
+            self.wandb.config.update({"placement": placement}, allow_val_change=True)
+            self.wandb.summary["placement"] = placement
+
     def close(
         self, pools: dict[str, float] | None = None, extra: dict | None = None, error: BaseException | None = None
     ) -> dict:
