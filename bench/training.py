@@ -1,9 +1,14 @@
-"""Training throughput: Ray Train + DeepSpeed ZeRO-3 (2 workers, gloo) vs one plain PyTorch process.
+"""Training throughput and how far it is from the machine: Ray Train + DeepSpeed (2 workers, gloo) vs one plain
+PyTorch process, with model FLOP/s utilisation (MFU) against this machine's measured matmul peak.
 
-The same SFT steps on SmolLM2-135M-Instruct (GSM8K gold solutions, global batch 8 sequences, fp32, AdamW),
-both using the machine's 2 cores: (a) 2 ZeRO-3 ranks x 1 thread, (b) 1 process x 2 threads.
-``ratio`` compares steady-state tokens/s (the first 2 optimizer steps excluded); ``startup_s`` is the fixed
-cost of (a) before its first step: Ray Train's worker group, process group, model load, DeepSpeed init.
+The same SFT steps on SmolLM2-135M-Instruct (GSM8K gold solutions, global batch 8 sequences, AdamW), both using
+the machine's 2 cores: (a) 2 ranks x 1 thread under ZeRO-3, ZeRO-2 and stage 0 (plain data parallel), in fp32
+and, where the CPU runs bf16 natively (avx512_bf16 / AMX), bf16 mixed precision; (b) 1 process x 2 threads in
+the same precisions. All (a) cases are phases of one Ray Train ``fit()`` (as in a job), so start-up is paid once.
+``ratio`` compares steady-state tokens/s of ZeRO-3 fp32 with (b) fp32 (the first 2 optimizer steps excluded);
+``startup_s`` is (a)'s fixed cost before its first step. MFU = model FLOP/s / peak, model FLOPs per trained
+token = 6 N + 12 L d T (PaLM's count: N parameters, L layers, width d, T the mean sequence length, attention
+included); peak = the best of repeated 2048^3 matmuls on both cores in that dtype, measured in the same run.
 Last line: one JSON object.
 """
 
@@ -20,6 +25,37 @@ if not __package__:  # run as `python bench/x.py`: Python put bench/ on sys.path
 from bench.common import emit, in_subprocess, parse_cli, print_table  # noqa: E402
 
 N_EXAMPLES, GLOBAL_BATCH, WARMUP_STEPS = 96, 8, 2
+STAGES = (3, 2, 0)
+
+
+def peak_gflops(dtype_name: str, queue, size: int = 2048, seconds: float = 4.0) -> None:
+    """Best GFLOP/s of repeated square matmuls on both cores (torch's own GEMM, the one training uses)."""
+    import torch
+
+    torch.set_num_threads(2)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.matmul(a, b)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    queue.put(best)
+
+
+def flops_per_token(model: str, mean_length: float) -> float:
+    """6 N + 12 L d T: forward + backward of every weight once per token, plus attention scores and values.
+    N counts a tied embedding once: its lookup is free and its use as the output head is one matmul."""
+    import json
+    import math
+
+    from safetensors import safe_open
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    with safe_open(str(Path(model) / "model.safetensors"), "pt") as f:
+        n_params = sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return 6 * n_params + 12 * config["num_hidden_layers"] * config["hidden_size"] * mean_length
 
 
 def examples() -> list[dict]:
@@ -35,7 +71,8 @@ def steady(steps: list[tuple[float, float]]) -> float:
     return sum(t for t, _ in kept) / sum(s for _, s in kept)
 
 
-def ray_zero3(model: str, rows: list[dict], root: Path) -> tuple[float, float, int]:
+def ray_cases(model: str, rows: list[dict], root: Path, cases: list[tuple[int, bool]]) -> tuple[dict, float]:
+    """Steady tok/s and optimizer steps of each (ZeRO stage, bf16) case, run as phases of one fit(); start-up s."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -56,27 +93,39 @@ def ray_zero3(model: str, rows: list[dict], root: Path) -> tuple[float, float, i
     service = TrainingService(
         config, on_metrics=lambda m: steps.append((m["tokens_per_s"] * m["step_time_s"], m["step_time_s"]))
     )
-    training = {**asdict(config.training), "micro_batch_size": GLOBAL_BATCH // 2, "lr": 1e-5, "max_length": 512}
-    result = service.train(
-        {
-            "name": "bench",
-            "kind": "sft",
-            "init_model": model,
-            "data": str(data),
-            "phase_dir": str(root / "phase"),
-            "output": str(root / "out"),
-            "training": training,
-            "seed": 0,
+    results, startup = {}, 0.0
+    for stage, bf16 in cases:
+        steps.clear()
+        base = asdict(config.training)
+        training = {
+            **base,
+            "micro_batch_size": GLOBAL_BATCH // 2,
+            "lr": 1e-5,
+            "max_length": 512,
+            "deepspeed": {**base["deepspeed"], "zero_stage": stage, "bf16": bf16},
         }
-    )
-    wall = time.perf_counter() - start
+        name = f"zero{stage}-{'bf16' if bf16 else 'fp32'}"
+        result = service.train(
+            {
+                "name": name,
+                "kind": "sft",
+                "init_model": model,
+                "data": str(data),
+                "phase_dir": str(root / name),
+                "output": str(root / f"{name}-out"),
+                "training": training,
+                "seed": 0,
+            }
+        )
+        if not startup:  # the first phase pays the worker group, process group and model load
+            startup = time.perf_counter() - start - sum(s for _, s in steps)
+        results[(stage, bf16)] = (steady(steps), result["steps"])
     service.shutdown()
     ray.shutdown()
-    startup = wall - sum(s for _, s in steps)
-    return steady(steps), startup, result["steps"]
+    return results, startup
 
 
-def single_process(model: str, rows: list[dict], queue) -> None:
+def single_process(model: str, rows: list[dict], bf16: bool, queue) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,6 +137,8 @@ def single_process(model: str, rows: list[dict], queue) -> None:
     net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    # bf16 as DeepSpeed's CPU bf16 mode would not be comparable here; autocast keeps fp32 master weights too.
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     report = TruncationReport()
     sequences = [build_sequence(tokenizer, r["id"], r["messages"], r["response"], 512, 256, report) for r in rows]
     batches = micro_batches(len(sequences), [len(s.input_ids) for s in sequences], GLOBAL_BATCH // 2, 0, 0, 0)
@@ -97,16 +148,16 @@ def single_process(model: str, rows: list[dict], queue) -> None:
         tokens = 0
         for indices in batches[i : i + 2]:
             batch = collate([sequences[j] for j in indices], tokenizer.pad_token_id)
-            loss, _ = sft_loss(
-                net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
-            )
+            with precision:
+                logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, _ = sft_loss(logits.float(), batch["labels"])
             (loss / 2).backward()
             tokens += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         steps.append((tokens, time.perf_counter() - start))
-    queue.put((steady(steps), len(steps)))
+    queue.put((steady(steps), len(steps), sum(len(x.input_ids) for x in sequences) / len(sequences)))
 
 
 def main() -> None:
@@ -116,29 +167,64 @@ def main() -> None:
     from cluster.config import load_config
     from cluster.models import resolve_model
     from training.service import allocator_env
+    from training.worker import native_bf16
 
     model = resolve_model("smollm2-135m-instruct")
     rows = examples()
+    precisions = [False, True] if native_bf16() else [False]
+    cases = [(stage, False) for stage in STAGES] + [(stage, True) for stage in STAGES if True in precisions]
     with tempfile.TemporaryDirectory() as tmp:
-        zero3_tok_s, startup_s, zero3_steps = ray_zero3(model, rows, Path(tmp))
-    # The plain process gets the same allocator the ranks get (training.allocator), so only Ray + ZeRO-3 differ.
+        ray_results, startup_s = ray_cases(model, rows, Path(tmp), cases)
+    # The plain process gets the same allocator the ranks get (training.allocator), so only Ray + DeepSpeed differ.
     os.environ.update(allocator_env(load_config(None, []).training.allocator))
-    single_tok_s, single_steps = in_subprocess(single_process, model, rows)
+    single = {bf16: in_subprocess(single_process, model, rows, bf16) for bf16 in precisions}
+    mean_length = single[False][2]
+    per_token = flops_per_token(model, mean_length)
+    peak = {bf16: in_subprocess(peak_gflops, "bfloat16" if bf16 else "float32") for bf16 in precisions}
+
+    def mfu(tok_s: float, bf16: bool) -> float:
+        return tok_s * per_token / 1e9 / peak[bf16]
+
+    table = [
+        (f"Ray Train + ZeRO-{stage}, 2 workers x 1 thread, {'bf16' if bf16 else 'fp32'}", n, tok_s, mfu(tok_s, bf16))
+        for (stage, bf16), (tok_s, n) in ray_results.items()
+    ]
+    table += [
+        (f"plain PyTorch, 1 process x 2 threads, {'bf16' if bf16 else 'fp32'}", n, tok_s, mfu(tok_s, bf16))
+        for bf16, (tok_s, n, _) in single.items()
+    ]
     print_table(
-        "SFT on SmolLM2-135M-Instruct, 96 GSM8K examples, global batch 8, fp32 AdamW",
-        [
-            ("Ray Train + ZeRO-3, 2 workers x 1 thread", zero3_steps, zero3_tok_s),
-            ("plain PyTorch, 1 process x 2 threads", single_steps, single_tok_s),
-        ],
-        ("case", "optimizer steps", "steady tok/s"),
+        "SFT on SmolLM2-135M-Instruct, 96 GSM8K examples, global batch 8, AdamW",
+        table,
+        ("case", "optimizer steps", "steady tok/s", "MFU"),
+    )
+    print(
+        f"model: {per_token / 1e9:.3f} GFLOP per trained token (mean length {mean_length:.0f}); "
+        + ", ".join(f"peak {'bf16' if b else 'fp32'} {g:.1f} GFLOP/s" for b, g in peak.items())
     )
     print(f"fixed start-up cost of (a) before its first step: {startup_s:.1f} s")
+    zero3_tok_s, single_tok_s = ray_results[(3, False)][0], single[False][0]
+    best_stage, best_bf16 = max(ray_results, key=lambda case: ray_results[case][0])
     emit(
         {
             "ray_zero3_tok_s": round(zero3_tok_s, 1),
             "single_tok_s": round(single_tok_s, 1),
             "ratio": round(zero3_tok_s / single_tok_s, 3),
             "startup_s": round(startup_s, 1),
+            "peak_gflops": {("bf16" if b else "fp32"): round(g, 1) for b, g in peak.items()},
+            "mfu_ray": round(mfu(zero3_tok_s, False), 3),
+            "mfu_single": round(mfu(single_tok_s, False), 3),
+            "ray_tok_s": {
+                f"zero{stage}_{'bf16' if bf16 else 'fp32'}": round(tok_s, 1)
+                for (stage, bf16), (tok_s, _) in ray_results.items()
+            },
+            "mfu": {
+                f"zero{stage}_{'bf16' if bf16 else 'fp32'}": round(mfu(tok_s, bf16), 3)
+                for (stage, bf16), (tok_s, _) in ray_results.items()
+            },
+            "single_bf16_tok_s": round(single[True][0], 1) if True in single else None,
+            "best": f"zero{best_stage}_{'bf16' if best_bf16 else 'fp32'}",
+            "bf16_speedup": round(ray_results[(3, True)][0] / zero3_tok_s, 3) if (3, True) in ray_results else None,
         }
     )
 

@@ -338,7 +338,12 @@ class TeacherConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = doc("ZeRO stage (3 partitions parameters, gradients and optimizer state).", 3, bounds="[0, 3]")
-    bf16: bool = doc("bf16 mixed precision (fp32 master weights).", False)
+    bf16: bool | Literal["auto"] = doc(
+        "bf16 mixed precision: bf16 weights and activations, fp32 master weights in the optimizer. 'auto': on where "
+        "the rank's hardware has bf16 dot products (a GPU, or a CPU with avx512_bf16 or AMX), resolved on the "
+        "rank's own node; elsewhere bf16 GEMMs are emulated and slower than fp32.",
+        False,
+    )
     offload_optimizer: bool = doc("ZeRO-Offload the optimizer state to CPU memory.", False)
     overlap_comm: bool = doc("Overlap communication with compute (off on gloo).", False)
 

@@ -25,6 +25,18 @@ from training.losses import sequence_logps, sft_loss, spin_loss
 from training.sequences import TruncationReport, build_sequence, collate, deal, micro_batches, prompt_messages
 
 
+def native_bf16() -> bool:
+    """bf16 dot products in hardware: a GPU, or a CPU with avx512_bf16 or AMX (oneDNN then runs bf16 GEMMs)."""
+    if torch.cuda.is_available():
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def uses_bf16(setting: bool | str) -> bool:
+    """training.deepspeed.bf16 on this rank: True/False as given, 'auto' from this node's hardware."""
+    return native_bf16() if setting == "auto" else bool(setting)
+
+
 def deepspeed_config(t: dict) -> dict:
     ds = t["deepspeed"]
     zero: dict[str, Any] = {"stage": ds["zero_stage"], "overlap_comm": ds["overlap_comm"], "contiguous_gradients": True}
@@ -37,7 +49,7 @@ def deepspeed_config(t: dict) -> dict:
         "gradient_accumulation_steps": t["grad_accum"],
         "gradient_clipping": t["grad_clip"],
         "zero_optimization": zero,
-        "bf16": {"enabled": ds["bf16"]},
+        "bf16": {"enabled": uses_bf16(ds["bf16"])},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -145,7 +157,8 @@ class PhaseRunner:
 
         deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo / NCCL)
         ds_config = deepspeed_config(t)
-        dtype = torch.bfloat16 if t["deepspeed"]["bf16"] else torch.float32
+        bf16 = uses_bf16(t["deepspeed"]["bf16"])
+        dtype = torch.bfloat16 if bf16 else torch.float32
         keep_alive = HfDeepSpeedConfig(ds_config) if t["deepspeed"]["zero_stage"] == 3 else None  # noqa: F841
         model = AutoModelForCausalLM.from_pretrained(
             spec["init_model"], dtype=dtype, trust_remote_code=spec.get("trust_remote_code", False)
@@ -195,6 +208,7 @@ class PhaseRunner:
         self._stall_hook(steps_done)
         step_tokens, step_start, train_tokens, train_time = 0, time.perf_counter(), 0, 0.0
         last: dict[str, float] = {}
+        losses: list[float] = []
         for epoch, plan in enumerate(epochs):
             for indices, weight in plan:
                 micro_step += 1
@@ -222,6 +236,7 @@ class PhaseRunner:
                         "total_steps": total_steps,
                         **{k: self._mean(v) for k, v in metrics.items()},
                     }
+                    losses.append(last["loss"])
                     train_tokens += all_tokens
                     train_time += elapsed
                     if self.rank == 0:
@@ -251,6 +266,8 @@ class PhaseRunner:
             "wall_s": time.perf_counter() - started,
             "truncation": report.__dict__,
             "final": last,
+            "losses": losses,  # the loss of each optimizer step this session ran
+            "precision": "bf16" if bf16 else "fp32",
             "examples": len(items),
             "local_param_fraction": local / total,
             "allocator": loaded_allocator(),
