@@ -1,4 +1,9 @@
-"""Serve a trained checkpoint with Ray Serve behind an OpenAI-compatible ``/v1/chat/completions``.
+"""Serve a trained checkpoint with Ray Serve behind an OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``.
+
+``"stream": true`` answers with Server-Sent Events in OpenAI's ``chat.completion.chunk`` format (the vLLM backend
+sends tokens as the engine produces them, each of the n choices its own deltas; the transformers backend and
+propose-and-aggregate send the whole answer as one chunk), ending with ``data: [DONE]``. The official ``openai``
+client works as is: ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)``.
 
 Besides the usual fields (messages, max_tokens, temperature, top_p, n, seed, stop) a request may ask for
 AFT propose-and-aggregate with ``"aggregate": {"n_proposals": 5, "layers": 2}``: the answer is the final
@@ -38,7 +43,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from actors.engine import Sampling, build_engine, render_prompt, resolve_dtype, row_seeds
@@ -66,6 +71,7 @@ class ChatRequest:
     messages: list[dict]
     sampling: Sampling
     aggregate: tuple[int, int] | None = None  # (n_proposals, layers)
+    stream: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -129,8 +135,10 @@ def parse_request(raw: bytes, limits: ServeConfig) -> ChatRequest:
         raise BadRequest(f"body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    if body.get("stream"):
-        raise BadRequest("'stream': streaming is not supported; send the request without it")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest(f"'stream' must be true or false, got {json.dumps(stream)[:40]}")
+    stream = bool(stream)
     messages = _messages(body.get("messages"))
     sampling = Sampling(
         temperature=_number(body, "temperature", 0.7, 0.0, 2.0),
@@ -142,7 +150,7 @@ def parse_request(raw: bytes, limits: ServeConfig) -> ChatRequest:
     )
     aggregate = body.get("aggregate")
     if aggregate is None or aggregate is False:
-        return ChatRequest(messages, sampling)
+        return ChatRequest(messages, sampling, stream=stream)
     if not isinstance(aggregate, dict):
         raise BadRequest('\'aggregate\' must be an object such as {"n_proposals": 5, "layers": 2}')
     unknown = set(aggregate) - {"n_proposals", "layers"}
@@ -152,7 +160,7 @@ def parse_request(raw: bytes, limits: ServeConfig) -> ChatRequest:
         raise BadRequest("'n' must be 1 with 'aggregate': the answer is the one final aggregation")
     n_proposals = _integer(aggregate, "n_proposals", 5, 1, limits.max_proposals, where="aggregate.")
     layers = _integer(aggregate, "layers", 2, 1, limits.max_layers, where="aggregate.")
-    return ChatRequest(messages, sampling, (n_proposals, layers))
+    return ChatRequest(messages, sampling, (n_proposals, layers), stream=stream)
 
 
 def key_digest(key: str) -> str:
@@ -219,6 +227,33 @@ class AsyncVLLM:
         ]
         return samples, (final.metrics.scheduled_ts, final.metrics.last_token_ts)
 
+    async def stream(self, prompt: list[int], sampling: Sampling):
+        """Yields (choice index, new text, finish reason or None) as the engine produces tokens; closing the
+        generator (client gone) aborts the engine request."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            output_kind=RequestOutputKind.DELTA,  # each output: only what is new, per sample (c.index)
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            stop=sampling.stop or None,
+            seed=sampling.seed,
+        )
+        finished = set()
+        async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, uuid.uuid4().hex):
+            for c in output.outputs:
+                if c.index in finished:
+                    continue
+                if c.finish_reason is not None:
+                    finished.add(c.index)
+                yield c.index, c.text, c.finish_reason
+        for index in set(range(sampling.n)) - finished:
+            yield index, "", "stop"
+
 
 class ThreadedEngine:
     """Any engine of actors/engine.py (transformers here): requests run concurrently in threads."""
@@ -234,6 +269,12 @@ class ThreadedEngine:
         (completions, interval) = await asyncio.to_thread(self._generate, prompt, sampling, seeds)
         samples = [{"text": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason} for c in completions]
         return samples, interval
+
+    async def stream(self, prompt: list[int], sampling: Sampling):
+        """No token-level streaming here: each sample's whole text as one delta."""
+        samples, _ = await self.sample(prompt, sampling)
+        for i, s in enumerate(samples):
+            yield i, s["text"], s["finish_reason"] or "stop"
 
     def _generate(self, prompt: list[int], sampling: Sampling, seeds: list[int] | None):
         start = time.monotonic()
@@ -270,6 +311,7 @@ class ChatServer:
         else:
             self.engine = ThreadedEngine(model_path, engine, trust_remote_code)
         self.template = load_prompt("actors/prompts", "aggregate_system")
+        self.created = int(time.time())
 
     def _authorized(self, request: Request) -> bool:
         if self.api_key_sha256 is None:
@@ -313,6 +355,13 @@ class ChatServer:
         usage["completion_tokens"] += sum(s["tokens"] for s in samples)
         return samples
 
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        if not self._authorized(request):
+            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "selfimprove"}
+        return {"object": "list", "data": [model]}
+
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
         if not self._authorized(request):
@@ -321,6 +370,8 @@ class ChatServer:
             parsed = parse_request(await self._read_body(request), self.limits)
             usage = {"prompt_tokens": 0, "completion_tokens": 0}
             created = int(time.time())
+            if parsed.stream:
+                return await self._stream(parsed, usage, created)
             if parsed.aggregate:
                 result = await self._aggregate(parsed, usage)
                 message = {"role": "assistant", "content": result["answer"]}
@@ -355,6 +406,54 @@ class ChatServer:
             "timing": {"engine_start": usage["engine_start"], "engine_end": usage["engine_end"]},
             **extra,
         }
+
+    async def _stream(self, parsed: ChatRequest, usage: dict, created: int) -> StreamingResponse:
+        """Everything that can refuse the request (prompt length, the whole aggregation) runs before the
+        response starts, so a bad request is still a 400 with its reason; then SSE chunks."""
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+
+        def chunk(index: int, delta: dict, finish_reason: str | None = None) -> str:
+            body = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}],
+            }
+            return f"data: {json.dumps(body)}\n\n"
+
+        if parsed.aggregate:
+            answer = (await self._aggregate(parsed, usage))["answer"]
+
+            async def deltas():
+                yield 0, answer, "stop"
+
+        else:
+            prompt, max_tokens = self._prompt(parsed.messages, parsed.sampling.max_tokens)
+            sampling = Sampling(**{**asdict(parsed.sampling), "max_tokens": max_tokens})
+
+            def deltas():
+                return self.engine.stream(prompt, sampling)
+
+        async def events():
+            started = set()
+            try:
+                async for index, text, finish_reason in deltas():
+                    if index not in started:
+                        started.add(index)
+                        yield chunk(index, {"role": "assistant", "content": ""})
+                    if text:
+                        yield chunk(index, {"content": text})
+                    if finish_reason is not None:
+                        yield chunk(index, {}, finish_reason)
+            except Exception as err:  # headers are sent: report in-band, as OpenAI does
+                log.exception("streamed request failed")
+                yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     async def _aggregate(self, parsed: ChatRequest, usage: dict) -> dict:
         """propose_and_aggregate is synchronous and pure: run it in a thread whose ``generate`` callback

@@ -1,5 +1,6 @@
 """Ray Serve app with an OpenAI-compatible endpoint, over HTTP on loopback, real vLLM (AsyncLLM) on tiny-random:
-API key, caps and a 400 with its reason for each bad input, and concurrent requests served concurrently."""
+API key, caps and a 400 with its reason for each bad input, concurrent requests served concurrently, and the official
+``openai`` client: model list, streamed chat completions (SSE chunks), errors as the client's exceptions."""
 
 import json
 import secrets
@@ -89,7 +90,7 @@ BAD_REQUESTS = [
     ("zero max_tokens", {"messages": HELLO, "max_tokens": 0}, None, "'max_tokens' must be in [1, 1024]"),
     ("seed not an integer", {"messages": HELLO, "seed": "abc"}, None, "'seed' must be an integer"),
     ("too many stop strings", {"messages": HELLO, "stop": list("abcde")}, None, "'stop' takes at most 4"),
-    ("streaming", {"messages": HELLO, "stream": True}, None, "streaming is not supported"),
+    ("stream not a boolean", {"messages": HELLO, "stream": "yes"}, None, "'stream' must be true or false"),
     (
         "too many proposals",
         {"messages": HELLO, "aggregate": {"n_proposals": 50, "layers": 1}},
@@ -155,6 +156,71 @@ def test_concurrent_requests_are_in_the_engine_together(server):
     assert a["usage"]["completion_tokens"] == b["usage"]["completion_tokens"] == 96
     first, second = sorted((a["timing"], b["timing"]), key=lambda t: t["engine_start"])
     assert second["engine_start"] < first["engine_end"], f"one after the other in the engine: {first}, {second}"
+
+
+def client(port: int, key: str | None = API_KEY):
+    import openai
+
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key=key or "not-the-key", timeout=300, max_retries=0
+    )
+
+
+def test_openai_client_lists_the_model(server):
+    models = client(server).models.list().data
+    assert [m.id for m in models] == ["selfimprove"] and models[0].owned_by == "selfimprove"
+    status, out = post(server, {"messages": HELLO, "max_tokens": 2})
+    assert status == 200 and out["model"] == models[0].id
+
+
+def test_openai_client_streams_the_greedy_answer(server):
+    request = {"model": "selfimprove", "messages": HELLO, "max_tokens": 12, "temperature": 0.0, "seed": 5}
+    whole = client(server).chat.completions.create(**request)
+    chunks = list(client(server).chat.completions.create(**request, stream=True))
+    assert len(chunks) >= 2 and all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole.choices[0].message.content and text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    # tokens as the engine produces them, not one chunk with everything
+    assert sum(1 for c in chunks if c.choices[0].delta.content) > 1
+
+
+def test_openai_client_streams_each_choice(server):
+    request = {"model": "selfimprove", "messages": HELLO, "max_tokens": 6, "temperature": 1.0, "seed": 3, "n": 2}
+    whole = client(server).chat.completions.create(**request)
+    texts, finish = {0: "", 1: ""}, {}
+    for c in client(server).chat.completions.create(**request, stream=True):
+        (choice,) = c.choices
+        texts[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finish[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert set(finish) == {0, 1}
+
+
+def test_openai_client_streams_the_aggregate_answer(server):
+    # temperature > 0: vLLM refuses n > 1 proposals with greedy sampling
+    request = {"model": "selfimprove", "messages": HELLO, "max_tokens": 4, "temperature": 1.0, "seed": 1}
+    extra = {"aggregate": {"n_proposals": 2, "layers": 1}}
+    whole = client(server).chat.completions.create(**request, extra_body=extra)
+    chunks = list(client(server).chat.completions.create(**request, extra_body=extra, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_openai_client_errors(server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="'temperature' must be in"):
+        client(server).chat.completions.create(model="selfimprove", messages=HELLO, temperature=7, stream=True)
+    too_long = [{"role": "user", "content": "word " * 2 * MAX_MODEL_LEN}]
+    with pytest.raises(openai.BadRequestError, match="the model's context is"):
+        client(server).chat.completions.create(model="selfimprove", messages=too_long, stream=True)
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key=None).chat.completions.create(model="selfimprove", messages=HELLO, stream=True)
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key=None).models.list()
 
 
 def test_replicas_take_resources_from_the_gpu_profile():
