@@ -160,6 +160,8 @@ def parse_request(raw: bytes, limits: ServeConfig) -> ChatRequest:
         raise BadRequest("'n' must be 1 with 'aggregate': the answer is the one final aggregation")
     n_proposals = _integer(aggregate, "n_proposals", 5, 1, limits.max_proposals, where="aggregate.")
     layers = _integer(aggregate, "layers", 2, 1, limits.max_layers, where="aggregate.")
+    if sampling.temperature == 0 and n_proposals > 1:  # vLLM refuses n > 1 greedy samples; n copies would agree
+        raise BadRequest("'temperature' must be > 0 with 'aggregate' and n_proposals > 1: proposals are sampled")
     return ChatRequest(messages, sampling, (n_proposals, layers), stream=stream)
 
 

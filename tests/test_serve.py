@@ -105,6 +105,12 @@ BAD_REQUESTS = [
     ),
     ("aggregate with n", {"messages": HELLO, "n": 2, "aggregate": {}}, None, "'n' must be 1 with 'aggregate'"),
     (
+        "greedy aggregate",
+        {"messages": HELLO, "temperature": 0, "aggregate": {"n_proposals": 3}},
+        None,
+        "'temperature' must be > 0 with 'aggregate'",
+    ),
+    (
         "over-long prompt",
         {"messages": [{"role": "user", "content": "word " * 2 * MAX_MODEL_LEN}]},
         None,
