@@ -190,5 +190,6 @@ def test_a_crashed_run_is_reported_failed_with_its_error(run_dir: Path) -> None:
     summary.update(status="failed", error="PhaseFailedError: phase iter0/generate: 5 of 8 rows failed")
     (run_dir / "summary.json").write_text(json.dumps(summary))
     text = main([str(run_dir)]).read_text()
-    assert '<span class="status failed">failed: PhaseFailedError: phase iter0/generate: 5 of 8 rows failed</span>' in text
+    status = "failed: PhaseFailedError: phase iter0/generate: 5 of 8 rows failed"
+    assert f'<span class="status failed">{status}</span>' in text
     assert ">finished<" not in text
