@@ -206,20 +206,11 @@ class AsyncVLLM:
     async def sample(self, prompt: list[int], sampling: Sampling) -> tuple[list[dict], tuple[float, float]]:
         """Samples, and when the engine worked on the request: (first scheduled, last token) on the engine
         core's monotonic clock, comparable between requests of one replica."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            # One output with all n samples at the end (the default streams partial, per-sample outputs).
-            output_kind=RequestOutputKind.FINAL_ONLY,
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            stop=sampling.stop or None,
-            seed=sampling.seed,
-        )
+        # One output with all n samples at the end (the default streams partial, per-sample outputs).
+        params = vllm_params(sampling, RequestOutputKind.FINAL_ONLY)
         final = None
         async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, uuid.uuid4().hex):
             final = output
@@ -232,19 +223,10 @@ class AsyncVLLM:
     async def stream(self, prompt: list[int], sampling: Sampling):
         """Yields (choice index, new text, finish reason or None) as the engine produces tokens; closing the
         generator (client gone) aborts the engine request."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            output_kind=RequestOutputKind.DELTA,  # each output: only what is new, per sample (c.index)
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            stop=sampling.stop or None,
-            seed=sampling.seed,
-        )
+        params = vllm_params(sampling, RequestOutputKind.DELTA)  # each output: only what is new, per c.index
         finished = set()
         async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, uuid.uuid4().hex):
             for c in output.outputs:
@@ -255,6 +237,21 @@ class AsyncVLLM:
                 yield c.index, c.text, c.finish_reason
         for index in set(range(sampling.n)) - finished:
             yield index, "", "stop"
+
+
+def vllm_params(sampling: Sampling, output_kind):
+    """A request's sampling settings as vLLM's, with how its outputs come back (all at the end, or deltas)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        output_kind=output_kind,
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        stop=sampling.stop or None,
+        seed=sampling.seed,
+    )
 
 
 class ThreadedEngine:
