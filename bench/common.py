@@ -58,7 +58,10 @@ def emit(result: dict) -> None:
     print(json.dumps(result))
 
 
-def parse_cli(doc: str | None) -> argparse.Namespace:
-    """The benchmarks without options still answer ``--help`` (their docstring) instead of starting to run."""
+def parse_cli(doc: str | None, add_options=None) -> argparse.Namespace:
+    """Every benchmark answers ``--help`` (its docstring) instead of starting to run; ``add_options(parser)``
+    declares a benchmark's own options."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if add_options:
+        add_options(parser)
     return parser.parse_args()

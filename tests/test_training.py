@@ -198,6 +198,19 @@ def test_bf16_mixed_precision_follows_the_fp32_loss_curve(service, tiny_model):
     assert AutoConfig.from_pretrained(bf16["output"]).vocab_size  # the bf16 run saves a loadable folder too
 
 
+def test_zero2_and_plain_data_parallel_phases_after_zero3_run_unpartitioned_with_torchs_linear(service, tiny_model):
+    # The ranks live across phases: a ZeRO-3 phase ran before (module order), and it swaps torch's linear for its
+    # own Function process-wide. Stage 2 and stage 0 must neither partition parameters nor keep that swap.
+    service.train(spec(service, "before-z3", "sft", tiny_model, training={"epochs": 1}))
+    for stage in (2, 0):
+        deepspeed = {**service.training["deepspeed"], "zero_stage": stage}
+        before = mean_nll(tiny_model, ROWS)
+        result = service.train(spec(service, f"zero{stage}", "sft", tiny_model, training={"deepspeed": deepspeed}))
+        assert result["zero_stage"] == stage and result["local_param_fraction"] == 1.0
+        assert result["linear_impl"].startswith("torch"), result["linear_impl"]
+        assert mean_nll(result["output"], ROWS) < before - 0.5  # trains and saves a full HF folder
+
+
 def test_lr_schedule_is_transformers_get_scheduler():
     from transformers import get_scheduler
 

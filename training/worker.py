@@ -60,6 +60,17 @@ def deepspeed_config(t: dict) -> dict:
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
+def restore_torch_linear() -> None:
+    """Undo ZeRO-3's process-wide swap of ``torch.nn.functional.linear`` for its memory-efficient autograd Function
+    (deepspeed.zero.Init makes it "persist unless manually reset"): in a long-lived rank, a ZeRO-2 or plain data
+    parallel phase after a ZeRO-3 phase would otherwise run every linear layer through ZeRO-3's Python Function."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as ZeroInit
+
+    original = getattr(ZeroInit, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
 def lr_scheduler(optimizer, total_steps: int, warmup_ratio: float, schedule: str):
     """The HF schedule the Trainer and TRL use (``transformers.get_scheduler``), stepped once per optimizer step."""
     from transformers import get_scheduler
@@ -160,6 +171,8 @@ class PhaseRunner:
         bf16 = uses_bf16(t["deepspeed"]["bf16"])
         dtype = torch.bfloat16 if bf16 else torch.float32
         keep_alive = HfDeepSpeedConfig(ds_config) if t["deepspeed"]["zero_stage"] == 3 else None  # noqa: F841
+        if t["deepspeed"]["zero_stage"] != 3:
+            restore_torch_linear()
         model = AutoModelForCausalLM.from_pretrained(
             spec["init_model"], dtype=dtype, trust_remote_code=spec.get("trust_remote_code", False)
         )
@@ -268,6 +281,9 @@ class PhaseRunner:
             "final": last,
             "losses": losses,  # the loss of each optimizer step this session ran
             "precision": "bf16" if bf16 else "fp32",
+            "zero_stage": t["deepspeed"]["zero_stage"],
+            # whose function ran the linear layers: torch's, or ZeRO-3's memory-efficient replacement
+            "linear_impl": getattr(torch.nn.functional.linear, "__module__", None) or "torch",
             "examples": len(items),
             "local_param_fraction": local / total,
             "allocator": loaded_allocator(),
