@@ -130,6 +130,7 @@ def single_process(model: str, rows: list[dict], bf16: bool, queue) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cluster.config import load_config
     from training.losses import sft_loss
     from training.sequences import TruncationReport, build_sequence, collate, micro_batches
 
@@ -142,7 +143,11 @@ def single_process(model: str, rows: list[dict], bf16: bool, queue) -> None:
     precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     report = TruncationReport()
     sequences = [build_sequence(tokenizer, r["id"], r["messages"], r["response"], 512, 256, report) for r in rows]
-    batches = micro_batches(len(sequences), [len(s.input_ids) for s in sequences], GLOBAL_BATCH // 2, 0, 0, 0)
+    # the batches (a)'s two ranks get, in the same order (training.group_by_length as configured)
+    group = load_config(None, []).training.group_by_length
+    batches = micro_batches(
+        len(sequences), [len(s.input_ids) for s in sequences], GLOBAL_BATCH // 2, 0, 0, 0, group, ranks=2
+    )
     steps = []
     for i in range(0, len(batches) - 1, 2):  # two micro-batches of 4 = one global batch of 8, as (a)
         start = time.perf_counter()

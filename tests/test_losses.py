@@ -1,4 +1,5 @@
 import math
+import random
 
 import pytest
 import torch
@@ -58,3 +59,25 @@ def test_micro_batches_respect_size_and_token_budget_and_ranks_stay_in_step():
     assert len(plans[0]) == len(plans[1])
     real = [i for plan in plans for b, w in plan if w for i in b]
     assert sorted(real) == list(range(7))  # zero-weight padding never double-counts an example
+
+
+def test_length_grouped_batches_pad_less_and_give_the_ranks_of_a_step_equal_work():
+    rng = random.Random(1)
+    lengths = [rng.randint(40, 400) for _ in range(256)]
+
+    def cost(grouped: bool) -> tuple[int, int, list[int]]:
+        batches = micro_batches(256, lengths, 4, 0, seed=3, epoch=1, group_by_length=grouped, ranks=2)
+        padded = [max(lengths[i] for i in b) * len(b) for b in batches]
+        plans = [deal(batches, r, 2) for r in range(2)]
+        # a micro step lasts as long as its slowest rank's batch
+        step_cost = sum(max(padded[batches.index(a)], padded[batches.index(b)]) for (a, _), (b, _) in zip(*plans))
+        return sum(padded), step_cost, sorted(i for b in batches for i in b)
+
+    random_pad, random_steps, random_items = cost(False)
+    grouped_pad, grouped_steps, grouped_items = cost(True)
+    assert grouped_items == random_items == list(range(256))  # every example once per epoch
+    assert grouped_pad < 0.8 * random_pad and grouped_steps < 0.8 * random_steps, (random_steps, grouped_steps)
+    first = micro_batches(256, lengths, 4, 0, seed=3, epoch=1, group_by_length=True, ranks=2)
+    assert first == micro_batches(256, lengths, 4, 0, seed=3, epoch=1, group_by_length=True, ranks=2)  # resumable
+    widths = [max(lengths[i] for i in b) for b in first]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)  # steps shuffled, not long-to-short

@@ -98,12 +98,33 @@ def build_sequence(
     return Sequence(example_id, prompt + answer, [IGNORE] * len(prompt) + answer)
 
 
+MEGABATCH_STEPS = 50  # as transformers' LengthGroupedSampler: sort by length within 50 global batches
+
+
 def micro_batches(
-    n_items: int, lengths: list[int], micro_batch_size: int, max_tokens: int, seed: int, epoch: int
+    n_items: int,
+    lengths: list[int],
+    micro_batch_size: int,
+    max_tokens: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool = False,
+    ranks: int = 1,
 ) -> list[list[int]]:
-    """Index groups: shuffled per epoch, at most ``micro_batch_size`` items and ``max_tokens`` padded tokens."""
+    """Index groups: shuffled per epoch, at most ``micro_batch_size`` items and ``max_tokens`` padded tokens.
+
+    ``group_by_length``: sort the shuffled items by length within megabatches (transformers' LengthGroupedSampler),
+    so a micro-batch pads to a near-equal length and the ``ranks`` consecutive micro-batches that ``deal`` hands to
+    the ranks of one micro step cost about the same (a rank with the short batch otherwise waits for the other in
+    the gradient reduction); the micro steps are then shuffled as units, so the order is not long-to-short."""
+    rng = random.Random(seed * 1000 + epoch)
     order = list(range(n_items))
-    random.Random(seed * 1000 + epoch).shuffle(order)
+    rng.shuffle(order)
+    if group_by_length:
+        size = micro_batch_size * ranks * MEGABATCH_STEPS
+        order = [
+            i for start in range(0, n_items, size) for i in sorted(order[start : start + size], key=lengths.__getitem__)
+        ]
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
@@ -114,6 +135,10 @@ def micro_batches(
         current.append(index)
     if current:
         batches.append(current)
+    if group_by_length:
+        steps = [batches[i : i + ranks] for i in range(0, len(batches), ranks)]
+        rng.shuffle(steps)
+        batches = [batch for step in steps for batch in step]
     return batches
 
 

@@ -185,7 +185,16 @@ class PhaseRunner:
 
         epochs = [
             deal(
-                micro_batches(len(items), lengths, t["micro_batch_size"], t["max_tokens_per_batch"], spec["seed"], e),
+                micro_batches(
+                    len(items),
+                    lengths,
+                    t["micro_batch_size"],
+                    t["max_tokens_per_batch"],
+                    spec["seed"],
+                    e,
+                    t["group_by_length"],
+                    self.world_size,
+                ),
                 self.rank,
                 self.world_size,
             )
@@ -324,7 +333,14 @@ class PhaseRunner:
 
         plan = deal(
             micro_batches(
-                len(items), lengths, self.t["micro_batch_size"], self.t["max_tokens_per_batch"], self.spec["seed"], 0
+                len(items),
+                lengths,
+                self.t["micro_batch_size"],
+                self.t["max_tokens_per_batch"],
+                self.spec["seed"],
+                0,
+                self.t["group_by_length"],
+                self.world_size,
             ),
             self.rank,
             self.world_size,
