@@ -62,7 +62,7 @@ def test_recipe_plans_and_fits(path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_trains_on_gpus_in_bf16(path):
     config = recipe(path)
-    assert config.training.deepspeed.bf16 and config.training.deepspeed.zero_stage == 3
+    assert config.training.deepspeed.bf16 is True and config.training.deepspeed.zero_stage == 3
     assert config.engine.backend == "vllm" and config.engine.dtype == "bfloat16"
     assert all(getattr(config.pools, role).num_gpus >= 1 for role in ("generator", "train"))
 

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from actors.engine import render_prompt, response_ids
@@ -196,6 +197,11 @@ def test_bf16_mixed_precision_follows_the_fp32_loss_curve(service, tiny_model):
     for step, (a, b) in enumerate(zip(fp32["losses"], bf16["losses"])):
         assert abs(a - b) <= 0.02 * a, (step, fp32["losses"], bf16["losses"])
     assert AutoConfig.from_pretrained(bf16["output"]).vocab_size  # the bf16 run saves a loadable folder too
+    # It saves the fp32 master weights, not their bf16 rounding: updates below bf16's resolution survive the save.
+    with safe_open(str(Path(bf16["output"]) / "model.safetensors"), "pt") as f:
+        weight = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+    assert weight.dtype == torch.float32
+    assert (weight != weight.to(torch.bfloat16).float()).float().mean() > 0.5
 
 
 def test_zero2_and_plain_data_parallel_phases_after_zero3_run_unpartitioned_with_torchs_linear(service, tiny_model):
@@ -209,6 +215,11 @@ def test_zero2_and_plain_data_parallel_phases_after_zero3_run_unpartitioned_with
         assert result["zero_stage"] == stage and result["local_param_fraction"] == 1.0
         assert result["linear_impl"].startswith("torch"), result["linear_impl"]
         assert mean_nll(result["output"], ROWS) < before - 0.5  # trains and saves a full HF folder
+        with safe_open(str(Path(result["output"]) / "model.safetensors"), "pt") as f:
+            weight = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+        assert weight.dtype == torch.float32
+        if result["precision"] == "bf16":  # the fp32 master weights (training.deepspeed.bf16=auto on this CPU)
+            assert (weight != weight.to(torch.bfloat16).float()).float().mean() > 0.5
 
 
 def test_lr_schedule_is_transformers_get_scheduler():
