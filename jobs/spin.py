@@ -28,7 +28,7 @@ def spin(ctl: Controller) -> None:
             "sft",
             "sft",
             init_model=model,
-            examples=ctl.per_block("sft-examples", sft_examples, train_rows),
+            examples=ctl.per_block("sft-data", sft_examples, train_rows),
             training=sft_training,
             uses=[ctl.source(train_rows)],
         )
@@ -37,7 +37,7 @@ def spin(ctl: Controller) -> None:
     for t in range(c.spin.iterations):
         ctl.use_generator_weights(model)
         generated = ctl.generate(f"iter{t}/generate", train_rows, ctl.sampling(c.generation, salt=t), iteration=t)
-        pairs = ctl.per_block(f"iter{t}/pairs", build_pairs, train_rows, generated, iteration=t)
+        pairs = ctl.per_block(f"iter{t}/pairs-data", build_pairs, train_rows, generated, iteration=t)
         ctl.record_rows(f"iter{t}/pairs", len(train_rows), len(pairs), "prompts", "pairs")
         ctl.run.table(f"samples/iter{t}/pairs", pairs, ["source_id", "chosen", "rejected"])
         model = ctl.train(

@@ -233,7 +233,7 @@ def test_streamed_spin_generation_one_block_at_a_time_resumes_without_loss_or_du
         ids = [r["id"] for r in ray.data.read_parquet(generated.folders[0]).take_all()]
         assert sorted(ids) == sorted(f"q{i}" for i in range(12))  # one output per row: none lost, none twice
         assert "phase iter0/generate: 1 blocks from an interrupted run kept" in (ctl.run.dir / "driver.log").read_text()
-        pairs = ctl.per_block("iter0/pairs", build_pairs, train, generated, iteration=0)
+        pairs = ctl.per_block("iter0/pairs-data", build_pairs, train, generated, iteration=0)
         examples = _read_examples((pairs + []).files())  # what a training rank reads
         assert len(examples) == 12 and {e["source_id"] for e in examples} == set(ids)
         assert all(e["chosen"] == str(2 * int(e["source_id"][1:])) for e in examples)
