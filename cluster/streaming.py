@@ -97,7 +97,6 @@ def ingest(run: Run, c: DataConfig, data: JobData) -> JobData:
     def read() -> dict:
         shutil.rmtree(folder, ignore_errors=True)  # a session killed mid-read left a partial snapshot
         report, overlap = _write_snapshot(read_shards(data.shards, c), c, data.eval + data.general, folder)
-        report.source = c.train
         if report.kept < c.min_rows:
             raise DataError(
                 f"data.train: {report.kept} usable rows, fewer than data.min_rows={c.min_rows}. Load report: {report}"

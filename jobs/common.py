@@ -154,10 +154,6 @@ class Controller:
 
     # -- data ------------------------------------------------------------------------------------------
 
-    @property
-    def streaming(self) -> bool:
-        return isinstance(self.data.train, Blocks)
-
     def datasets(self) -> tuple[list[dict] | Blocks, list[dict]]:
         """(train, eval) rows, loaded and checked before the job started: deterministic in the seed, every
         row with a gold answer, no eval prompt in the training data (unless data.allow_overlap). A streamed
