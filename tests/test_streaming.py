@@ -150,6 +150,7 @@ def test_a_shard_folder_loads_as_a_ray_dataset_with_the_in_memory_rows_and_repor
     from cluster.streaming import ingest
 
     folder = shard_folder(tmp_path)
+    (tmp_path / "pq").mkdir()
     pq.write_table(pa.Table.from_pylist([qa(i) for i in range(20, 25)]), tmp_path / "pq/p0.parquet")
     c = config(
         tmp_path, f"data.train={folder}", f"data.eval={eval_file(tmp_path)}", "data.n_train=0", "data.block_rows=4"
