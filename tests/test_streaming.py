@@ -248,34 +248,3 @@ def test_streamed_spin_generation_one_block_at_a_time_resumes_without_loss_or_du
         assert all(e["chosen"] == str(2 * int(e["source_id"][1:])) for e in examples)
     finally:
         ctl.close()
-
-
-def test_spin_end_to_end_on_a_streamed_folder(ray_session, tmp_path):
-    """The whole job on shards: SFT targets, generation and pairs block by block, the ranks train on the parts."""
-    from jobs.common import main
-    from jobs.spin import spin
-
-    folder = tmp_path / "shards"
-    for s in range(2):
-        write_jsonl(folder / f"s{s}.jsonl", [qa(i) for i in range(3 * s, 3 * s + 3)])
-    overrides = [f"data.train={folder}", f"data.eval={eval_file(tmp_path)}", "data.n_train=0", "data.block_rows=4"]
-    summary = main(
-        "spin",
-        spin,
-        [
-            "--config",
-            str(ROOT / "configs/spin-tiny.yaml"),
-            f"run.dir={tmp_path}",
-            "spin.iterations=1",
-            "spin.sft_first=true",
-            *overrides,
-        ],
-    )
-    run = tmp_path / "spin/tiny"
-    phases = json.loads((run / "state.json").read_text())["phases"]
-    assert phases["data-train"]["result"] == {"kept": 6, "malformed": 0, "rows": 6}
-    assert phases["iter0/generate"]["result"] == {"rows_in": 6, "rows_out": 6, "failed": 0, "blocks": 2}
-    assert summary["metrics"]["iter0/pairs/rows"] == {"prompts": 6, "pairs": 6, "dropped": 0}
-    assert summary["metrics"]["iter0/spin/truncation"]["sequences"] == 12  # 6 pairs, chosen and rejected
-    assert len(pq.read_table(run / "phases/sft-data")) == 6 and not (run / "phases/sft-data.parquet").exists()
-    assert (run / "models/iter0/spin/config.json").exists() and "iter1/eval/accuracy" in summary["metrics"]
