@@ -121,7 +121,7 @@ def check_data(config: JobConfig) -> int:
     from cluster.data import DataError, prepare
 
     try:
-        data = prepare(config.data, config.run.seed)
+        data = prepare(config.data, config.run.seed, config.run.method)
     except DataError as err:
         print(f"data error: {err}", file=sys.stderr)
         return 2
@@ -129,6 +129,13 @@ def check_data(config: JobConfig) -> int:
         print(report)
         for where, reason in report.bad_rows[5:]:  # the summary line quotes the first five
             print(f"  {where}: {reason}")
+    if data.shards:  # reading them needs Ray: the job does it first, with the same checks
+        print(
+            f"data.train streams from {len(data.shards)} shard(s) (data.streaming), read when the job starts: "
+            f"{', '.join(data.shards[:3])}{' ...' if len(data.shards) > 3 else ''}"
+        )
+        print(f"eval rows: {len(data.eval)} ({data.eval_source})")
+        return 0
     print(f"train rows: {len(data.train)}, eval rows: {len(data.eval)} ({data.eval_source}), overlap: {data.overlap}")
     first = data.train[0]
     print("first training row:", json.dumps({k: first[k] for k in ("id", "messages", "reference")}, ensure_ascii=False))

@@ -294,6 +294,22 @@ class DataConfig:
     n_eval: int = doc("Eval rows to use (0 = all).", 64, bounds=">= 0")
     eval_fraction: float = doc("Held-out fraction when eval is split from train.", 0.5, bounds="(0, 1)")
     task: str | None = doc("Verifier task (gsm8k, classification, multiple_choice, none); None: from dataset.", None)
+    streaming: bool | Literal["auto"] = doc(
+        "Read data.train as a Ray Dataset, in blocks, never whole in the driver (large data). It must then be a "
+        "folder of .parquet or .jsonl(.gz) shards (data.train_split's files when the folder has splits) or a URI "
+        "Ray Data reads (s3://, gs://, abfs://, hf://...). The rows are parsed on Ray workers into a Parquet "
+        "snapshot in the run folder (phases/data-train/, data.block_rows rows a part) and generation phases run "
+        "part by part. Only SPIN streams; the eval rows must come from data.eval or an eval split. 'auto': on for "
+        "such a source when the method streams.",
+        "auto",
+    )
+    block_rows: int = doc(
+        "Rows per block of a streamed data.train: the most prompts the driver holds at a time, and the unit a "
+        "killed run resumes from. Keep it well above engine.batch_size x generator replicas: the pool drains "
+        "at each block's end.",
+        1024,
+        bounds=">= 1",
+    )
 
 
 @dataclass

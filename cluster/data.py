@@ -18,6 +18,10 @@ skipped; a file never fails as a whole because of one row.
 
 ``prepare`` turns the ``data`` section into the rows a job uses and checks them before any work: enough
 usable rows, and no evaluation prompt in the training data (by id and by normalized prompt text).
+
+A training source too large for the driver (``data.streaming``: a folder of Parquet / JSONL shards, or a URI)
+is not loaded here: ``prepare`` names its shards and ``cluster.streaming`` reads them on Ray workers with the
+same row parsing (``shard_rows`` + ``normalize``) and the same report.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import csv
 import gzip
 import hashlib
 import importlib.util
+import io
 import json
+import logging
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -39,6 +45,8 @@ from cluster.formats import FIELDS, TASKS, BadRow, normalize_row
 
 if TYPE_CHECKING:
     from cluster.config import DataConfig
+
+log = logging.getLogger("selfimprove")
 
 LETTERS = "ABCDEFGHIJ"
 SHOWN_REASONS = 5  # reasons quoted in the one-line summary; all of them stay in ``LoadReport.bad_rows``
@@ -83,6 +91,11 @@ class LoadReport:
             "bad_rows": [{"where": w, "reason": r} for w, r in self.bad_rows],
             "notes": [{"where": w, "note": n} for w, n in self.notes],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoadReport:
+        bad = [(b["where"], b["reason"]) for b in d["bad_rows"]]
+        return cls(d["source"], d["kept"], bad, [(n["where"], n["note"]) for n in d["notes"]])
 
 
 def record(
@@ -314,15 +327,19 @@ def _open_text(path: Path):
     return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
+def _jsonl_lines(fh) -> Iterator[tuple[str, Any]]:
+    for n, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {n}", json.loads(line)
+        except json.JSONDecodeError as err:
+            yield f"line {n}", BadRow(f"invalid JSON ({err.msg})")
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     with _open_text(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {n}", json.loads(line)
-            except json.JSONDecodeError as err:
-                yield f"line {n}", BadRow(f"invalid JSON ({err.msg})")
+        yield from _jsonl_lines(fh)
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -360,11 +377,12 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"line {reader.line_num}", {k: (v if v != "" else None) for k, v in row.items()}
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def _parquet_rows(source) -> Iterator[tuple[str, Any]]:
+    """``source``: a path or an open random-access file."""
     import pyarrow.parquet as pq
 
     index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    for batch in pq.ParquetFile(source).iter_batches(batch_size=1024):
         try:
             rows = batch.to_pylist()
         except Exception:  # one undecodable value fails the batch: find the row(s) one by one
@@ -482,6 +500,18 @@ def _source_rows(
     )
 
 
+def normalize(
+    raw: Any, columns: dict[str, str] | None, task: str | None, require_reference: bool
+) -> tuple[dict, list[str]]:
+    """One user row (or the ``BadRow`` its reader made of it) -> (record, notes); raise ``BadRow``."""
+    if isinstance(raw, BadRow):
+        raise raw
+    fields, notes = normalize_row(raw, columns, task, require_reference)
+    row = record(fields["id"], fields["prompt"], fields["reference"], fields["label"], fields["task"])
+    row["metadata"] = json.dumps(fields["metadata"], sort_keys=True)
+    return row, notes
+
+
 def load_dataset(
     ref: str,
     split: str | None = None,
@@ -514,15 +544,11 @@ def load_dataset(
     report.source, candidates = _source_rows(ref, split, subset, key, cache_dir)
     for where, raw in candidates:
         try:
-            if isinstance(raw, BadRow):
-                raise raw
-            fields, notes = normalize_row(raw, columns, task, require_reference)
+            row, notes = normalize(raw, columns, task, require_reference)
         except BadRow as err:
             report.bad(where, str(err))
             continue
         report.notes.extend((where, note) for note in notes)
-        row = record(fields["id"], fields["prompt"], fields["reference"], fields["label"], fields["task"])
-        row["metadata"] = json.dumps(fields["metadata"], sort_keys=True)
         if row["id"] in seen:
             report.bad(where, f"duplicate id {row['id']!r}")
             continue
@@ -530,6 +556,78 @@ def load_dataset(
         rows.append(row)
     report.kept = len(rows)
     return rows, report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streamed training data (data.streaming): what is read, and how one shard is read
+# ---------------------------------------------------------------------------------------------------
+
+# Only SPIN streams: its rounds are one generation per prompt, then pairs made row by row, so every step can
+# run a block at a time. The others hold their rows on purpose (data.streaming=true is refused, with this why).
+STREAMING_METHODS = ("spin",)
+NOT_STREAMING = {
+    "s3ft": "its answer, judge, paraphrase and bucket phases each pick targets across the whole training set",
+    "llm2llm": "its seed set is small by design: the teacher grows it from the wrong seed examples",
+    "aft": "its propose-and-aggregate layers keep every query's proposals together",
+}
+SHARD_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
+URI = re.compile(r"^[A-Za-z][\w+.-]*://")
+
+
+def _shard_kind(name: str) -> str | None:
+    name = name.lower()
+    return "parquet" if name.endswith(".parquet") else "jsonl" if name.endswith((".jsonl", ".jsonl.gz")) else None
+
+
+def _folder_shards(folder: Path, split: str | None, subset: str | None) -> list[str] | None:
+    """The data files of a folder of shards of one kind (Parquet or JSON Lines), those of ``split`` when the
+    ``datasets`` naming conventions give the folder several splits; None for any other folder."""
+    if not folder.is_dir() or _is_saved_dataset(folder):
+        return None
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(part[0] in "._" for part in p.relative_to(folder).parts)
+    )
+    if not files or len({_shard_kind(p.name) for p in files}) != 1 or _shard_kind(files[0].name) is None:
+        return None
+    splits = dataset_splits(str(folder), subset)
+    if splits and len(splits) > 1:
+        import datasets
+
+        chosen = _pick_split(splits, split, str(folder), "data.train_split")
+        return sorted(str(f) for f in datasets.load_dataset_builder(str(folder), name=subset).config.data_files[chosen])
+    return [str(p) for p in files]
+
+
+def stream_source(c: DataConfig, method: str) -> list[str] | None:
+    """What data.train streams from (its shard files, or the URI as given), or None when it loads in memory.
+    ``data.streaming=true`` on a source or method that cannot stream is a DataError naming the key and why."""
+    if c.streaming is False:
+        return None
+    shards = [c.train] if URI.match(c.train) else _folder_shards(Path(c.train).expanduser(), c.train_split, c.subset)
+    if c.streaming == "auto":
+        return shards if shards and method in STREAMING_METHODS else None
+    if method not in STREAMING_METHODS:
+        why = NOT_STREAMING.get(method, "it has no training data to stream")
+        raise DataError(
+            f"data.streaming: {method} does not stream its data ({why}); it loads data.train in memory. "
+            f"Methods that stream: {', '.join(STREAMING_METHODS)}. Set data.streaming=auto or false"
+        )
+    if not shards:
+        raise DataError(
+            f"data.streaming: data.train={c.train!r} is neither a folder of {' / '.join(SHARD_SUFFIXES)} shards (one "
+            "kind) nor a URI (s3://, gs://, hf://...); a built-in, a single file or a hub id loads in memory"
+        )
+    return shards
+
+
+def shard_rows(stream, name: str) -> Iterator[tuple[str, Any]]:
+    """(where, raw row or BadRow) of one shard opened by a Ray Data read task (``cluster.streaming``), local or
+    remote, already decompressed: the same per-line and per-row error handling as a local file."""
+    if _shard_kind(name) == "parquet":
+        yield from _parquet_rows(stream)
+        return
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    yield from _jsonl_lines(text)
 
 
 def _rank(seed: int, row_id: str) -> str:
@@ -607,21 +705,25 @@ def find_overlap(train: list[dict], eval_rows: list[dict]) -> Overlap:
 
 @dataclass
 class JobData:
-    train: list[dict]
+    train: list[dict] | Any  # rows, or (streamed) the cluster.blocks.Blocks of the run folder's snapshot
     eval: list[dict]
     general: list[dict]
     reports: list[LoadReport]
     overlap: Overlap
     eval_source: str  # where the eval rows came from, for the log
+    shards: list[str] | None = None  # data.streaming: what data.train streams from; ``train`` is filled later
 
 
-def prepare(c: DataConfig, seed: int) -> JobData:
+def prepare(c: DataConfig, seed: int, method: str | None = None) -> JobData:
     """The train / eval (/ general) rows a job runs on, checked before any work; raise DataError.
 
     Eval rows come from ``data.eval`` if set; else from ``data.train``'s ``data.eval_split`` when that source
     has such a split (a hub dataset's test split, as TRL picks it); else a seeded ``data.eval_fraction`` of
     ``data.train`` is held out. Every eval (and general) row is checked against the whole training source,
-    not only the sampled ``data.n_train`` rows, so raising ``n_train`` can never reveal a leak later."""
+    not only the sampled ``data.n_train`` rows, so raising ``n_train`` can never reveal a leak later.
+
+    With ``method`` given and data.train streamed (``stream_source``), only the eval (and general) rows are
+    loaded: reading the shards needs Ray, and ``cluster.streaming.ingest`` makes the same checks there."""
     if c.task is not None and c.task not in TASKS:
         raise DataError(f"data.task: {c.task!r} is not one of {TASKS}")
     if c.columns and c.train in BUILTIN and (c.eval is None or c.eval in BUILTIN):
@@ -635,6 +737,17 @@ def prepare(c: DataConfig, seed: int) -> JobData:
     load = lambda ref, split, subset, key: load_dataset(  # noqa: E731
         ref, split, subset, c.columns, c.task, key=key, cache_dir=c.cache_dir
     )
+    shards = stream_source(c, method) if method else None
+    if shards and c.streaming == "auto" and not c.eval and c.eval_split not in (_train_splits(c) or []):
+        # 'auto' never turns a config that loads into an error: without a held-out source it stays in memory
+        log.warning(
+            "data.streaming=auto: %s would stream, but its eval rows need data.eval or an eval split; loading it "
+            "in memory (set data.eval, or data.streaming=false to silence this)",
+            c.train,
+        )
+        shards = None
+    if shards:
+        return _prepare_streamed(c, seed, shards, load)
     train_pool, train_report = load(c.train, c.train_split, c.subset, "data.train")
     reports = [train_report]
     if c.eval:
@@ -672,3 +785,39 @@ def prepare(c: DataConfig, seed: int) -> JobData:
             "prompts measures memory, not skill: remove them from one side, or set data.allow_overlap=true"
         )
     return JobData(take(train_pool, c.n_train, seed), eval_rows, general, reports, overlap, eval_source)
+
+
+def _train_splits(c: DataConfig) -> list[str] | None:
+    return None if URI.match(c.train) else dataset_splits(c.train, c.subset, c.cache_dir)
+
+
+def _prepare_streamed(c: DataConfig, seed: int, shards: list[str], load) -> JobData:
+    """prepare's eval side for a streamed data.train; the overlap check waits for the training rows."""
+    train_splits = _train_splits(c)
+    if c.eval:
+        eval_splits = dataset_splits(c.eval, c.eval_subset, c.cache_dir)
+        eval_pool, report = load(c.eval, c.eval_split if eval_splits else None, c.eval_subset, "data.eval")
+        key = "data.eval"
+    elif c.eval_split in (train_splits or []):
+        eval_pool, report = load(c.train, c.eval_split, c.subset, "data.eval_split")
+        key = "data.eval_split"
+    else:
+        raise DataError(
+            f"data.eval: a streamed data.train ({c.train}, data.streaming={c.streaming}) needs its held-out rows "
+            "from data.eval or from data.train's data.eval_split; the seeded data.eval_fraction hold-out needs the "
+            "whole set in the driver (or set data.streaming=false)"
+        )
+    if len(eval_pool) < c.min_rows:
+        raise DataError(
+            f"{key}: {len(eval_pool)} usable rows, fewer than data.min_rows={c.min_rows}. Load report: {report}"
+        )
+    general: list[dict] = []
+    reports = [report]
+    if c.general_eval:
+        general_splits = dataset_splits(c.general_eval, None, c.cache_dir)
+        rows, general_report = load_dataset(
+            c.general_eval, c.eval_split if general_splits else None, key="data.general_eval", cache_dir=c.cache_dir
+        )
+        reports.append(general_report)
+        general = take(rows, c.n_eval, seed)
+    return JobData([], take(eval_pool, c.n_eval, seed), general, reports, Overlap(), report.source, shards)

@@ -9,6 +9,8 @@ Layout of ``runs/<method>/<run-id>/``::
     phases/<name>.parquet  each finished phase's rows (lineage columns included)
     phases/<name>/part-*.parquet  rows of an unfinished phase, written batch by batch
     phases/<name>.failed.parquet  rows the phase could not produce, with the reason (id, reason, session)
+    phases/data-train/part-*.parquet  a streamed data.train (cluster.streaming), data.block_rows rows a part
+    phases/<name>/part-<k>.parquet  a streamed phase's output for block k of its input (Run.block_phase)
     phases/data-<split>.parquet  the seed data splits, the roots of the W&B lineage (tracking.artifacts)
     models/<name>/         HF checkpoints written by training phases
     ray_train/train/       Ray Train's record: each training phase's reported metrics + checkpoint (hard links)
@@ -21,6 +23,10 @@ processes the rest (rows are keyed by id, so nothing is lost, duplicated or mixe
 phase whose failed rows exceed ``run.max_failed_fraction`` of its inputs raises ``PhaseFailedError`` and is not
 marked done: its parts stay, so the rerun processes exactly the failed rows. A rerun with a changed config
 (``runfolder.RUN_CONTROL`` keys aside) stops naming the changed keys unless ``run.fresh=true``.
+
+A streamed phase (``block_phase``) follows the same rules a block at a time: a block is done once its
+``.part-<k>.parquet.json`` marker (its failed rows) is written, and the folder of parts is the phase's output
+for good (never merged into one file: the driver would hold it whole).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from cluster.blocks import Blocks, part_name
 from cluster.config import JobConfig, redact_secrets, to_dict
 from cluster.lineage import Lineage, iteration_metric
 from cluster.runfolder import (
@@ -54,6 +61,7 @@ from cluster.runfolder import (
     load_state,
     save_state,
     temp_path,
+    write_atomic,
 )
 
 log = logging.getLogger("selfimprove")
@@ -323,6 +331,83 @@ class Run:
         self._finish(name, time.perf_counter() - start, result, inputs)
         return produced
 
+    def block_phase(
+        self,
+        name: str,
+        inputs: Blocks,
+        process: Callable[..., list[dict]],
+        aligned: tuple[Blocks, ...] = (),
+        key: str = "id",
+        one_per_row: bool = True,
+        failed: list[dict] | None = None,
+        settings: Any = None,
+    ) -> Blocks:
+        """``row_phase`` for rows the driver never holds whole: ``process(rows, *aligned_rows)`` runs on one block of
+        ``inputs`` at a time and its outputs are written as part k of the phase's folder, its failed rows in the
+        block's marker. ``aligned``: earlier streamed phases over the same inputs, whose block k comes along.
+        ``one_per_row``: an input row without output is failed even when nobody said why (a generation); off
+        for transforms that may drop a row (SPIN pairs need a generation). ``settings``: what else the outputs
+        depend on, for the inputs fingerprint. A rerun of an unfinished phase skips the blocks done, and within
+        a block keeps the outputs written and processes only the rest (the failed rows, on a retry)."""
+        folder = self.dir / "phases" / name
+        inputs_key = inputs_fingerprint(inputs.fingerprint(), [a.fingerprint() for a in aligned], settings)
+        output = Blocks.of(folder)
+        if self.done(name, inputs_key):
+            return output
+        if self.state["started"].get(name, inputs_key) != inputs_key and folder.exists():
+            log.warning("phase %s: inputs changed since it was started; discarding its blocks", name)
+            shutil.rmtree(folder)
+        self._start(name, inputs_key)
+        start = time.perf_counter()
+        failed = failed if failed is not None else []
+        reasons: dict[str, str] = {}
+        rows_in = rows_out = resumed = 0
+        for k, rows in inputs.blocks():
+            rows_in += len(rows)
+            part, marker = folder / part_name(k), folder / f".{part_name(k)}.json"
+            earlier = json.loads(marker.read_text())["failed"] if marker.exists() else None
+            kept = read_parquet(part) if part.exists() else []
+            if earlier == {}:  # done, nothing failed
+                rows_out += len(kept)
+                resumed += 1
+                continue
+            have = {r[key] for r in kept}
+            todo = [r for r in rows if r["id"] not in have and (earlier is None or r["id"] in earlier)]
+            mark = len(failed)
+            new = process(todo, *(a.block(k) for a in aligned)) if todo else []
+            produced = kept + new
+            if new:
+                write_parquet(part, produced)
+            produced_ids, todo_ids = {r[key] for r in produced}, {r["id"] for r in todo}
+            block_failed = {f["id"]: f["reason"] for f in failed[mark:] if f["id"] in todo_ids - produced_ids}
+            if one_per_row:
+                block_failed.update({i: "no output" for i in todo_ids - produced_ids if i not in block_failed})
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(marker, json.dumps({"failed": block_failed}))
+            reasons.update(block_failed)
+            rows_out += len(produced)
+            log.info(
+                "phase %s: block %d done (%d rows, %d outputs, %d failed)",
+                name,
+                k,
+                len(rows),
+                len(produced),
+                len(block_failed),
+            )
+        if resumed:
+            log.info("phase %s: %d blocks from an interrupted run kept", name, resumed)
+        self._record_failures(name, reasons, rows_in)
+        if len(reasons) > self.config.run.max_failed_fraction * rows_in:
+            sample = "; ".join(f"{i}: {r}" for i, r in list(reasons.items())[:3])
+            raise PhaseFailedError(
+                f"phase {name}: {len(reasons)} of {rows_in} rows failed, more than run.max_failed_fraction="
+                f"{self.config.run.max_failed_fraction:g} (e.g. {sample}); they are listed in "
+                f"{self.failed_path(name)}. Rerun the same command to retry exactly these rows"
+            )
+        result = {"rows_in": rows_in, "rows_out": rows_out, "failed": len(reasons), "blocks": len(inputs.parts())}
+        self._finish(name, time.perf_counter() - start, result, inputs_key)
+        return output
+
     def failed_path(self, name: str) -> Path:
         return self.dir / "phases" / f"{name}.failed.parquet"
 
@@ -361,8 +446,12 @@ class Run:
         return str((self.dir / "phases" / name).resolve())
 
     def phase_file(self, name: str) -> str:
-        """Where a row phase's (or written rows') Parquet file lies."""
-        return str((self.dir / "phases" / f"{name}.parquet").resolve())
+        """Where a row phase's (or written rows') Parquet file lies; a finished streamed phase's folder of parts."""
+        path = self.dir / "phases" / f"{name}.parquet"
+        folder = self.dir / "phases" / name
+        if not path.exists() and self.state["phases"].get(name) and list(folder.glob("part-*.parquet")):
+            return str(folder.resolve())
+        return str(path.resolve())
 
     def write_rows(self, name: str, rows: list[dict]) -> str:
         path = self.dir / "phases" / f"{name}.parquet"
@@ -400,12 +489,14 @@ class Run:
         except Exception as err:  # tracking must never fail a phase whose results are already on disk
             log.warning("W&B lineage of phase %s not recorded: %s", name, err)
 
-    def table(self, name: str, rows: list[dict], columns: list[str]) -> None:
+    def table(self, name: str, rows: list[dict] | Blocks, columns: list[str]) -> None:
         if self.wandb is None or not rows:
             return
         import wandb
 
-        data = [[_short(r.get(c)) for c in columns] for r in rows[: self.config.tracking.log_samples]]
+        n = self.config.tracking.log_samples
+        shown = rows.head(n) if isinstance(rows, Blocks) else rows[:n]
+        data = [[_short(r.get(c)) for c in columns] for r in shown]
         self.wandb.log({name: wandb.Table(columns=columns, data=data)}, step=self.step)
 
     def metric(self, key: str, value: Any) -> None:

@@ -21,6 +21,7 @@ from actors.engine import Sampling
 from actors.judge import Judge
 from actors.llm_actor import EnginePool
 from actors.teacher import Teacher
+from cluster.blocks import Blocks
 from cluster.cli import parse_job_args
 from cluster.config import ConfigError, JobConfig, SamplingConfig, phase_training
 from cluster.connect import PROJECT_ROOT, connect, joined_cluster
@@ -79,16 +80,34 @@ class Controller:
         # not a failure minutes later inside an actor, with a half-made run folder left behind.
         self.model_paths = resolve_models(config)  # {config key: local folder}
         check_prompts_dir(config)
-        self.data = prepare(config.data, config.run.seed)
+        self.data = prepare(config.data, config.run.seed, config.run.method)
         self.base_model = self.model_paths["model.name"]
         self.run = Run(config)
+        if self.data.shards:  # a streamed data.train is read on the cluster: Ray first
+            where = connect(config.cluster)
+            self._ingest()
         self._log_inputs()
         self._record_input_lineage()
-        where = connect(config.cluster)
+        if not self.data.shards:
+            where = connect(config.cluster)
         log.info("Ray: %s; run folder %s", where, self.run.dir)
         self._pools: dict[str, EnginePool] = {}
         self._trainer = None
         self._judge: Judge | None = None
+
+    def _ingest(self) -> None:
+        """Read the streamed data.train into the run folder. Its data errors end the job as prepare's do; with no
+        phase done yet, the run folder keeps no state, so a rerun with the fix is not 'another config'."""
+        from cluster.streaming import ingest
+
+        try:
+            self.data = ingest(self.run, self.config.data, self.data)
+        except DataError as err:
+            self.run.close(error=err)
+            if not self.run.state["phases"]:
+                for name in ("state.json", "state.json.bak"):
+                    (self.run.dir / name).unlink(missing_ok=True)
+            raise
 
     def _log_inputs(self) -> None:
         for key, path in self.model_paths.items():
@@ -115,14 +134,19 @@ class Controller:
             return
         splits = {"train": self.data.train, "eval": self.data.eval, "general": self.data.general}
         try:
-            paths = [self.run.write_rows(f"data-{split}", rows) for split, rows in splits.items() if rows]
+            paths = [
+                self.run.write_rows(f"data-{split}", rows) if isinstance(rows, list) else self.source(rows)
+                for split, rows in splits.items()
+                if rows
+            ]
         except Exception as err:  # rows Arrow cannot hold in one table: the graph loses its roots, the job goes on
             log.warning("W&B lineage: seed data not written: %s", err)
             return
         self.run.record_lineage("inputs", "inputs", [], [*paths, self.base_model], always=True)
 
-    def source(self, rows: list[dict]) -> str | None:
-        """The seed data file ``rows`` are (W&B lineage), or None for rows a phase made."""
+    def source(self, rows: list[dict] | Blocks) -> str | None:
+        """The seed data file ``rows`` are (W&B lineage; a streamed data.train's folder of parts), or None for rows
+        a phase made."""
         for split, known in (("train", self.data.train), ("eval", self.data.eval), ("general", self.data.general)):
             if rows is known:
                 return self.run.phase_file(f"data-{split}")
@@ -130,9 +154,11 @@ class Controller:
 
     # -- data ------------------------------------------------------------------------------------------
 
-    def datasets(self) -> tuple[list[dict], list[dict]]:
+    def datasets(self) -> tuple[list[dict] | Blocks, list[dict]]:
         """(train, eval) rows, loaded and checked before the job started: deterministic in the seed, every
-        row with a gold answer, no eval prompt in the training data (unless data.allow_overlap)."""
+        row with a gold answer, no eval prompt in the training data (unless data.allow_overlap). A streamed
+        data.train (data.streaming) is the Blocks of its snapshot: ``generate``, ``per_block`` and ``train``
+        take it as they take a list, a block at a time."""
         return self.data.train, self.data.eval
 
     def general_eval(self) -> list[dict]:
@@ -246,34 +272,70 @@ class Controller:
         return Sampling.from_config(section, seed=self.config.run.seed * 7919 + salt, **overrides)
 
     def generate(
-        self, name: str, rows: list[dict], sampling: Sampling, iteration: int = 0, pool: EnginePool | None = None
-    ) -> dict[str, dict]:
-        """A resumable generation phase: {row id: {response, ...lineage}} (first sample; all in 'samples')."""
+        self,
+        name: str,
+        rows: list[dict] | Blocks,
+        sampling: Sampling,
+        iteration: int = 0,
+        pool: EnginePool | None = None,
+    ) -> dict[str, dict] | Blocks:
+        """A resumable generation phase: {row id: {response, ...lineage}} (first sample; all in 'samples'). On
+        streamed rows: the Blocks of those outputs, block k made from block k of ``rows``."""
         pool = pool or self.generator
         settings = json.dumps(sampling.as_dict())
         failed: list[dict] = []  # rows the pool could not produce, with the reason: stored by the phase
 
+        def lineage(batch: list[dict]) -> list[dict]:
+            return [
+                {
+                    "id": out["id"],
+                    "source_id": out["id"],
+                    "iteration": iteration,
+                    "model": pool.model_path,
+                    "sampling": settings,
+                    "response": out["samples"][0]["text"],
+                    "samples": [s["text"] for s in out["samples"]],
+                    "finish_reason": out["samples"][0]["finish_reason"],
+                    "truncated": out["samples"][0]["truncated"],
+                    "response_tokens": len(out["samples"][0]["token_ids"]),
+                }
+                for out in batch
+            ]
+
+        if isinstance(rows, Blocks):  # one block of prompts in the driver at a time
+            generated = self.run.block_phase(
+                name,
+                rows,
+                lambda todo: [
+                    o for batch in pool.generate(todo, sampling, desc=name, failed=failed) for o in lineage(batch)
+                ],
+                failed=failed,
+            )
+            self.run.record_lineage(name, "generate", [pool.model_path, self.source(rows)], [self.run.phase_file(name)])
+            return generated
+
         def process(todo: list[dict]):
             for batch in pool.generate(todo, sampling, desc=name, failed=failed):
-                yield [
-                    {
-                        "id": out["id"],
-                        "source_id": out["id"],
-                        "iteration": iteration,
-                        "model": pool.model_path,
-                        "sampling": settings,
-                        "response": out["samples"][0]["text"],
-                        "samples": [s["text"] for s in out["samples"]],
-                        "finish_reason": out["samples"][0]["finish_reason"],
-                        "truncated": out["samples"][0]["truncated"],
-                        "response_tokens": len(out["samples"][0]["token_ids"]),
-                    }
-                    for out in batch
-                ]
+                yield lineage(batch)
 
         outputs = self.run.row_phase(name, rows, process, failed=failed)
         self.run.record_lineage(name, "generate", [pool.model_path, self.source(rows)], [self.run.phase_file(name)])
         return {o["id"]: o for o in outputs}
+
+    def per_block(self, name: str, fn: Callable[..., list[dict]], rows: list[dict] | Blocks, *aligned, **kwargs):
+        """``fn(rows, *aligned, **kwargs)``: a pure row transform of methods/ (SPIN's pairs, its SFT targets). On
+        streamed rows it runs block by block as the resumable phase ``name``, each aligned input (a streamed
+        ``generate``'s Blocks) given as {row id: output} of the same block, as ``generate`` returns it in memory;
+        the outputs name their input row in ``source_id``."""
+        if not isinstance(rows, Blocks):
+            return fn(rows, *aligned, **kwargs)
+
+        def block(todo: list[dict], *aligned_rows: list[dict]) -> list[dict]:
+            return fn(todo, *({r["id"]: r for r in a} for a in aligned_rows), **kwargs)
+
+        return self.run.block_phase(
+            name, rows, block, aligned=aligned, key="source_id", one_per_row=False, settings=kwargs
+        )
 
     def judge_equivalence(
         self, name: str, rows: list[dict], responses: dict[str, str], uses: list[str] | None = None
@@ -307,7 +369,7 @@ class Controller:
         name: str,
         kind: str,
         init_model: str,
-        examples: list[dict],
+        examples: list[dict] | Blocks,
         training: dict | None = None,
         uses: list[str] | None = None,
         **extra,
@@ -318,6 +380,7 @@ class Controller:
         output = self.run.model_dir(name)  # ``uses``: files the examples were made from (W&B lineage)
         training = training or phase_training(self.config, TRAINING_PHASE[kind])
         minimum = self.config.training.min_examples
+        streamed = isinstance(examples, Blocks)  # the ranks read the parts themselves: no copy in one file
 
         def run() -> dict:
             if len(examples) < minimum:
@@ -327,7 +390,7 @@ class Controller:
                     f"phase {name}: {len(examples)} training examples, fewer than training.min_examples={minimum}; "
                     "nothing to train on (see the failed rows of the phases before it)"
                 )
-            data = self.run.write_rows(f"{name}-data", examples)
+            data = examples.files() if streamed else self.run.write_rows(f"{name}-data", examples)
             spec = {
                 "name": name,
                 "kind": kind,
@@ -351,13 +414,14 @@ class Controller:
             return result
 
         settings = {k: v for k, v in training.items() if not is_run_control(f"training.{k}")}
-        inputs = inputs_fingerprint(examples, {"kind": kind, "init_model": init_model, **extra, "training": settings})
+        described = {"kind": kind, "init_model": init_model, **extra, "training": settings}
+        inputs = inputs_fingerprint(examples.fingerprint() if streamed else examples, described)
         scratch = Path(self.run.phase_dir(f"{name}-train"))  # checkpoints + reference log-probs of these inputs
         result = self.run.once(name, run, inputs=inputs, scratch=scratch)
         # W&B lineage: the examples (made from ``uses``), then model in + examples -> model out.
-        examples_file = self.run.phase_file(f"{name}-data")
-        self.run.record_lineage(name, f"{kind}-data", uses or [], [examples_file], label=f"{name}-data")
-        self.run.record_lineage(name, "train", [init_model, examples_file], [result["output"]])
+        example_files = list(examples.folders) if streamed else [self.run.phase_file(f"{name}-data")]
+        self.run.record_lineage(name, f"{kind}-data", uses or [], example_files, label=f"{name}-data")
+        self.run.record_lineage(name, "train", [init_model, *example_files], [result["output"]])
         self.run.metric(f"{name}/train_tokens_per_s", round(result["train_tokens_per_s"], 1))
         # sequences whose prompt or response was cut to fit, and AFT proposals cut to share the prompt budget
         self.run.metric(f"{name}/truncation", result["truncation"])

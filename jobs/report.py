@@ -54,8 +54,12 @@ def load_samples(phases_dir: Path, limit: int = SAMPLE_ROWS) -> dict[str, list[d
     samples: dict[str, list[dict]] = {}
     for path in sorted(phases_dir.rglob("*.parquet"), key=_natural_key):
         name = path.relative_to(phases_dir).with_suffix("").as_posix()
+        if path.name.startswith("part-"):  # an unfinished row phase's batch, or a block of a streamed phase
+            if not list(path.parent.glob(".part-*.json")) or path.parent.relative_to(phases_dir).as_posix() in samples:
+                continue
+            name = path.parent.relative_to(phases_dir).as_posix()  # streamed: its first block stands for it
         wanted = next((cols for suffix, cols in SAMPLE_COLUMNS.items() if name.endswith(suffix)), None)
-        if wanted is None or path.name.startswith("part-"):
+        if wanted is None:
             continue
         try:
             file = pq.ParquetFile(path)

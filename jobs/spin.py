@@ -6,6 +6,9 @@ for t = 0..T-1:
     pairs: (prompt, gold answer = real/chosen, own answer = rejected)
     model t+1 = train(model t, SPIN loss, reference = model t, β_t, lr_t) on pairs_t (+ pairs_{t-1})
     evaluate model t+1 on the held-out split
+
+With data.streaming the SFT prompts are a folder of Parquet blocks (cluster.streaming): generation, pairs and SFT
+targets then run block by block (``ctl.per_block``), and the driver never holds the whole set.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from methods.spin import beta_for, build_pairs, lr_for, sft_examples, training_p
 
 def spin(ctl: Controller) -> None:
     c = ctl.config
-    train_rows, eval_rows = ctl.datasets()
+    train_rows, eval_rows = ctl.datasets()  # train_rows: a list, or the Blocks of a streamed data.train
     model = ctl.base_model
     if c.spin.sft_first:
         sft_training = phase_training(c, "sft", lr=c.training.sft.lr or c.spin.sft_lr)
@@ -25,7 +28,7 @@ def spin(ctl: Controller) -> None:
             "sft",
             "sft",
             init_model=model,
-            examples=sft_examples(train_rows),
+            examples=ctl.per_block("sft-data", sft_examples, train_rows),
             training=sft_training,
             uses=[ctl.source(train_rows)],
         )
@@ -34,7 +37,7 @@ def spin(ctl: Controller) -> None:
     for t in range(c.spin.iterations):
         ctl.use_generator_weights(model)
         generated = ctl.generate(f"iter{t}/generate", train_rows, ctl.sampling(c.generation, salt=t), iteration=t)
-        pairs = build_pairs(train_rows, generated, iteration=t)
+        pairs = ctl.per_block(f"iter{t}/pairs-data", build_pairs, train_rows, generated, iteration=t)
         ctl.record_rows(f"iter{t}/pairs", len(train_rows), len(pairs), "prompts", "pairs")
         ctl.run.table(f"samples/iter{t}/pairs", pairs, ["source_id", "chosen", "rejected"])
         model = ctl.train(

@@ -2,6 +2,7 @@
 where its CPU torch comes from, extras that install what they say."""
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -61,3 +62,32 @@ def test_extras_install_what_they_say():
     }
     for requirement in extras["dev"]:  # the dev tools are in the CPU lock too
         assert requirement.lower() in lock, requirement
+
+
+# Declared because another package imports them for this code, not the code itself.
+IMPORTED_FOR_US = {
+    "accelerate": "transformers' DeepSpeed ZeRO-3 glue (HfDeepSpeedConfig) needs it",
+    "gguf": "transformers reads SmolLM2's GGUF with it",
+}
+MODULE = {"pyyaml": "yaml", "rouge-score": "rouge_score"}
+
+
+def test_every_dependency_is_imported_by_the_code_or_says_who_imports_it():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    source = "\n".join(
+        p.read_text() for folder in project_packages() for p in (ROOT / folder).rglob("*.py") if ".venv" not in p.parts
+    )
+    imported = lambda module: re.search(rf"^\s*(import|from) {re.escape(module)}\b", source, re.M)  # noqa: E731
+    for requirement in project["dependencies"]:
+        name, _, extras = re.match(r"([\w.-]+)(\[([\w,]+)\])?", requirement).groups()
+        if name in IMPORTED_FOR_US:
+            continue
+        assert imported(MODULE.get(name, name)), f"{requirement}: nothing imports {name}"
+        for extra in (extras or "").split(","):
+            if extra:  # ray[data] -> ray.data (or `from ray import data`)
+                found = imported(f"{name}.{extra}") or re.search(rf"^\s*from {name} import {extra}\b", source, re.M)
+                assert found, f"{requirement}: nothing imports {name}.{extra}"
+
+
+def project_packages() -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]

@@ -112,10 +112,13 @@ def loaded_allocator() -> str:
         return "unknown"
 
 
-def _read_examples(path: str) -> list[dict]:
+def _read_examples(data: str | list[str]) -> list[dict]:
+    """One Parquet file, or the parts of streamed phases (cluster.blocks): a rank holds its phase's examples."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    files = [data] if isinstance(data, str) else data
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default").to_pylist()
 
 
 class PhaseRunner:
