@@ -301,6 +301,54 @@ class ThreadedEngine:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Shared by both backends (jobs/serve_llm.py too). Defined before the deployment: Serve freezes the ingress app
+# (its route functions and the module globals they use) when the class is decorated, so a helper defined below
+# the class is missing in the replicas ("name ... is not defined").
+# ---------------------------------------------------------------------------------------------------
+
+
+Sample = Callable[[list[dict], Sampling, str], Awaitable[list[str]]]
+"""sample(messages, sampling, what) -> the n texts; ``what`` names the prompt in a refusal (BadRequest)."""
+
+
+async def aggregate(parsed: ChatRequest, template: str, sample: Sample) -> dict:
+    """AFT propose-and-aggregate of one request: {answer, layers}. propose_and_aggregate is synchronous and pure:
+    it runs in a thread whose ``generate`` callback schedules each layer's engine requests on this event loop,
+    concurrently with other requests. Both backends use it, each with its own ``sample``."""
+    loop = asyncio.get_running_loop()
+    n_proposals, layers = parsed.aggregate
+    base = parsed.sampling
+
+    async def layer(requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:
+        async def one(q: dict) -> list[str]:
+            # A seed per layer (request ids differ by layer), as the generator pool does.
+            seed = None if base.seed is None else row_seeds(base.seed, [q["id"]])[0]
+            sampling = Sampling(temperature, base.top_p, base.max_tokens, n, seed, base.stop)
+            what = "aggregation prompt (the proposals included)" if "@0" not in q["id"] else "prompt"
+            return await sample(q["messages"], sampling, what)
+
+        texts = await asyncio.gather(*(one(q) for q in requests))
+        return {q["id"]: t for q, t in zip(requests, texts)}
+
+    def generate(requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:
+        return asyncio.run_coroutine_threadsafe(layer(requests, n, temperature), loop).result()
+
+    rows = [{"id": "0", "messages": parsed.messages}]
+    return (
+        await asyncio.to_thread(
+            propose_and_aggregate, rows, generate, template, n_proposals, layers, base.temperature, base.temperature
+        )
+    )["0"]
+
+
+def sse_chunk(completion_id: str, created: int, model: str, index: int, delta: dict, finish: str | None = None) -> str:
+    """One Server-Sent Event carrying an OpenAI ``chat.completion.chunk`` with one choice's delta."""
+    choice = {"index": index, "delta": delta, "finish_reason": finish}
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    return f"data: {json.dumps({**body, 'choices': [choice]})}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------------
 # The deployment
 # ---------------------------------------------------------------------------------------------------
 
@@ -465,47 +513,6 @@ class ChatServer:
             return [s["text"] for s in await self._sample(messages, sampling, usage, what)]
 
         return await aggregate(parsed, self.template, sample)
-
-
-Sample = Callable[[list[dict], Sampling, str], Awaitable[list[str]]]
-"""sample(messages, sampling, what) -> the n texts; ``what`` names the prompt in a refusal (BadRequest)."""
-
-
-async def aggregate(parsed: ChatRequest, template: str, sample: Sample) -> dict:
-    """AFT propose-and-aggregate of one request: {answer, layers}. propose_and_aggregate is synchronous and pure:
-    it runs in a thread whose ``generate`` callback schedules each layer's engine requests on this event loop,
-    concurrently with other requests. Both backends use it, each with its own ``sample``."""
-    loop = asyncio.get_running_loop()
-    n_proposals, layers = parsed.aggregate
-    base = parsed.sampling
-
-    async def layer(requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:
-        async def one(q: dict) -> list[str]:
-            # A seed per layer (request ids differ by layer), as the generator pool does.
-            seed = None if base.seed is None else row_seeds(base.seed, [q["id"]])[0]
-            sampling = Sampling(temperature, base.top_p, base.max_tokens, n, seed, base.stop)
-            what = "aggregation prompt (the proposals included)" if "@0" not in q["id"] else "prompt"
-            return await sample(q["messages"], sampling, what)
-
-        texts = await asyncio.gather(*(one(q) for q in requests))
-        return {q["id"]: t for q, t in zip(requests, texts)}
-
-    def generate(requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:
-        return asyncio.run_coroutine_threadsafe(layer(requests, n, temperature), loop).result()
-
-    rows = [{"id": "0", "messages": parsed.messages}]
-    return (
-        await asyncio.to_thread(
-            propose_and_aggregate, rows, generate, template, n_proposals, layers, base.temperature, base.temperature
-        )
-    )["0"]
-
-
-def sse_chunk(completion_id: str, created: int, model: str, index: int, delta: dict, finish: str | None = None) -> str:
-    """One Server-Sent Event carrying an OpenAI ``chat.completion.chunk`` with one choice's delta."""
-    choice = {"index": index, "delta": delta, "finish_reason": finish}
-    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    return f"data: {json.dumps({**body, 'choices': [choice]})}\n\n"
 
 
 def build_app(

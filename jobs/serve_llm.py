@@ -32,8 +32,9 @@ from dataclasses import asdict
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, ErrorResponse
-from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress
+from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS  # the routes build_openai_app makes
+from ray.serve.llm.ingress import OpenAiIngress
+from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
 from actors.engine import Sampling
 from actors.judge import load_prompt
@@ -194,8 +195,9 @@ class AggregatingIngress(OpenAiIngress):
                 stream=False,
             )
             response = await handle.chat.remote(request, None).__anext__()  # not streamed: one response
-            if isinstance(response, ErrorResponse):
-                raise BadRequest(f"{what}: {response.error.message}", response.error.code)
+            failure = getattr(response, "error", None)  # an ErrorResponse (the engine refused the request)
+            if failure is not None:
+                raise BadRequest(f"{what}: {failure.message}", failure.code)
             usage["prompt_tokens"] += response.usage.prompt_tokens
             usage["completion_tokens"] += response.usage.completion_tokens or 0
             return [choice.message.content or "" for choice in response.choices]
