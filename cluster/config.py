@@ -534,8 +534,8 @@ class ServeConfig:
         None,
     )
     max_replicas: int = doc(
-        "ray_serve_llm: autoscale the LLM server between pools.generator.replicas and this many replicas "
-        "(0: always pools.generator.replicas).",
+        "ray_serve_llm: autoscale the LLM server between pools.generator.replicas and this many replicas; "
+        "0 or not above pools.generator.replicas: always pools.generator.replicas.",
         0,
         bounds=">= 0",
     )
@@ -790,11 +790,6 @@ def validate(c: JobConfig) -> None:
                 f"pools.{name}.tensor_parallel_size",
                 f"{pool.tensor_parallel_size} is more than the replica's {pool.num_gpus:g} GPUs (num_gpus)",
             )
-    _require(
-        c.serve.max_replicas == 0 or c.serve.max_replicas >= c.pools.generator.replicas,
-        "serve.max_replicas",
-        f"{c.serve.max_replicas} is below pools.generator.replicas {c.pools.generator.replicas} (0: no autoscaling)",
-    )
     for section in ("generation", "evaluation", "judge", "teacher"):
         max_tokens = getattr(c, section).max_tokens
         _require(

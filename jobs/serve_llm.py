@@ -64,7 +64,7 @@ def llm_config(model_path: str, config: JobConfig, env: dict[str, str] | None = 
     tp = pool.tensor_parallel_size
     scaling = (
         {"autoscaling_config": {"min_replicas": pool.replicas, "max_replicas": serving.max_replicas}}
-        if serving.max_replicas
+        if serving.max_replicas > pool.replicas
         else {"num_replicas": pool.replicas}
     )
     deployment = {

@@ -60,7 +60,7 @@ def test_profile_selects_ray_serve_llm_and_its_engine_settings(profile):
     }
     assert engine_config.placement_bundles == [per_worker] * pool.tensor_parallel_size
     scaling = llm.deployment_config.get("autoscaling_config") or {}
-    if config.serve.max_replicas:
+    if config.serve.max_replicas > pool.replicas:
         assert scaling == {"min_replicas": pool.replicas, "max_replicas": config.serve.max_replicas}
     else:
         assert llm.deployment_config["num_replicas"] == pool.replicas and not scaling
