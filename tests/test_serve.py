@@ -245,3 +245,20 @@ def test_replicas_take_resources_from_the_gpu_profile():
     model_path, engine, limits, digest, tensor_parallel_size, _ = deployment.init_args
     assert tensor_parallel_size == pool.tensor_parallel_size and limits == asdict(config.serve)
     assert digest == key_digest(API_KEY) and API_KEY not in repr(deployment.init_args)
+
+
+def test_a_run_folder_serves_its_final_model(tmp_path, tiny_model):
+    """--model (and the RayService's args.model) may name a run folder: its state.json's final_model is served."""
+    from pathlib import Path
+
+    from jobs.serve import serving_model
+
+    run = tmp_path / "aft" / "main"
+    run.mkdir(parents=True)
+    (run / "state.json").write_text(json.dumps({"metrics": {}}))
+    with pytest.raises(FileNotFoundError, match="has no final model"):
+        serving_model(str(run), ".cache/models")
+    (run / "state.json").write_text(json.dumps({"metrics": {"final_model": tiny_model}}))
+    assert serving_model(str(run), ".cache/models") == str(Path(tiny_model).resolve())
+    with pytest.raises(FileNotFoundError, match="--model"):
+        serving_model(str(tmp_path / "nothing"), ".cache/models")
