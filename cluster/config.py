@@ -290,6 +290,19 @@ class DataConfig:
         "and BoolQ but not by likelihood, which is how their published scores are measured.",
         "generate",
     )
+    eval_reworded: bool = doc(
+        "Also score every held-out evaluation with the task's instruction reworded (same inputs and gold answers, "
+        "other phrasing: cluster.data.reworded; built-in SST-2, BoolQ and GSM8K have a wording), logged as "
+        "'<eval>_reworded/...' next to '<eval>/...'. Rows without a reworded template are left out of it. Doubles "
+        "evaluation time; shows a gain that holds only for the training prompt's exact wording.",
+        False,
+    )
+    eval_loglik: bool = doc(
+        "Also score classification eval rows by each label's log-likelihood after the prompt (no generation, "
+        "lm-eval-harness style), logged as '<eval>_loglik/...' (and '<eval>_reworded_loglik/...'): a score that "
+        "does not depend on the answer's format or on the verifier reading it.",
+        False,
+    )
     n_train: int = doc("Training rows to use (0 = all).", 64, bounds=">= 0")
     n_eval: int = doc("Eval rows to use (0 = all).", 64, bounds=">= 0")
     eval_fraction: float = doc("Held-out fraction when eval is split from train.", 0.5, bounds="(0, 1)")

@@ -122,6 +122,24 @@ def split_prompt(row: dict) -> tuple[str, str, str]:
     return "", prompt, ""
 
 
+def reworded(row: dict) -> dict | None:
+    """The row with its task asked in other words: the same input and gold answer under the prompt template
+    ``metadata.reworded_template`` (built-in SST-2, BoolQ and GSM8K have one); None for a row without one, or
+    whose prompt does not fit its own template. Evaluations score held-out rows under both wordings, so a gain
+    that holds only for the training prompt's exact wording shows."""
+    template = meta(row).get("reworded_template")
+    if not template or INPUT_SLOT not in template or INPUT_SLOT not in meta(row).get("template", ""):
+        return None
+    head, text, tail = split_prompt(row)
+    if not (head or tail):  # the prompt is not in its template's framing: nothing to reword
+        return None
+    info = {**meta(row), "template": template, "reworded_template": meta(row)["template"]}
+    messages = [m for m in row["messages"] if m["role"] != "user"] + [
+        {"role": "user", "content": template.replace(INPUT_SLOT, text)}
+    ]
+    return {**row, "messages": messages, "metadata": json.dumps(info, sort_keys=True)}
+
+
 def likelihood_question(row: dict) -> tuple[list[dict], list[str], int] | None:
     """(messages, candidate answers, gold index) for log-likelihood scoring; None for open-answer rows.
 
@@ -177,6 +195,11 @@ def _arrow_rows(relative: str) -> Iterator[dict]:
 
 
 GSM8K_INSTRUCTION = "Solve the problem step by step. End your answer with a line '#### <number>'."
+# The task asked in other words, for robustness checks (``reworded``): same input, same answer format.
+GSM8K_REWORDED = (
+    f"Here is a math word problem.\n\n{INPUT_SLOT}\n\nWork out the answer, showing each calculation, and "
+    "write the result on the last line as '#### <number>'."
+)
 
 
 def _clean_gsm8k_answer(answer: str) -> str:
@@ -192,6 +215,7 @@ def _gsm8k() -> Iterator[dict]:
             doc["short_answer"],
             "gsm8k",
             template=f"{INPUT_SLOT}\n\n{GSM8K_INSTRUCTION}",
+            reworded_template=GSM8K_REWORDED,
         )
 
 
@@ -234,6 +258,10 @@ def _mmlu() -> Iterator[dict]:
 
 
 SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
+SST2_REWORDED = (
+    f'Someone wrote this about a film: "{INPUT_SLOT}"\n\nDid they like it? Reply "positive" if they did and '
+    '"negative" if they did not.'
+)
 
 
 def _sst2() -> Iterator[dict]:
@@ -247,7 +275,14 @@ def _sst2() -> Iterator[dict]:
             "classification",
             labels=["negative", "positive"],
             template=f"{SST2_INSTRUCTION}\n\nReview: {INPUT_SLOT}",
+            reworded_template=SST2_REWORDED,
         )
+
+
+BOOLQ_REWORDED = (
+    f"Read the passage and the question below.\n\n{INPUT_SLOT}\nIs the answer yes or no? Reply with one of the "
+    "two words."
+)
 
 
 def _boolq() -> Iterator[dict]:
@@ -255,7 +290,16 @@ def _boolq() -> Iterator[dict]:
         label = "yes" if str(row["answer"]).lower() in ("true", "1") else "no"
         prompt = f"{row['passage']}\n\nQuestion: {row['question']}?\nAnswer yes or no."
         template = f"{INPUT_SLOT}\nAnswer yes or no."
-        yield record(f"boolq-{i}", prompt, label, label, "classification", labels=["no", "yes"], template=template)
+        yield record(
+            f"boolq-{i}",
+            prompt,
+            label,
+            label,
+            "classification",
+            labels=["no", "yes"],
+            template=template,
+            reworded_template=BOOLQ_REWORDED,
+        )
 
 
 def _mbpp() -> Iterator[dict]:
