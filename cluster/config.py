@@ -501,6 +501,14 @@ class S3ftConfig:
 class Llm2llmConfig:
     iterations: int = doc("Augmentation iterations (code: 10).", 2, bounds=">= 1")
     seed_size: int = doc("Seed examples (0 = all of data.n_train).", 0, bounds=">= 0")
+    matched_steps_control: bool = doc(
+        "After the last student, train a seed-only control from the base model on the seed rows repeated (cycled, "
+        "each copy its own id) up to the last student's number of training rows, with the same training settings: "
+        "as many optimizer steps on the same schedule, without the teacher's examples. Evaluated as 'control/eval' "
+        "(under both wordings with data.eval_reworded): separates what the new examples add from what more steps "
+        "add. One more training phase and evaluation.",
+        False,
+    )
 
 
 @dataclass

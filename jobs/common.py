@@ -358,6 +358,7 @@ class Controller:
         examples_file = self.run.phase_file(f"{name}-data")
         self.run.record_lineage(name, f"{kind}-data", uses or [], [examples_file], label=f"{name}-data")
         self.run.record_lineage(name, "train", [init_model, examples_file], [result["output"]])
+        self.run.metric(f"{name}/steps", result["steps"])  # optimizer steps (LLM2LLM's matched-steps control)
         self.run.metric(f"{name}/train_tokens_per_s", round(result["train_tokens_per_s"], 1))
         # sequences whose prompt or response was cut to fit, and AFT proposals cut to share the prompt budget
         self.run.metric(f"{name}/truncation", result["truncation"])

@@ -1,7 +1,7 @@
 from actors.judge import load_prompt
-from cluster.data import record
+from cluster.data import meta, record
 from methods.aft import aggregation_messages, build_examples, propose_and_aggregate
-from methods.llm2llm import accumulate, wrong_seed_examples
+from methods.llm2llm import accumulate, instruction_wordings, repeat_rows, wrong_seed_examples
 from methods.s3ft import bucket_fractions, select_target
 from methods.spin import beta_for, build_pairs, sft_examples, training_pairs
 
@@ -38,6 +38,30 @@ def test_llm2llm_only_seed_examples_are_eligible():
     assert [r["id"] for r in wrong_seed_examples(seed, {"a": "unknown"})] == ["a"]  # unknown counts as wrong
     data = accumulate(seed, [teacher_made])
     assert [r["id"] for r in accumulate(data, [teacher_made])] == ["a", "b", "a-aug0-0"]
+
+
+def test_llm2llm_matched_steps_control_repeats_the_seed_to_the_final_data_size():
+    from actors.teacher import new_example
+    from cluster.data import load_dataset, take
+    from training.sequences import deal, micro_batches
+
+    seed = take(load_dataset("sst2")[0], 5, 0)
+    teacher_made = [new_example(seed[i], f"A new review {i}.", "positive", 0, 0) for i in range(3)]
+    final = seed + teacher_made
+    control = repeat_rows(seed, len(final))
+    assert len(control) == len(final) == 8 and len({r["id"] for r in control}) == 8
+    assert [r["source_id"] for r in control] == [r["id"] for r in seed] + [r["id"] for r in seed[:3]]
+    assert control[5]["id"] == f"{seed[0]['id']}#1" and control[5]["messages"] == seed[0]["messages"]
+    assert all(r.get("origin") != "teacher" for r in map(meta, control))  # no teacher-made content
+    # the worker's micro steps per rank (no token budget) follow the number of rows: the control runs as many as
+    # the final student (1 row per micro step, 2 ranks), more than the seed alone
+    steps = lambda rows: len(deal(micro_batches(len(rows), [1] * len(rows), 1, 0, 0, 0), 0, 2))  # noqa: E731
+    assert steps(control) == steps(final) == 4 > steps(seed) == 3
+    assert [steps(repeat_rows(seed, n)) for n in (5, 9, 13)] == [3, 5, 7]
+    assert repeat_rows(seed, 2) == [{**r, "source_id": r["id"]} for r in seed]  # never fewer than the seed
+    # every teacher-made example sits in its seed's instruction: one wording for all 8 rows
+    wordings = instruction_wordings(final)
+    assert list(wordings.values()) == [8] and next(iter(wordings)).startswith("Is the sentiment")
 
 
 def test_aft_aggregation_prompt_and_examples():
