@@ -528,7 +528,17 @@ class AftConfig:
     proposal_temperature: float = doc("Proposal sampling temperature (code: 0.7).", 0.7, bounds=">= 0")
     proposal_top_p: float = doc("Proposal nucleus mass (code: 0.95).", 0.95, bounds="(0, 1]")
     aggregate_temperature: float = doc("Aggregation sampling temperature (code: 0.7).", 0.7, bounds=">= 0")
-    baseline_sft: bool = doc("Also train the plain SFT baseline for the comparison.", True)
+    baseline_sft: bool = doc(
+        "Also evaluate plain SFT on the same queries (the propose examples alone; the paper's baseline): its greedy "
+        "answer (sft/eval) and propose-and-aggregate with it (sft/propose_aggregate, N and L as for AFT). With "
+        "aft.proposal_model=sft that model is trained anyway and reused.",
+        True,
+    )
+    pairwise_vs_sft: bool = doc(
+        "With aft.baseline_sft, also have the LLM judge compare AFT's propose-and-aggregate answer with the SFT "
+        "model's greedy one, in both orders (aft/win_rate_vs_sft); places a judge pool.",
+        True,
+    )
     min_proposal_tokens: int = doc(
         "An aggregation prompt longer than training.max_prompt_length keeps its instruction and query whole and "
         "cuts its proposals at their ends, sharing the rest equally; a proposal keeps at least this many tokens "
