@@ -481,6 +481,15 @@ class SpinConfig:
         1.0e-5,
         bounds="> 0",
     )
+    heldout_rewards: bool = doc(
+        "After each evaluation of model t, score the held-out rows' gold answers and model t's greedy eval answers "
+        "under model t (prompt log-probs, no generation), and model t-1's answers too: logs iter<t>/heldout/"
+        "gold_logprob_per_token, and for t >= 1 SPIN's implicit rewards on held-out prompts, β_{t-1}·(log π_t − "
+        "log π_{t-1}) of the gold answer (real) and of model t-1's own answer (generated: its greedy eval answer, "
+        "not a T=1 sample), their margin and reward accuracy (fraction with real > generated): the paper's "
+        "mechanism, measured off the training pairs.",
+        False,
+    )
     lr: list[float] = doc(
         "Peak learning rate per iteration (last value repeats); empty: training.preference.lr, else training.lr. "
         "Paper: 5e-7 for iterations 0-1, then 1e-7: [5e-7, 5e-7, 1e-7].",
