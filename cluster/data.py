@@ -134,8 +134,10 @@ def reworded(row: dict) -> dict | None:
     if not (head or tail):  # the prompt is not in its template's framing: nothing to reword
         return None
     info = {**meta(row), "template": template, "reworded_template": meta(row)["template"]}
-    messages = [m for m in row["messages"] if m["role"] != "user"] + [
-        {"role": "user", "content": template.replace(INPUT_SLOT, text)}
+    last_user = max(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
+    messages = [
+        {**m, "content": template.replace(INPUT_SLOT, text)} if i == last_user else m
+        for i, m in enumerate(row["messages"])
     ]
     return {**row, "messages": messages, "metadata": json.dumps(info, sort_keys=True)}
 
