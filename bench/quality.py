@@ -215,6 +215,22 @@ def comparisons(method: str, run_dir: Path) -> list[tuple]:
     return rows
 
 
+def unreadable_answers(method: str, run_dir: Path, per_eval: int = 3) -> list[tuple[str, str]]:
+    """(eval, answer) of the first answers per eval whose verdict is unknown: what the verifier rejects unread."""
+    from cluster.tracking import read_parquet
+
+    rows = []
+    for key, _ in PLANS[method]["evals"]:
+        for name in (key, f"{key}_reworded"):
+            answers_file = run_dir / "phases" / f"{name}-answers.parquet"
+            unknown = [k for k, v in verdicts(run_dir, name).items() if v == "unknown"]
+            if not unknown or not answers_file.exists():
+                continue
+            answers = {r["id"]: r["response"] for r in read_parquet(answers_file)}
+            rows += [(name, repr(answers.get(k, ""))[:160]) for k in unknown[:per_eval]]
+    return rows
+
+
 def plot(path: Path, method: str, m: dict) -> None:
     import matplotlib
 
@@ -363,6 +379,11 @@ def report(method: str, m: dict, run_dir: Path) -> dict:
         result["new_examples"] = [v for k, v in sorted(m.items()) if k.endswith("/new_examples")]
         result["teacher"] = {k.split("/")[0]: v for k, v in sorted(m.items()) if k.endswith("/teacher")}
         result["instruction_wordings"] = wordings
+    unread = unreadable_answers(method, run_dir)
+    if unread:
+        print_table(
+            "answers the verifier could not read (verdict unknown), first 3 per eval", unread, ("eval", "answer")
+        )
     diffs = comparisons(method, run_dir)
     print_table(
         "paired differences on the same rows (later − earlier), 95% CI",

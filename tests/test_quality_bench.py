@@ -36,6 +36,9 @@ def test_every_plan_is_a_valid_config(method):
 
 
 def test_report_prints_every_model_under_both_wordings_and_paired_differences(tmp_path, capsys):
+    from cluster.tracking import read_parquet
+
+    rows_of = lambda key: read_parquet(tmp_path / "phases" / f"{key}-verdicts.parquet")  # noqa: E731
     ids = [f"r{i}" for i in range(10)]
     m = {"final_model": "x"}
     for key, _ in PLANS["llm2llm"]["evals"]:
@@ -48,6 +51,12 @@ def test_report_prints_every_model_under_both_wordings_and_paired_differences(tm
             m[f"{key}{suffix}/accuracy"] = sum(r["verdict"] == "yes" for r in rows) / 10
             m[f"{key}{suffix}/ci95"] = [0.1, 0.9]
             m[f"{key}{suffix}/n"] = 10
+    # an answer with no label: unknown, not correct (same as "no" for the accuracy), and printed as unreadable
+    write_parquet(
+        tmp_path / "phases/control/eval-verdicts.parquet",
+        [*rows_of("control/eval")[:9], {"id": "r9", "verdict": "unknown"}],
+    )
+    write_parquet(tmp_path / "phases/control/eval-answers.parquet", [{"id": "r9", "response": "I liked it a lot"}])
     (tmp_path / "state.json").write_text(
         json.dumps({"phases": {"iter2/eval_loglik-loglik": {"result": {"r0": "yes"}}}})
     )
@@ -55,6 +64,7 @@ def test_report_prints_every_model_under_both_wordings_and_paired_differences(tm
     m.update({"iter2/student/steps": 15, "control/student/steps": 15, "iter2/instruction_wordings": 1})
     result = report("llm2llm", m, tmp_path)
     out = capsys.readouterr().out
+    assert "control/eval  'I liked it a lot'" in out
     assert "seed-only, student 3's steps" in out and "0.700 [0.100, 0.900]" in out
     assert result["evals"]["control/eval"] == {"": 0.7, "_reworded": 0.6}
     assert result["steps"]["control/student"] == result["steps"]["iter2/student"] == 15
