@@ -260,9 +260,13 @@ def _mmlu() -> Iterator[dict]:
 
 
 SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
+# Asked as a yes/no question ("Did they like it? Reply positive if ...") the base model answered "No, they did not"
+# (52 of 64 answers named no label) and its label log-likelihoods picked "negative" for all 64 reviews: a rewording
+# must still ask for the label. This one, base SmolLM2-135M-Instruct, 64 rows: log-likelihood 0.625, greedy 0.406
+# (16 answers without a label); the task's own wording: 0.781 / 0.609.
 SST2_REWORDED = (
-    f'Someone wrote this about a film: "{INPUT_SLOT}"\n\nDid they like it? Reply "positive" if they did and '
-    '"negative" if they did not.'
+    f"{INPUT_SLOT}\n\nClassify the opinion of the film in the text above as positive or negative. Reply with the "
+    "label only."
 )
 
 
