@@ -41,26 +41,65 @@ def extract_final_number(response: str) -> float | None:
 
 
 def verify_number(response: str, label: str) -> str:
+    """yes / no against the gold number; unknown when the response has no number to compare."""
     gold = _to_number(label)
     got = extract_final_number(response)
-    if gold is None or got is None:
+    if gold is None:
         return NO
+    if got is None:
+        return UNKNOWN
     return YES if abs(got - gold) < 1e-6 else NO
 
 
-def extract_label(response: str, labels: list[str]) -> str | None:
-    """The label word the response commits to: the first one it mentions (whole word, any case)."""
+# Words that make the label mentioned right after them (same clause, at most 3 words on) no commitment:
+# "not negative", "isn't positive", "never positive", "non negative", "neither ... nor".
+_NEGATION = re.compile(r"\b(?:not|no|never|non|neither|nor|hardly|without|\w+n't)\b")
+_CLAUSE_END = re.compile(r"[.!?;:,\n]|\bbut\b")
+# Two labels joined as a list of options ("positive or negative", "positive/negative", "positive and negative"):
+# the answer echoing the question or hedging, not committing to either.
+_JOINER = r"\s*(?:,|/|\bor\b|\band\b|\bnor\b|\bvs\.?|\bversus\b)\s*(?:either\s+|both\s+)?"
+
+
+def label_mentions(response: str, labels: list[str]) -> list[tuple[int, str, str]]:
+    """Every whole-word mention of a label, in order: (position, label, role). role is 'committed', 'negated'
+    (a negation word earlier in its clause, at most 3 words before it) or 'listed' (joined to another label
+    as one of the options). A label inside another word ('positively', 'non-negative') is no mention."""
     lowered = response.lower()
-    hits = []
+    found = []
     for label in labels:
-        match = re.search(rf"\b{re.escape(label.lower())}\b", lowered)
-        if match:
-            hits.append((match.start(), label))
-    return min(hits)[1] if hits else None
+        # letters, digits, '-' and an apostrophe on either side make it part of another word
+        for match in re.finditer(rf"(?<![\w'-]){re.escape(label.lower())}(?![\w'-])", lowered):
+            found.append((match.start(), match.end(), label))
+    found.sort()
+    listed = set()
+    for (start_a, end_a, a), (start_b, _, b) in zip(found, found[1:]):
+        if a != b and re.fullmatch(_JOINER, lowered[end_a:start_b]):
+            listed.update({start_a, start_b})
+    mentions = []
+    for start, _, label in found:
+        before = _CLAUSE_END.split(lowered[:start])[-1]
+        negated = any(_NEGATION.fullmatch(w) for w in re.findall(r"[\w']+", before)[-3:])
+        role = "listed" if start in listed else "negated" if negated else "committed"
+        mentions.append((start, label, role))
+    return mentions
+
+
+def extract_label(response: str, labels: list[str]) -> str | None:
+    """The label the response commits to: its first mention that is neither negated ('not negative') nor one
+    of a list of options ('positive or negative?'); None when there is none. A later different label does not
+    override the first ('Positive. Some scenes are negative, though.'): answers state the verdict first."""
+    committed = [label for _, label, role in label_mentions(response, labels) if role == "committed"]
+    return committed[0] if committed else None
 
 
 def verify_label(response: str, label: str, labels: list[str]) -> str:
-    return YES if extract_label(response, labels or [label]) == label else NO
+    """yes / no against the gold label; unknown when the response commits to no label (none named, only
+    negated ones, only the options listed), so an evaluation can report what it could not read apart from
+    what was wrong."""
+    found = extract_label(response, labels or [label])
+    if found is None:
+        return UNKNOWN
+    return YES if found == label else NO
 
 
 _LETTER_PATTERNS = [
@@ -85,6 +124,8 @@ def verify_choice(response: str, label: str, choices: list[str] | None = None) -
         # "The answer is Paris" without a letter: accept the exact choice text when only one appears.
         found = [i for i, c in enumerate(choices) if c and c.lower() in response.lower()]
         letter = "ABCDEFGHIJ"[found[0]] if len(found) == 1 else None
+    if letter is None:
+        return UNKNOWN
     return YES if letter == label else NO
 
 

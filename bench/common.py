@@ -43,7 +43,7 @@ def in_subprocess(target, *args):
 
 
 def print_table(title: str, rows: list[tuple], headers: tuple) -> None:
-    widths = [max(len(str(h)), *(len(_fmt(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(str(h))] + [len(_fmt(r[i])) for r in rows]) for i, h in enumerate(headers)]
     print(f"\n{title}")
     print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
     for row in rows:

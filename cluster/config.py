@@ -290,6 +290,19 @@ class DataConfig:
         "and BoolQ but not by likelihood, which is how their published scores are measured.",
         "generate",
     )
+    eval_reworded: bool = doc(
+        "Also score every held-out evaluation with the task's instruction reworded (same inputs and gold answers, "
+        "other phrasing: cluster.data.reworded; built-in SST-2, BoolQ and GSM8K have a wording), logged as "
+        "'<eval>_reworded/...' next to '<eval>/...'. Rows without a reworded template are left out of it. Doubles "
+        "evaluation time; shows a gain that holds only for the training prompt's exact wording.",
+        False,
+    )
+    eval_loglik: bool = doc(
+        "Also score classification eval rows by each label's log-likelihood after the prompt (no generation, "
+        "lm-eval-harness style), logged as '<eval>_loglik/...' (and '<eval>_reworded_loglik/...'): a score that "
+        "does not depend on the answer's format or on the verifier reading it.",
+        False,
+    )
     n_train: int = doc("Training rows to use (0 = all).", 64, bounds=">= 0")
     n_eval: int = doc("Eval rows to use (0 = all).", 64, bounds=">= 0")
     eval_fraction: float = doc("Held-out fraction when eval is split from train.", 0.5, bounds="(0, 1)")
@@ -498,6 +511,15 @@ class SpinConfig:
         1.0e-5,
         bounds="> 0",
     )
+    heldout_rewards: bool = doc(
+        "After each evaluation of model t, score the held-out rows' gold answers and model t's greedy eval answers "
+        "under model t (prompt log-probs, no generation), and model t-1's answers too: logs iter<t>/heldout/"
+        "gold_logprob_per_token, and for t >= 1 SPIN's implicit rewards on held-out prompts, β_{t-1}·(log π_t − "
+        "log π_{t-1}) of the gold answer (real) and of model t-1's own answer (generated: its greedy eval answer, "
+        "not a T=1 sample), their margin and reward accuracy (fraction with real > generated): the paper's "
+        "mechanism, measured off the training pairs.",
+        False,
+    )
     lr: list[float] = doc(
         "Peak learning rate per iteration (last value repeats); empty: training.preference.lr, else training.lr. "
         "Paper: 5e-7 for iterations 0-1, then 1e-7: [5e-7, 5e-7, 1e-7].",
@@ -518,6 +540,14 @@ class S3ftConfig:
 class Llm2llmConfig:
     iterations: int = doc("Augmentation iterations (code: 10).", 2, bounds=">= 1")
     seed_size: int = doc("Seed examples (0 = all of data.n_train).", 0, bounds=">= 0")
+    matched_steps_control: bool = doc(
+        "After the last student, train a seed-only control from the base model on the seed rows repeated (cycled, "
+        "each copy its own id) up to the last student's number of training rows, with the same training settings: "
+        "as many optimizer steps on the same schedule, without the teacher's examples. Evaluated as 'control/eval' "
+        "(under both wordings with data.eval_reworded): separates what the new examples add from what more steps "
+        "add. One more training phase and evaluation.",
+        False,
+    )
 
 
 @dataclass
@@ -537,7 +567,17 @@ class AftConfig:
     proposal_temperature: float = doc("Proposal sampling temperature (code: 0.7).", 0.7, bounds=">= 0")
     proposal_top_p: float = doc("Proposal nucleus mass (code: 0.95).", 0.95, bounds="(0, 1]")
     aggregate_temperature: float = doc("Aggregation sampling temperature (code: 0.7).", 0.7, bounds=">= 0")
-    baseline_sft: bool = doc("Also train the plain SFT baseline for the comparison.", True)
+    baseline_sft: bool = doc(
+        "Also evaluate plain SFT on the same queries (the propose examples alone; the paper's baseline): its greedy "
+        "answer (sft/eval) and propose-and-aggregate with it (sft/propose_aggregate, N and L as for AFT). With "
+        "aft.proposal_model=sft that model is trained anyway and reused.",
+        True,
+    )
+    pairwise_vs_sft: bool = doc(
+        "With aft.baseline_sft, also have the LLM judge compare AFT's propose-and-aggregate answer with the SFT "
+        "model's greedy one, in both orders (aft/win_rate_vs_sft); places a judge pool.",
+        True,
+    )
     min_proposal_tokens: int = doc(
         "An aggregation prompt longer than training.max_prompt_length keeps its instruction and query whole and "
         "cuts its proposals at their ends, sharing the rest equally; a proposal keeps at least this many tokens "

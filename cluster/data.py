@@ -135,6 +135,26 @@ def split_prompt(row: dict) -> tuple[str, str, str]:
     return "", prompt, ""
 
 
+def reworded(row: dict) -> dict | None:
+    """The row with its task asked in other words: the same input and gold answer under the prompt template
+    ``metadata.reworded_template`` (built-in SST-2, BoolQ and GSM8K have one); None for a row without one, or
+    whose prompt does not fit its own template. Evaluations score held-out rows under both wordings, so a gain
+    that holds only for the training prompt's exact wording shows."""
+    template = meta(row).get("reworded_template")
+    if not template or INPUT_SLOT not in template or INPUT_SLOT not in meta(row).get("template", ""):
+        return None
+    head, text, tail = split_prompt(row)
+    if not (head or tail):  # the prompt is not in its template's framing: nothing to reword
+        return None
+    info = {**meta(row), "template": template, "reworded_template": meta(row)["template"]}
+    last_user = max(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
+    messages = [
+        {**m, "content": template.replace(INPUT_SLOT, text)} if i == last_user else m
+        for i, m in enumerate(row["messages"])
+    ]
+    return {**row, "messages": messages, "metadata": json.dumps(info, sort_keys=True)}
+
+
 def likelihood_question(row: dict) -> tuple[list[dict], list[str], int] | None:
     """(messages, candidate answers, gold index) for log-likelihood scoring; None for open-answer rows.
 
@@ -190,6 +210,11 @@ def _arrow_rows(relative: str) -> Iterator[dict]:
 
 
 GSM8K_INSTRUCTION = "Solve the problem step by step. End your answer with a line '#### <number>'."
+# The task asked in other words, for robustness checks (``reworded``): same input, same answer format.
+GSM8K_REWORDED = (
+    f"Here is a math word problem.\n\n{INPUT_SLOT}\n\nWork out the answer, showing each calculation, and "
+    "write the result on the last line as '#### <number>'."
+)
 
 
 def _clean_gsm8k_answer(answer: str) -> str:
@@ -205,6 +230,7 @@ def _gsm8k() -> Iterator[dict]:
             doc["short_answer"],
             "gsm8k",
             template=f"{INPUT_SLOT}\n\n{GSM8K_INSTRUCTION}",
+            reworded_template=GSM8K_REWORDED,
         )
 
 
@@ -247,6 +273,14 @@ def _mmlu() -> Iterator[dict]:
 
 
 SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
+# Asked as a yes/no question ("Did they like it? Reply positive if ...") the base model answered "No, they did not"
+# (52 of 64 answers named no label) and its label log-likelihoods picked "negative" for all 64 reviews: a rewording
+# must still ask for the label. This one, base SmolLM2-135M-Instruct, 64 rows: log-likelihood 0.625, greedy 0.406
+# (16 answers without a label); the task's own wording: 0.781 / 0.609.
+SST2_REWORDED = (
+    f"{INPUT_SLOT}\n\nClassify the opinion of the film in the text above as positive or negative. Reply with the "
+    "label only."
+)
 
 
 def _sst2() -> Iterator[dict]:
@@ -260,7 +294,14 @@ def _sst2() -> Iterator[dict]:
             "classification",
             labels=["negative", "positive"],
             template=f"{SST2_INSTRUCTION}\n\nReview: {INPUT_SLOT}",
+            reworded_template=SST2_REWORDED,
         )
+
+
+BOOLQ_REWORDED = (
+    f"Read the passage and the question below.\n\n{INPUT_SLOT}\nIs the answer yes or no? Reply with one of the "
+    "two words."
+)
 
 
 def _boolq() -> Iterator[dict]:
@@ -268,7 +309,16 @@ def _boolq() -> Iterator[dict]:
         label = "yes" if str(row["answer"]).lower() in ("true", "1") else "no"
         prompt = f"{row['passage']}\n\nQuestion: {row['question']}?\nAnswer yes or no."
         template = f"{INPUT_SLOT}\nAnswer yes or no."
-        yield record(f"boolq-{i}", prompt, label, label, "classification", labels=["no", "yes"], template=template)
+        yield record(
+            f"boolq-{i}",
+            prompt,
+            label,
+            label,
+            "classification",
+            labels=["no", "yes"],
+            template=template,
+            reworded_template=BOOLQ_REWORDED,
+        )
 
 
 def _mbpp() -> Iterator[dict]:

@@ -7,7 +7,8 @@ examples:  propose   query                      -> reference answer
            (an over-long one keeps its instruction and query; its proposals share the prompt budget, cut at their ends)
 train the base model on propose + aggregate data (and plain SFT as the baseline)
 inference: propose-and-aggregate, N proposals and L aggregation layers (the last layer one answer);
-evaluate single sample vs propose-and-aggregate: task accuracy and pairwise win rate against SFT
+evaluate single sample vs propose-and-aggregate for the AFT model, and for the SFT model trained on the same queries
+(aft.baseline_sft, the paper's comparison): task accuracy; pairwise win rate against SFT (aft.pairwise_vs_sft)
 """
 
 from __future__ import annotations
@@ -50,31 +51,11 @@ def aft(ctl: Controller) -> None:
         ctl.evaluate("sft/eval", eval_rows, sft_model)
     ctl.evaluate("aft/single", eval_rows, model)  # single greedy sample from the AFT model
 
-    ctl.use_generator_weights(model)
-    answers = ctl.run.once(
-        "aft/propose-and-aggregate",
-        lambda: propose_and_aggregate(
-            eval_rows,
-            lambda reqs, n, temp: _generate_texts(ctl, reqs, n, temp),
-            template,
-            a.n_proposals,
-            a.layers,
-            a.proposal_temperature,
-            a.aggregate_temperature,
-        ),
-    )
-    # A query whose last layer never answered (its requests failed) is a failed row, not a wrong answer.
-    answered = {k: v["answer"] for k, v in answers.items() if v["layers"][-1]}
-    verdicts = ctl.judge_equivalence("aft/pa-verdicts", eval_rows, answered)
-    ctl.run.metric("aft/propose_aggregate/failed", len(eval_rows) - len(verdicts))
-    ctl.record_accuracy("aft/propose_aggregate", verdicts, len(verdicts))
-    # The sequential-refinement axis: does each aggregation layer beat the one before? (first response per layer)
-    for layer in range(a.layers):
-        firsts = {k: v["layers"][layer][0] for k, v in answers.items() if v["layers"][layer]}
-        layer_verdicts = ctl.judge_equivalence(f"aft/pa-layer{layer}-verdicts", eval_rows, firsts)
-        ctl.record_accuracy(f"aft/layer{layer}", layer_verdicts, len(layer_verdicts))
+    answers = evaluate_propose_and_aggregate(ctl, "aft", eval_rows, model, template)
+    if a.baseline_sft:  # the paper's comparison: the SFT model on the same queries, with the same inference
+        evaluate_propose_and_aggregate(ctl, "sft", eval_rows, sft_model, template)
 
-    if a.baseline_sft:
+    if a.baseline_sft and a.pairwise_vs_sft:
         sft_answers = ctl.run.rows("sft/eval-answers")
         by_id = {r["id"]: r["response"] for r in sft_answers}
         ctl.judge.pool = ctl.judge.pool or ctl.pool("judge", c.judge.model)
@@ -98,6 +79,39 @@ def aft(ctl: Controller) -> None:
             ctl.run.metric("aft/win_rate_vs_sft", wins / len(decided))
         ctl.run.metric("aft/pairwise_unknown", len(outcome) - len(decided))
     ctl.run.metric("final_model", model)
+
+
+def evaluate_propose_and_aggregate(
+    ctl: Controller, prefix: str, rows: list[dict], model: str, template: str
+) -> dict[str, dict]:
+    """Propose-and-aggregate (N, L from aft) with ``model`` on ``rows``: ``<prefix>/propose_aggregate`` and, along
+    the sequential-refinement axis, ``<prefix>/layer<l>`` (the first response of each layer; layer 0 is one
+    sample at the proposal temperature). Returns {row id: {answer, layers}}."""
+    a = ctl.config.aft
+    ctl.use_generator_weights(model)
+    answers = ctl.run.once(
+        f"{prefix}/propose-and-aggregate",
+        lambda: propose_and_aggregate(
+            rows,
+            lambda reqs, n, temp: _generate_texts(ctl, reqs, n, temp),
+            template,
+            a.n_proposals,
+            a.layers,
+            a.proposal_temperature,
+            a.aggregate_temperature,
+        ),
+    )
+    # A query whose last layer never answered (its requests failed) is a failed row, not a wrong answer.
+    answered = {k: v["answer"] for k, v in answers.items() if v["layers"][-1]}
+    verdicts = ctl.judge_equivalence(f"{prefix}/pa-verdicts", rows, answered)
+    ctl.run.metric(f"{prefix}/propose_aggregate/failed", len(rows) - len(verdicts))
+    ctl.run.metric(f"{prefix}/propose_aggregate/unknown", sum(v == "unknown" for v in verdicts.values()))
+    ctl.record_accuracy(f"{prefix}/propose_aggregate", verdicts, len(verdicts))
+    for layer in range(a.layers):
+        firsts = {k: v["layers"][layer][0] for k, v in answers.items() if v["layers"][layer]}
+        layer_verdicts = ctl.judge_equivalence(f"{prefix}/pa-layer{layer}-verdicts", rows, firsts)
+        ctl.record_accuracy(f"{prefix}/layer{layer}", layer_verdicts, len(layer_verdicts))
+    return answers
 
 
 def _generate_texts(ctl: Controller, requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:

@@ -25,7 +25,7 @@ from cluster.blocks import Blocks
 from cluster.cli import parse_job_args
 from cluster.config import ConfigError, JobConfig, SamplingConfig, phase_training
 from cluster.connect import PROJECT_ROOT, connect, joined_cluster
-from cluster.data import DataError, likelihood_question, prepare
+from cluster.data import DataError, likelihood_question, prepare, reworded
 from cluster.models import resolve_model, resolve_models
 from cluster.runfolder import RunFolderError, inputs_fingerprint, is_run_control
 from cluster.tracking import Run
@@ -422,6 +422,7 @@ class Controller:
         example_files = list(examples.folders) if streamed else [self.run.phase_file(f"{name}-data")]
         self.run.record_lineage(name, f"{kind}-data", uses or [], example_files, label=f"{name}-data")
         self.run.record_lineage(name, "train", [init_model, *example_files], [result["output"]])
+        self.run.metric(f"{name}/steps", result["steps"])  # optimizer steps (LLM2LLM's matched-steps control)
         self.run.metric(f"{name}/train_tokens_per_s", round(result["train_tokens_per_s"], 1))
         # sequences whose prompt or response was cut to fit, and AFT proposals cut to share the prompt budget
         self.run.metric(f"{name}/truncation", result["truncation"])
@@ -444,7 +445,30 @@ class Controller:
         return accuracy, ci95
 
     def evaluate(self, name: str, rows: list[dict], model_path: str) -> float:
-        """Greedy answers from ``model_path`` on ``rows``, judged; accuracy with a 95% Wilson interval."""
+        """Greedy answers from ``model_path`` on ``rows``, judged; accuracy with a 95% Wilson interval. With
+        data.eval_reworded the rows are scored again under the task's reworded instruction (``<name>_reworded``),
+        with data.eval_loglik classification rows also by label log-likelihood (``<name>_loglik``, and
+        ``<name>_reworded_loglik``). Returns the accuracy under the rows' own wording."""
+        accuracy = self.evaluate_greedy(name, rows, model_path)
+        variants = [(name, rows)]
+        if self.config.data.eval_reworded:
+            other = [w for r in rows if (w := reworded(r)) is not None]
+            if len(other) < len(rows):
+                log.warning("%s: %d rows have no reworded instruction and are left out", name, len(rows) - len(other))
+            if other:
+                self.evaluate_greedy(f"{name}_reworded", other, model_path)
+                variants.append((f"{name}_reworded", other))
+        if self.config.data.eval_loglik:
+            for variant, variant_rows in variants:
+                labelled = [r for r in variant_rows if r["task"] == "classification"]
+                if labelled:
+                    self.evaluate_loglik(f"{variant}_loglik", labelled, model_path)
+        return accuracy
+
+    def evaluate_greedy(self, name: str, rows: list[dict], model_path: str) -> float:
+        """Greedy answers from ``model_path`` on ``rows``, judged: ``<name>/accuracy``, ``/ci95`` (Wilson),
+        ``/n``, ``/failed``, ``/unknown`` (answers the verifier could not read: no label, number or letter) and
+        ``/truncated`` (answers cut at evaluation.max_tokens, which may have lost their final answer)."""
         if not rows:
             return float("nan")
         self.use_generator_weights(model_path)
@@ -455,6 +479,8 @@ class Controller:
         )
         # A row never answered (or never judged) is a failed row, reported as such, not a wrong answer.
         self.run.metric(f"{name}/failed", len(rows) - len(verdicts))
+        self.run.metric(f"{name}/unknown", sum(v == "unknown" for v in verdicts.values()))
+        self.run.metric(f"{name}/truncated", sum(bool(o.get("truncated")) for o in outputs.values()))
         accuracy, (low, high) = self.record_accuracy(name, verdicts, len(verdicts))
         self.run.table(
             f"samples/{name}",

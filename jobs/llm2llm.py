@@ -8,13 +8,15 @@ for t = 0..T-1:
     the teacher writes k new examples per wrong seed example; near-duplicates (ROUGE-L) dropped
     data = data + new examples
     evaluate student_t
+optional control (llm2llm.matched_steps_control): a student trained from the base model on the seed repeated to the
+last student's data size: the same optimizer steps without the teacher's examples
 """
 
 from __future__ import annotations
 
 from cluster.data import prompt_text, take
 from jobs.common import Controller, main
-from methods.llm2llm import accumulate, wrong_seed_examples
+from methods.llm2llm import accumulate, instruction_wordings, repeat_rows, wrong_seed_examples
 
 
 def llm2llm(ctl: Controller) -> None:
@@ -26,10 +28,10 @@ def llm2llm(ctl: Controller) -> None:
     data = list(seed)
     model = base
     for t in range(c.llm2llm.iterations):
-        examples = [
-            {"id": r["id"], "source_id": r["id"], "messages": r["messages"], "response": r["reference"]} for r in data
-        ]
-        model = ctl.train(f"iter{t}/student", "sft", init_model=base, examples=examples)
+        wordings = instruction_wordings(data)  # every teacher example reuses its seed's instruction framing
+        ctl.run.metric(f"iter{t}/instruction_wordings", len(wordings))
+        ctl.run.metric(f"iter{t}/top_wording_share", round(max(wordings.values()) / len(data), 4))
+        model = ctl.train(f"iter{t}/student", "sft", init_model=base, examples=sft_rows(data))
         ctl.evaluate(f"iter{t}/eval", eval_rows, model)
         ctl.use_generator_weights(model)
         answers = ctl.generate(f"iter{t}/answer-seed", seed, ctl.sampling(c.generation, salt=t), iteration=t)
@@ -53,6 +55,18 @@ def llm2llm(ctl: Controller) -> None:
         data = accumulate(data, new)
         ctl.run.metric(f"iter{t}/data_size", len(data))
     ctl.run.metric("final_model", model)
+    if c.llm2llm.matched_steps_control:
+        control = repeat_rows(seed, len(data))
+        ctl.run.metric("control/data_size", len(control))
+        control_model = ctl.train("control/student", "sft", init_model=base, examples=sft_rows(control))
+        ctl.evaluate("control/eval", eval_rows, control_model)
+
+
+def sft_rows(rows: list[dict]) -> list[dict]:
+    return [
+        {"id": r["id"], "source_id": r.get("source_id", r["id"]), "messages": r["messages"], "response": r["reference"]}
+        for r in rows
+    ]
 
 
 if __name__ == "__main__":

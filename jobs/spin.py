@@ -6,6 +6,8 @@ for t = 0..T-1:
     pairs: (prompt, gold answer = real/chosen, own answer = rejected)
     model t+1 = train(model t, SPIN loss, reference = model t, β_t, lr_t) on pairs_t (+ pairs_{t-1})
     evaluate model t+1 on the held-out split
+    (spin.heldout_rewards) on held-out prompts: gold log-likelihood under model t+1, and the implicit rewards of
+    gold vs model t's own answers, β_t·(log π_{t+1} − log π_t): their margin and reward accuracy
 
 With data.streaming the SFT prompts are a folder of Parquet blocks (cluster.streaming): generation, pairs and SFT
 targets then run block by block (``ctl.per_block``), and the driver never holds the whole set.
@@ -15,7 +17,16 @@ from __future__ import annotations
 
 from cluster.config import phase_training
 from jobs.common import Controller, main
-from methods.spin import beta_for, build_pairs, lr_for, sft_examples, training_pairs
+from methods.spin import (
+    beta_for,
+    build_pairs,
+    logprob_per_token,
+    lr_for,
+    reward_metrics,
+    sequence_scores,
+    sft_examples,
+    training_pairs,
+)
 
 
 def spin(ctl: Controller) -> None:
@@ -33,6 +44,7 @@ def spin(ctl: Controller) -> None:
             uses=[ctl.source(train_rows)],
         )
     ctl.evaluate("iter0/eval", eval_rows, model)
+    scores = heldout_scores(ctl, 0, eval_rows, model) if c.spin.heldout_rewards else None
     previous_pairs: list[dict] = []
     for t in range(c.spin.iterations):
         ctl.use_generator_weights(model)
@@ -53,8 +65,39 @@ def spin(ctl: Controller) -> None:
             loss_type=c.spin.loss_type,
         )
         ctl.evaluate(f"iter{t + 1}/eval", eval_rows, model)
+        if scores is not None:
+            scores = heldout_scores(ctl, t + 1, eval_rows, model, previous=scores, beta=beta_for(t, c.spin.beta))
         previous_pairs = pairs
     ctl.run.metric("final_model", model)
+
+
+def heldout_scores(
+    ctl: Controller, t: int, rows: list[dict], model: str, previous: dict | None = None, beta: float = 0.0
+) -> dict:
+    """Model t's log-probs of the held-out gold answers and of its own greedy eval answers (and of model t-1's,
+    when there is a model t-1): ``iter<t>/heldout/gold_logprob_per_token``, and for t >= 1 the implicit rewards
+    of iteration t-1 (reference model t-1, β of iteration t-1) under ``iter<t>/heldout/``."""
+    by_id = {r["id"]: r for r in rows}
+
+    def score(name: str, answers: dict[str, str]) -> dict[str, tuple[float, int]]:
+        ctl.use_generator_weights(model)
+        requests = [
+            {"id": k, "messages": by_id[k]["messages"], "response": v} for k, v in answers.items() if k in by_id
+        ]
+        found = ctl.run.once(f"iter{t}/heldout-{name}", lambda: sequence_scores(ctl.generator.score_all(requests)))
+        return {k: tuple(v) for k, v in found.items()}
+
+    own = {r["id"]: r["response"] for r in ctl.run.rows(f"iter{t}/eval-answers")}
+    result = {"gold": score("gold", {r["id"]: r["reference"] for r in rows}), "own": score("own", own)}
+    ctl.run.metric(f"iter{t}/heldout/gold_logprob_per_token", round(logprob_per_token(result["gold"]), 4))
+    ctl.run.metric(f"iter{t}/heldout/own_logprob_per_token", round(logprob_per_token(result["own"]), 4))
+    if previous is not None:
+        previous_own = {r["id"]: r["response"] for r in ctl.run.rows(f"iter{t - 1}/eval-answers")}
+        generated = score("previous-own", previous_own)
+        rewards = reward_metrics(result["gold"], previous["gold"], generated, previous["own"], beta)
+        for key, value in rewards.items():
+            ctl.run.metric(f"iter{t}/heldout/{key}", round(value, 4) if isinstance(value, float) else value)
+    return result
 
 
 if __name__ == "__main__":

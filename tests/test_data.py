@@ -13,8 +13,11 @@ from cluster.data import (
     likelihood_question,
     load_dataset,
     prepare,
+    prompt_text,
     record,
+    reworded,
     split,
+    split_prompt,
     take,
 )
 from methods.llm2llm import wrong_seed_examples
@@ -125,6 +128,32 @@ def test_likelihood_questions_are_cloze_for_choices_and_keep_the_prompt_for_labe
     boolq = take(load_dataset("boolq")[0], 1, 0)[0]
     assert likelihood_question(boolq) == (boolq["messages"], ["no", "yes"], ["no", "yes"].index(boolq["reference"]))
     assert likelihood_question(take(load_dataset("gsm8k")[0], 1, 0)[0]) is None  # open answer: nothing to score
+
+
+@pytest.mark.parametrize("name", ["sst2", "boolq", "gsm8k"])
+def test_reworded_rows_keep_input_and_answer_under_another_instruction(name):
+    from actors.judge import rule_verdict
+
+    rows = take(load_dataset(name)[0], 20, 0)
+    for row in rows:
+        other = reworded(row)
+        assert other is not None and other["id"] == row["id"] and other["reference"] == row["reference"]
+        assert split_prompt(other)[1] == split_prompt(row)[1]  # the same review / passage / problem
+        instruction = split_prompt(row)[0] + split_prompt(row)[2]
+        assert instruction.strip() and instruction.strip() not in prompt_text(other)  # the wording changed
+        assert reworded(other)["messages"] == row["messages"]  # and back
+        assert rule_verdict(other, row["reference"]) == "yes"  # the verifier reads the same gold answer
+    if name != "gsm8k":  # label tasks keep their candidates for log-likelihood scoring, under the new prompt
+        question = likelihood_question(reworded(rows[0]))
+        assert question[1:] == likelihood_question(rows[0])[1:] and question[0] == reworded(rows[0])["messages"]
+
+
+def test_rows_without_a_reworded_instruction_are_not_reworded():
+    assert reworded(take(load_dataset("arc_easy")[0], 1, 0)[0]) is None
+    assert reworded(record("x", "Is this good?", "yes", "yes", "classification", labels=["no", "yes"])) is None
+    sst2 = take(load_dataset("sst2")[0], 1, 0)[0]
+    edited = {**sst2, "messages": [{"role": "user", "content": "Classify: great film"}]}  # not in its template
+    assert reworded(edited) is None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def test_spin_two_iterations(ray_session, tmp_path):
     # Each iteration's own peak lr (spin.lr), held by a constant schedule so the last step shows it.
     constant = ["training.preference.schedule=constant", "training.preference.warmup_ratio=0"]
     per_iteration = ["spin.lr=[3e-3,2e-3]", *constant]
-    summary = run_method("spin", tmp_path, "spin.sft_first=true", "spin.sft_lr=1e-4", *per_iteration)
+    evidence = ["spin.heldout_rewards=true", "data.eval_reworded=true", "data.eval_loglik=true"]
+    summary = run_method("spin", tmp_path, "spin.sft_first=true", "spin.sft_lr=1e-4", *per_iteration, *evidence)
     run = tmp_path / "spin" / "tiny"
     m = summary["metrics"]
     phases = json.loads((run / "state.json").read_text())["phases"]
@@ -59,6 +60,20 @@ def test_spin_two_iterations(ray_session, tmp_path):
     assert (run / "models/iter1/spin/config.json").exists() and (run / "summary.json").exists()
     assert set(summary["pool_idle_s"]) >= {"generator", "train"}
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    # every eval also under the reworded instruction, and by label log-likelihood under both wordings
+    for t in (0, 1, 2):
+        assert [m[f"iter{t}/eval{v}/n"] for v in ("", "_reworded", "_loglik", "_reworded_loglik")] == [4] * 4
+    # held-out rewards of iteration 1 (model 2 against model 1, β 0.5) are the scores each model gave
+    score = lambda name: {k: v[0] for k, v in phases[name]["result"].items()}  # noqa: E731
+    gold1, gold2 = score("iter1/heldout-gold"), score("iter2/heldout-gold")
+    own1, own1_under2 = score("iter1/heldout-own"), score("iter2/heldout-previous-own")
+    real = [0.5 * (gold2[k] - gold1[k]) for k in gold1]
+    generated = [0.5 * (own1_under2[k] - own1[k]) for k in gold1]
+    assert m["iter2/heldout/n"] == 4 and "iter0/heldout/reward_margin" not in m
+    assert m["iter2/heldout/reward_real"] == pytest.approx(sum(real) / 4, abs=1e-4)
+    assert m["iter2/heldout/reward_margin"] == pytest.approx((sum(real) - sum(generated)) / 4, abs=1e-4)
+    assert m["iter2/heldout/reward_accuracy"] == sum(r > g for r, g in zip(real, generated)) / 4
+    assert m["iter2/heldout/gold_logprob_per_token"] < 0
 
 
 def test_s3ft_buckets_and_baseline(ray_session, tmp_path):
@@ -99,7 +114,7 @@ def loglik_verdicts(dataset: str, n: int) -> dict[str, str]:
 
 
 def test_llm2llm_restarts_from_base_and_accumulates(ray_session, tmp_path):
-    summary = run_method("llm2llm", tmp_path, "teacher.max_attempts=1")
+    summary = run_method("llm2llm", tmp_path, "teacher.max_attempts=1", "llm2llm.matched_steps_control=true")
     run = tmp_path / "llm2llm" / "tiny"
     state = json.loads((run / "state.json").read_text())
     assert {"iter0/student", "iter1/student", "iter0/augment"} <= set(state["phases"])
@@ -114,6 +129,12 @@ def test_llm2llm_restarts_from_base_and_accumulates(ray_session, tmp_path):
     kept = teacher["parsed"] - teacher["unlabelled"] - teacher["duplicates"]
     assert kept == summary["metrics"]["iter0/new_examples"] == len(ids(run / "phases/iter0/augment.parquet"))
     assert_report_has(run, "Augmentation", "iter1/student-data")
+    # the seed-only control: as many rows and optimizer steps as the last student, only seed examples
+    m = summary["metrics"]
+    control, last = ids(run / "phases/control/student-data.parquet"), ids(run / "phases/iter1/student-data.parquet")
+    assert len(control) == len(last) == m["control/data_size"] and {i.split("#")[0] for i in control} == seed_ids
+    assert m["control/student/steps"] == m["iter1/student/steps"] and "control/eval/accuracy" in m
+    assert m["iter1/instruction_wordings"] == 1  # the teacher's examples sit in their seed's instruction
 
 
 def assert_report_has(run: Path, chart: str, sample_phase: str) -> None:
@@ -144,6 +165,9 @@ def test_aft_propose_and_aggregate(ray_session, tmp_path):
     assert [len(x) for x in layers] == [2, 2, 1]
     assert "aft/propose_aggregate/accuracy" in summary["metrics"] and "aft/single/accuracy" in summary["metrics"]
     assert {"aft/layer0/accuracy", "aft/layer1/accuracy"} <= set(summary["metrics"])
+    # the SFT model on the same queries, greedy and with propose-and-aggregate (aft.baseline_sft)
+    assert {"sft/eval/accuracy", "sft/propose_aggregate/accuracy", "sft/layer1/accuracy"} <= set(summary["metrics"])
+    assert len(state["phases"]["sft/propose-and-aggregate"]["result"]) == 4
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:

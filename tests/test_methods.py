@@ -1,9 +1,17 @@
 from actors.judge import load_prompt
-from cluster.data import record
+from cluster.data import meta, record
 from methods.aft import aggregation_messages, build_examples, propose_and_aggregate
-from methods.llm2llm import accumulate, wrong_seed_examples
+from methods.llm2llm import accumulate, instruction_wordings, repeat_rows, wrong_seed_examples
 from methods.s3ft import bucket_fractions, select_target
-from methods.spin import beta_for, build_pairs, sft_examples, training_pairs
+from methods.spin import (
+    beta_for,
+    build_pairs,
+    logprob_per_token,
+    reward_metrics,
+    sequence_scores,
+    sft_examples,
+    training_pairs,
+)
 
 ROWS = [record("a", "What is 1+1?", "2", "2", "gsm8k"), record("b", "Say hi", "hi"), record("c", "No gold")]
 
@@ -17,6 +25,30 @@ def test_spin_pairs_chosen_is_gold_rejected_is_own():
     assert training_pairs(pairs, ["old"], False) == pairs
     assert [beta_for(t, [0.1, 0.1, 5.0]) for t in range(5)] == [0.1, 0.1, 5.0, 5.0, 5.0]
     assert [(e["id"], e["response"]) for e in sft_examples(ROWS)] == [("a", "2"), ("b", "hi")]  # no gold: skipped
+
+
+def test_spin_heldout_rewards_are_the_training_loss_rewards():
+    import torch
+
+    from training.losses import spin_loss
+
+    # per-token log-probs of gold (real) and of the opponent's answer (generated), under the trained model and
+    # under the model it started from; "c" lacks a generated score under the policy and is left out
+    policy_real = sequence_scores({"a": [-1.0, -1.0], "b": [-3.0], "c": [-2.0]})
+    ref_real = sequence_scores({"a": [-2.0, -1.5], "b": [-2.5], "c": [-2.0]})
+    policy_gen = sequence_scores({"a": [-4.0], "b": [-1.0, -1.0]})
+    ref_gen = sequence_scores({"a": [-3.0], "b": [-2.5, -0.5]})
+    assert policy_real["a"] == (-2.0, 2) and logprob_per_token(policy_real) == -7.0 / 4
+    metrics = reward_metrics(policy_real, ref_real, policy_gen, ref_gen, beta=0.5)
+    # a: real 0.5*(−2+3.5)=0.75, generated 0.5*(−4+3)=−0.5; b: real 0.5*(−3+2.5)=−0.25, generated 0.5*(−2+3)=0.5
+    assert metrics["n"] == 2 and metrics["reward_accuracy"] == 0.5
+    assert abs(metrics["reward_margin"] - ((0.75 + 0.5) + (-0.25 - 0.5)) / 2) < 1e-9
+    _, rewards = spin_loss(
+        *(torch.tensor([d[k][0] for k in "ab"]) for d in (policy_real, policy_gen, ref_real, ref_gen)), 0.5, "sigmoid"
+    )
+    assert abs(rewards["reward_margin"].mean().item() - metrics["reward_margin"]) < 1e-6  # as the trainer logs it
+    assert abs(rewards["reward_accuracy"].mean().item() - metrics["reward_accuracy"]) < 1e-6
+    assert reward_metrics({}, ref_real, policy_gen, ref_gen, 0.1) == {"n": 0}
 
 
 def test_s3ft_bucket_selection():
@@ -38,6 +70,30 @@ def test_llm2llm_only_seed_examples_are_eligible():
     assert [r["id"] for r in wrong_seed_examples(seed, {"a": "unknown"})] == ["a"]  # unknown counts as wrong
     data = accumulate(seed, [teacher_made])
     assert [r["id"] for r in accumulate(data, [teacher_made])] == ["a", "b", "a-aug0-0"]
+
+
+def test_llm2llm_matched_steps_control_repeats_the_seed_to_the_final_data_size():
+    from actors.teacher import new_example
+    from cluster.data import load_dataset, take
+    from training.sequences import deal, micro_batches
+
+    seed = take(load_dataset("sst2")[0], 5, 0)
+    teacher_made = [new_example(seed[i], f"A new review {i}.", "positive", 0, 0) for i in range(3)]
+    final = seed + teacher_made
+    control = repeat_rows(seed, len(final))
+    assert len(control) == len(final) == 8 and len({r["id"] for r in control}) == 8
+    assert [r["source_id"] for r in control] == [r["id"] for r in seed] + [r["id"] for r in seed[:3]]
+    assert control[5]["id"] == f"{seed[0]['id']}#1" and control[5]["messages"] == seed[0]["messages"]
+    assert all(r.get("origin") != "teacher" for r in map(meta, control))  # no teacher-made content
+    # the worker's micro steps per rank (no token budget) follow the number of rows: the control runs as many as
+    # the final student (1 row per micro step, 2 ranks), more than the seed alone
+    steps = lambda rows: len(deal(micro_batches(len(rows), [1] * len(rows), 1, 0, 0, 0), 0, 2))  # noqa: E731
+    assert steps(control) == steps(final) == 4 > steps(seed) == 3
+    assert [steps(repeat_rows(seed, n)) for n in (5, 9, 13)] == [3, 5, 7]
+    assert repeat_rows(seed, 2) == [{**r, "source_id": r["id"]} for r in seed]  # never fewer than the seed
+    # every teacher-made example sits in its seed's instruction: one wording for all 8 rows
+    wordings = instruction_wordings(final)
+    assert list(wordings.values()) == [8] and next(iter(wordings)).startswith("Is the sentiment")
 
 
 def test_aft_aggregation_prompt_and_examples():
