@@ -199,7 +199,9 @@ def test_bf16_mixed_precision_follows_the_fp32_loss_curve(service, tiny_model):
     assert AutoConfig.from_pretrained(bf16["output"]).vocab_size  # the bf16 run saves a loadable folder too
     # It saves the fp32 master weights, not their bf16 rounding: updates below bf16's resolution survive the save.
     with safe_open(str(Path(bf16["output"]) / "model.safetensors"), "pt") as f:
-        weight = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+        weight, saved = f.get_tensor("model.layers.0.mlp.down_proj.weight"), set(f.keys())
+    with safe_open(str(Path(fp32["output"]) / "model.safetensors"), "pt") as f:
+        assert saved == set(f.keys())  # the same tensors as any save (no non-persistent buffer vLLM cannot load)
     assert weight.dtype == torch.float32
     assert (weight != weight.to(torch.bfloat16).float()).float().mean() > 0.5
 

@@ -435,13 +435,19 @@ def fp32_master_state_dict(engine) -> dict[str, torch.Tensor]:
         masters.update({id(p): m for p, m in zip(group, fp32_group)})
     for group, flat in zip(getattr(optimizer, "fp16_groups", []), getattr(optimizer, "fp32_groups_flat", [])):
         masters.update({id(p): m for p, m in zip(group, _unflatten_dense_tensors(flat.detach(), group))})
-    state = {}
-    for name, param in engine.module.named_parameters():
-        master = masters[id(param)] if id(param) in masters else safe_get_full_fp32_param(param)
-        if master is None:
-            raise RuntimeError(f"no fp32 master weight for {name} under {type(optimizer).__name__}")
-        state[name] = master.detach().float().cpu()
-    state.update({name: buffer.float() for name, buffer in engine.module.named_buffers() if buffer.is_floating_point()})
+    # the keys save_pretrained expects (tied weights under each name, persistent buffers only, as state_dict());
+    # keep_vars gives the Parameter objects, so a tied weight's names share one master
+    state, gathered = {}, {}
+    for name, value in engine.module.state_dict(keep_vars=True).items():
+        if not isinstance(value, torch.nn.Parameter):
+            state[name] = value.detach().float() if value.is_floating_point() else value.detach()
+            continue
+        if id(value) not in gathered:
+            master = masters[id(value)] if id(value) in masters else safe_get_full_fp32_param(value)
+            if master is None:
+                raise RuntimeError(f"no fp32 master weight for {name} under {type(optimizer).__name__}")
+            gathered[id(value)] = master.detach().float().cpu()
+        state[name] = gathered[id(value)]
     return state
 
 
