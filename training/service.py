@@ -49,17 +49,24 @@ class PhaseQueue:
         self._notify()
 
     async def beat(self, index: int, rank: int, step: int, stage: str) -> None:
-        self.beats.setdefault(index, {})[rank] = (step, stage, time.monotonic())
+        previous = self.beats.setdefault(index, {}).get(rank)
+        self.beats[index][rank] = (step, stage, time.monotonic(), previous[3] + 1 if previous else 1)
 
     async def progress(self, index: int, world_size: int) -> dict[int, dict]:
-        """Each rank's last step and stage in phase ``index`` and seconds since it said so (since the phase was
-        queued for a rank that has not beaten yet); one clock, this actor's, for all ranks."""
+        """Each rank's last step and stage in phase ``index``, seconds since it said so (since the phase was
+        queued for a rank that has not beaten yet; one clock, this actor's, for all ranks) and how many times it
+        reported (its progress: ranks move in lock-step, so the one with the fewest reports is the one behind)."""
         now, beats = time.monotonic(), self.beats.get(index, {})
         since_put = now - self.put_at.get(index, now)
         return {
-            rank: {"step": beats[rank][0], "stage": beats[rank][1], "silent_s": now - beats[rank][2]}
+            rank: {
+                "step": beats[rank][0],
+                "stage": beats[rank][1],
+                "silent_s": now - beats[rank][2],
+                "reports": beats[rank][3],
+            }
             if rank in beats
-            else {"step": None, "stage": "not started", "silent_s": since_put}
+            else {"step": None, "stage": "not started", "silent_s": since_put, "reports": 0}
             for rank in range(world_size)
         }
 
@@ -219,9 +226,11 @@ class TrainingService:
         if not self.stall_timeout_s:
             return
         ranks = ray.get(self.queue.progress.remote(index, self.replicas))
-        rank, quiet = max(ranks.items(), key=lambda item: item[1]["silent_s"])
-        if quiet["silent_s"] < self.stall_timeout_s:
+        if max(p["silent_s"] for p in ranks.values()) < self.stall_timeout_s:
             return
+        # Once one rank stops, the others block in their next collective and fall silent a moment later: name the
+        # rank that is behind (fewest reports), not the one whose last report happened to arrive first.
+        rank, quiet = min(ranks.items(), key=lambda item: (item[1]["reports"], -item[1]["silent_s"]))
         self.stalled = True
         self.next_index += 1  # the stalled phase's slot is spent: ranks that ever get past it find the stop spec next
         others = ", ".join(
