@@ -800,32 +800,17 @@ def prepare(c: DataConfig, seed: int, method: str | None = None) -> JobData:
         return _prepare_streamed(c, seed, shards, load)
     train_pool, train_report = load(c.train, c.train_split, c.subset, "data.train")
     reports = [train_report]
-    if c.eval:
-        eval_splits = dataset_splits(c.eval, c.eval_subset, c.cache_dir)
-        eval_split = c.eval_split if eval_splits else None
-        eval_pool, eval_report = load(c.eval, eval_split, c.eval_subset, "data.eval")
+    held_out = _held_out(c, load, dataset_splits(c.train, c.subset, c.cache_dir))
+    if held_out:
+        eval_pool, eval_report, eval_key = held_out
         reports.append(eval_report)
-        eval_source, eval_key = eval_report.source, "data.eval"
-    elif c.eval_split in (dataset_splits(c.train, c.subset, c.cache_dir) or []):
-        eval_pool, eval_report = load(c.train, c.eval_split, c.subset, "data.eval_split")
-        reports.append(eval_report)
-        eval_source, eval_key = eval_report.source, "data.eval_split"
+        eval_source = eval_report.source
     else:
         train_pool, eval_pool = split(train_pool, seed, c.eval_fraction)
         eval_source, eval_key = f"{c.eval_fraction:g} of {c.train} held out (seed {seed})", "data.eval_fraction"
-    for name, pool, report in (("data.train", train_pool, train_report), (eval_key, eval_pool, reports[-1])):
-        if len(pool) < c.min_rows:
-            raise DataError(
-                f"{name}: {len(pool)} usable rows, fewer than data.min_rows={c.min_rows}. Load report: {report}"
-            )
-    general: list[dict] = []
-    if c.general_eval:
-        general_splits = dataset_splits(c.general_eval, None, c.cache_dir)
-        rows, general_report = load_dataset(
-            c.general_eval, c.eval_split if general_splits else None, key="data.general_eval", cache_dir=c.cache_dir
-        )
-        reports.append(general_report)
-        general = take(rows, c.n_eval, seed)
+    _require_rows(c, "data.train", train_pool, train_report)
+    _require_rows(c, eval_key, eval_pool, reports[-1])
+    general = _general_eval(c, seed, reports)
     eval_rows = take(eval_pool, c.n_eval, seed)
     overlap = find_overlap(train_pool, eval_rows + general)
     if overlap and not c.allow_overlap:
@@ -841,33 +826,47 @@ def _train_splits(c: DataConfig) -> list[str] | None:
     return None if URI.match(c.train) else dataset_splits(c.train, c.subset, c.cache_dir)
 
 
-def _prepare_streamed(c: DataConfig, seed: int, shards: list[str], load) -> JobData:
-    """prepare's eval side for a streamed data.train; the overlap check waits for the training rows."""
-    train_splits = _train_splits(c)
+def _held_out(c: DataConfig, load, train_splits: list[str] | None) -> tuple[list[dict], LoadReport, str] | None:
+    """The eval rows from data.eval, else from data.train's data.eval_split: (rows, report, key); None when
+    neither is there (the in-memory path then holds out data.eval_fraction)."""
     if c.eval:
         eval_splits = dataset_splits(c.eval, c.eval_subset, c.cache_dir)
-        eval_pool, report = load(c.eval, c.eval_split if eval_splits else None, c.eval_subset, "data.eval")
-        key = "data.eval"
-    elif c.eval_split in (train_splits or []):
-        eval_pool, report = load(c.train, c.eval_split, c.subset, "data.eval_split")
-        key = "data.eval_split"
-    else:
+        rows, report = load(c.eval, c.eval_split if eval_splits else None, c.eval_subset, "data.eval")
+        return rows, report, "data.eval"
+    if c.eval_split in (train_splits or []):
+        rows, report = load(c.train, c.eval_split, c.subset, "data.eval_split")
+        return rows, report, "data.eval_split"
+    return None
+
+
+def _require_rows(c: DataConfig, key: str, rows: list[dict], report: LoadReport) -> None:
+    if len(rows) < c.min_rows:
+        raise DataError(f"{key}: {len(rows)} usable rows, fewer than data.min_rows={c.min_rows}. Load report: {report}")
+
+
+def _general_eval(c: DataConfig, seed: int, reports: list[LoadReport]) -> list[dict]:
+    """data.general_eval's rows (a sample of data.n_eval); its load report joins ``reports``."""
+    if not c.general_eval:
+        return []
+    general_splits = dataset_splits(c.general_eval, None, c.cache_dir)
+    rows, report = load_dataset(
+        c.general_eval, c.eval_split if general_splits else None, key="data.general_eval", cache_dir=c.cache_dir
+    )
+    reports.append(report)
+    return take(rows, c.n_eval, seed)
+
+
+def _prepare_streamed(c: DataConfig, seed: int, shards: list[str], load) -> JobData:
+    """prepare's eval side for a streamed data.train; the overlap check waits for the training rows."""
+    held_out = _held_out(c, load, _train_splits(c))
+    if held_out is None:
         raise DataError(
             f"data.eval: a streamed data.train ({c.train}, data.streaming={c.streaming}) needs its held-out rows "
             "from data.eval or from data.train's data.eval_split; the seeded data.eval_fraction hold-out needs the "
             "whole set in the driver (or set data.streaming=false)"
         )
-    if len(eval_pool) < c.min_rows:
-        raise DataError(
-            f"{key}: {len(eval_pool)} usable rows, fewer than data.min_rows={c.min_rows}. Load report: {report}"
-        )
-    general: list[dict] = []
+    eval_pool, report, key = held_out
+    _require_rows(c, key, eval_pool, report)
     reports = [report]
-    if c.general_eval:
-        general_splits = dataset_splits(c.general_eval, None, c.cache_dir)
-        rows, general_report = load_dataset(
-            c.general_eval, c.eval_split if general_splits else None, key="data.general_eval", cache_dir=c.cache_dir
-        )
-        reports.append(general_report)
-        general = take(rows, c.n_eval, seed)
+    general = _general_eval(c, seed, reports)
     return JobData([], take(eval_pool, c.n_eval, seed), general, reports, Overlap(), report.source, shards)
