@@ -186,23 +186,7 @@ class PhaseRunner:
             # variant needs inputs that require grad and misses parameters gathered inside the layer).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-        epochs = [
-            deal(
-                micro_batches(
-                    len(items),
-                    lengths,
-                    t["micro_batch_size"],
-                    t["max_tokens_per_batch"],
-                    spec["seed"],
-                    e,
-                    t["group_by_length"],
-                    self.world_size,
-                ),
-                self.rank,
-                self.world_size,
-            )
-            for e in range(t["epochs"])
-        ]
+        epochs = [self._plan(lengths, e) for e in range(t["epochs"])]
         micro_per_epoch = len(epochs[0])
         total_steps = max(1, math.ceil(micro_per_epoch * t["epochs"] / t["grad_accum"]))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -305,6 +289,21 @@ class PhaseRunner:
             "rss_before_steps_mib": rss_before_steps,
         }
 
+    def _plan(self, lengths: list[int], epoch: int) -> list[tuple[list[int], float]]:
+        """This rank's weighted micro-batches of one epoch (the reference pass uses epoch 0's)."""
+        t = self.t
+        batches = micro_batches(
+            len(lengths),
+            lengths,
+            t["micro_batch_size"],
+            t["max_tokens_per_batch"],
+            self.spec["seed"],
+            epoch,
+            t["group_by_length"],
+            self.world_size,
+        )
+        return deal(batches, self.rank, self.world_size)
+
     # -- steps -----------------------------------------------------------------------------------------
 
     def _sft_step(self, engine, items, indices, pad_id):
@@ -334,20 +333,7 @@ class PhaseRunner:
             return json.loads(path.read_text())
         import torch.distributed as dist
 
-        plan = deal(
-            micro_batches(
-                len(items),
-                lengths,
-                self.t["micro_batch_size"],
-                self.t["max_tokens_per_batch"],
-                self.spec["seed"],
-                0,
-                self.t["group_by_length"],
-                self.world_size,
-            ),
-            self.rank,
-            self.world_size,
-        )
+        plan = self._plan(lengths, 0)
         mine: dict[str, tuple[float, float]] = {}
         engine.eval()
         with torch.no_grad():
