@@ -13,7 +13,7 @@ committed to, no number), "cut" answers that hit evaluation.max_tokens.
            β·(log π_t+1 − log π_t) of gold vs the model's own answers: margin and reward accuracy.
 - s3ft:    S3FT vs plain SFT on gold answers (SST-2), and each one's drop on a general task (ARC-Easy, by
            log-likelihood in cloze form: SmolLM2-135M is at 0.44 there, chance 0.25). The training budget
-           (4 epochs at lr 5e-5) is meant to make plain SFT forget; it is not measured yet.
+           (4 epochs at lr 5e-5) was meant to make plain SFT forget; measured, it did not (ARC-Easy 0.440 -> 0.493).
 - llm2llm: LLM2LLM (32 SST-2 seeds, 3 students) vs seed-only fine-tuning, and vs a seed-only control trained for
            as many optimizer steps as the final student (the seed repeated to its data size). Also prints how
            many instruction wordings the students' data has: the teacher's examples reuse the seed's template.
@@ -74,7 +74,7 @@ PLANS = {
             "s3ft.baseline_sft=true",
             "data.general_eval=arc_easy",
             "data.general_eval_protocol=loglik",
-            # a budget where plain SFT should forget (earlier: 2 epochs at 1e-5 left ARC-Easy unchanged); unmeasured
+            # meant to make plain SFT forget (2 epochs at 1e-5 did not); it did not either (NOTES.md: S3FT quality run)
             "training.epochs=4",
             "training.lr=5e-5",
             "evaluation.max_tokens=48",  # S3FT answers in sentences: 16 tokens could cut them before the label
