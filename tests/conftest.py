@@ -62,6 +62,29 @@ def local_cluster():
     assert not leftover, f"processes of the local cluster still running: {leftover}"
 
 
+# The tiny SPIN job every SPIN end-to-end check reads (tests/test_jobs.py, tests/test_wandb.py): run once.
+SPIN_JOB = [
+    "spin.sft_first=true",
+    "spin.sft_lr=1e-4",
+    "spin.lr=[3e-3,2e-3]",
+    "training.preference.schedule=constant",
+    "training.preference.warmup_ratio=0",
+    "spin.heldout_rewards=true",
+    "data.eval_reworded=true",
+    "data.eval_loglik=true",
+]
+
+
+@pytest.fixture(scope="session")
+def spin_job(local_cluster, tmp_path_factory) -> Path:
+    """The run folder of SPIN_JOB, submitted with `ray job submit` to the local multi-node cluster."""
+    root = tmp_path_factory.mktemp("spin-job")
+    result = submit_job(local_cluster, "spin", root, *SPIN_JOB)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    return root / "spin" / "tiny"
+
+
 def submit_job(
     state: dict, method: str, run_dir: Path, *overrides: str, pin: bool = True, wait: bool = True, entrypoint=None
 ):

@@ -119,7 +119,7 @@ def test_replica_whose_restarts_are_used_up_leaves_the_pool(ray_session, tiny_mo
 
 
 def test_a_hung_batch_times_out_and_its_replica_is_restarted(ray_session, tiny_model):
-    engine = dataclasses.replace(ENGINE, max_model_len=2048, batch_timeout_s=10.0)
+    engine = dataclasses.replace(ENGINE, max_model_len=2048, batch_timeout_s=5.0)
     pool = EnginePool("generator", tiny_model, PoolConfig(num_cpus=1, max_restarts=2), engine, 240)
     try:
         pid = ray.get(pool.actors[0].ready.remote())["pid"]

@@ -1,5 +1,10 @@
-"""The four methods end to end on their tiny configs (local Ray, all pools), and driver-kill resume."""
+"""The four methods end to end on their tiny configs, each run once the way users launch it: `ray job submit` to
+the session's local multi-node cluster (conftest.local_cluster: a head and one node labelled
+selfimprove/pool=<role> per pool), every pool pinned to its node by label_selector. Each test checks the
+method's logic and that every pool ran on its labelled node and nowhere else. Then a failed job's exit, and
+driver-kill resume on the embedded default (the driver starts its own Ray)."""
 
+import glob
 import json
 import os
 import re
@@ -12,34 +17,57 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from conftest import submit_job
+from test_wandb import read_records
 
+from cluster import local
+from cluster.local import LABEL_KEY
 from jobs.report import main as report_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_method(method: str, run_dir: Path, *overrides: str) -> dict:
-    module = __import__(f"jobs.{method}", fromlist=[method])
-    from jobs.common import main
+def submit(cluster: dict, method: str, run_dir: Path, *overrides: str, pools: set[str]) -> dict:
+    """The method's tiny job through `ray job submit`; its summary, once its pools were placed as labelled."""
+    result = submit_job(cluster, method, run_dir, *overrides)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    return placed_as_labelled(cluster, run_dir / method / "tiny", pools)
 
-    return main(
-        method,
-        getattr(module, method),
-        ["--config", str(ROOT / f"configs/{method}-tiny.yaml"), f"run.dir={run_dir}", *overrides],
-    )
+
+def placed_as_labelled(cluster: dict, run: Path, pools: set[str]) -> dict:
+    """The finished run's summary, once every pool in ``pools`` (and any other it placed) ran only on nodes
+    labelled for that pool, as the summary and the W&B run both record."""
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert "joined" in (run / "driver.log").read_text()  # the driver joined the submitted-to cluster
+    placement = summary["placement"]
+    assert pools <= set(placement), placement
+    live = local.load_state(Path(cluster["dir"]))  # nodes added later count
+    for pool, replicas in placement.items():
+        assert replicas, f"{pool}: no replica recorded"
+        labelled = {n["node_id"] for n in live["nodes"].values() if n["role"] == pool}
+        for replica in replicas:
+            assert replica["labels"].get(LABEL_KEY) == pool and replica["node_id"] in labelled, (pool, replica)
+    assert len(placement["train"]) == 2  # one entry per rank
+    # W&B gets the same record: the session's main offline run has it in its config and its summary.
+    (wandb_file,) = glob.glob(str(run / "wandb/offline-run-*-s1/run-*.wandb"))
+    records = read_records(wandb_file)
+    config = {u.key: json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update}
+    assert config["placement"] == placement
+    assert "placement" in {u.key for r in records if r.HasField("summary") for u in r.summary.update}
+    return summary
 
 
 def ids(path: Path) -> list[str]:
     return pq.read_table(path).column("id").to_pylist()
 
 
-def test_spin_two_iterations(ray_session, tmp_path):
-    # Each iteration's own peak lr (spin.lr), held by a constant schedule so the last step shows it.
-    constant = ["training.preference.schedule=constant", "training.preference.warmup_ratio=0"]
-    per_iteration = ["spin.lr=[3e-3,2e-3]", *constant]
-    evidence = ["spin.heldout_rewards=true", "data.eval_reworded=true", "data.eval_loglik=true"]
-    summary = run_method("spin", tmp_path, "spin.sft_first=true", "spin.sft_lr=1e-4", *per_iteration, *evidence)
-    run = tmp_path / "spin" / "tiny"
+def test_spin_two_iterations(local_cluster, spin_job):
+    # conftest.SPIN_JOB: SFT first, each iteration's own peak lr (spin.lr) held by a constant schedule so the last
+    # step shows it, held-out rewards, and every eval also reworded and by label log-likelihood.
+    run = spin_job
+    summary = placed_as_labelled(local_cluster, run, {"generator", "train"})
     m = summary["metrics"]
     phases = json.loads((run / "state.json").read_text())["phases"]
     assert [phases[f"iter{t}/spin"]["result"]["final"]["lr"] for t in (0, 1)] == pytest.approx([3e-3, 2e-3])
@@ -76,8 +104,8 @@ def test_spin_two_iterations(ray_session, tmp_path):
     assert m["iter2/heldout/gold_logprob_per_token"] < 0
 
 
-def test_s3ft_buckets_and_baseline(ray_session, tmp_path):
-    summary = run_method("s3ft", tmp_path)
+def test_s3ft_buckets_and_baseline(local_cluster, tmp_path):
+    summary = submit(local_cluster, "s3ft", tmp_path, pools={"generator", "judge", "train"})
     m = summary["metrics"]
     assert sum(m[f"buckets/{b}"] for b in ("own", "paraphrase", "gold")) == pytest.approx(1.0)
     targets = pq.read_table(tmp_path / "s3ft/tiny/phases/s3ft-data.parquet").to_pylist()
@@ -113,8 +141,9 @@ def loglik_verdicts(dataset: str, n: int) -> dict[str, str]:
     return verdicts
 
 
-def test_llm2llm_restarts_from_base_and_accumulates(ray_session, tmp_path):
-    summary = run_method("llm2llm", tmp_path, "teacher.max_attempts=1", "llm2llm.matched_steps_control=true")
+def test_llm2llm_restarts_from_base_and_accumulates(local_cluster, tmp_path):
+    overrides = ["teacher.max_attempts=1", "llm2llm.matched_steps_control=true"]
+    summary = submit(local_cluster, "llm2llm", tmp_path, *overrides, pools={"generator", "teacher", "train"})
     run = tmp_path / "llm2llm" / "tiny"
     state = json.loads((run / "state.json").read_text())
     assert {"iter0/student", "iter1/student", "iter0/augment"} <= set(state["phases"])
@@ -148,8 +177,8 @@ def assert_report_has(run: Path, chart: str, sample_phase: str) -> None:
     assert f"<h3>{sample_phase}" in text
 
 
-def test_aft_propose_and_aggregate(ray_session, tmp_path):
-    summary = run_method("aft", tmp_path)
+def test_aft_propose_and_aggregate(local_cluster, tmp_path):
+    summary = submit(local_cluster, "aft", tmp_path, pools={"generator", "train"})
     run = tmp_path / "aft" / "tiny"
     examples = pq.read_table(run / "phases/aft-data.parquet").to_pylist()
     kinds = [e["kind"] for e in examples]
@@ -168,6 +197,12 @@ def test_aft_propose_and_aggregate(ray_session, tmp_path):
     # the SFT model on the same queries, greedy and with propose-and-aggregate (aft.baseline_sft)
     assert {"sft/eval/accuracy", "sft/propose_aggregate/accuracy", "sft/layer1/accuracy"} <= set(summary["metrics"])
     assert len(state["phases"]["sft/propose-and-aggregate"]["result"]) == 4
+
+
+def test_failed_job_exits_nonzero_with_the_driver_error(local_cluster, tmp_path):
+    result = submit_job(local_cluster, "spin", tmp_path, "training.lr=-1")
+    assert result.returncode != 0
+    assert "training.lr: must be > 0" in result.stdout + result.stderr
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:

@@ -20,8 +20,19 @@ from cluster import local
 from cluster.connect import PROJECT_ROOT, worker_env
 from cluster.storage import StorageError, check_storage
 
-# The smoke job: one generation phase per LLM pool (generator, judge, teacher), no training. One prompt per
-# batch and enough rows that a generation phase lasts long enough to lose a node in the middle of it.
+# The node-loss job: jobs.smoke's generation phase on the generator pool alone (a node loss of the judge or teacher
+# pool takes the same code path), one prompt per batch and enough rows that the phase lasts long enough to lose a
+# node in the middle of it.
+GENERATOR_ONLY = """
+import sys
+from jobs.common import main
+
+def generate(ctl):
+    rows, _ = ctl.datasets()
+    ctl.generate("generator-answers", rows, ctl.sampling(ctl.config.generation), pool=ctl.pool("generator"))
+
+main("smoke", generate, sys.argv[1:])
+"""
 NODE_LOSS = [
     "--config",
     "configs/spin-tiny.yaml",
@@ -34,7 +45,7 @@ NODE_LOSS = [
 
 def smoke_job(state: dict, run_dir: Path, run_id: str, *overrides: str, wait: bool = True):
     pins = local.pin_overrides(state)
-    entrypoint = ["python", "-m", "jobs.smoke", *NODE_LOSS, f"run.id={run_id}", f"run.dir={run_dir}"]
+    entrypoint = ["python", "-c", GENERATOR_ONLY, *NODE_LOSS, f"run.id={run_id}", f"run.dir={run_dir}"]
     entrypoint += [f"model.cache_dir={MULTINODE_ROOT / '.cache/models'}", *pins, *overrides]
     return submit_job(state, "smoke", run_dir, entrypoint=entrypoint, wait=wait)
 

@@ -38,15 +38,10 @@ def read_records(path: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def spin_run(ray_session, tmp_path_factory):
-    from jobs.common import main
-    from jobs.spin import spin
-
-    root = tmp_path_factory.mktemp("wandb")
-    # SFT first, so the lineage runs seed data -> model 0 -> generations -> pairs -> model 1.
-    args = ["--config", "configs/spin-tiny.yaml", f"run.dir={root}", "spin.iterations=1", "spin.sft_first=true"]
-    main("spin", spin, args)
-    return root / "spin" / "tiny"
+def spin_run(spin_job):
+    """conftest.SPIN_JOB: SFT first, so the lineage runs seed data -> model 0 -> generations -> pairs -> model 1
+    (and on, through iteration 1, to model 2)."""
+    return spin_job
 
 
 def test_offline_run_has_config_metrics_and_tables(spin_run):
@@ -82,13 +77,13 @@ def test_metrics_are_one_curve_each_on_their_own_axis(spin_run):
     assert axes["train/*"] == "optimizer_step" and axes["eval/accuracy"] == "iteration"
     rows = history(records)
     evals = sorted((row["iteration"], row["eval/accuracy"]) for row in rows if "eval/accuracy" in row)
-    assert [it for it, _ in evals] == [0, 1]  # model 0 and model 1 on one curve
+    assert [it for it, _ in evals] == [0, 1, 2]  # models 0, 1 and 2 on one curve
     summary = json.loads((spin_run / "summary.json").read_text())["metrics"]
-    assert [acc for _, acc in evals] == [summary["iter0/eval/accuracy"], summary["iter1/eval/accuracy"]]
+    assert [acc for _, acc in evals] == [summary[f"iter{t}/eval/accuracy"] for t in (0, 1, 2)]
     # The optimizer step counts on across the job's training phases (SFT, then SPIN), one value per step.
     steps = [row["optimizer_step"] for row in rows if "train/loss" in row]
     phases = json.loads((spin_run / "state.json").read_text())["phases"]
-    total = phases["sft"]["result"]["steps"] + phases["iter0/spin"]["result"]["steps"]
+    total = sum(phases[name]["result"]["steps"] for name in ("sft", "iter0/spin", "iter1/spin"))
     assert steps == list(range(1, total + 1))
 
 
