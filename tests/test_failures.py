@@ -37,7 +37,7 @@ def controller(tmp_path: Path, *overrides: str) -> Controller:
 
 def close(ctl: Controller, error: BaseException | None = None) -> dict:
     """Close a session but keep the module's shared pool alive (close() shuts down the pools it owns)."""
-    ctl._pools.pop("generator", None)
+    ctl.pools.engines.pop("generator", None)
     return ctl.close(error)
 
 
@@ -54,7 +54,7 @@ def test_over_long_prompts_fail_the_phase_and_the_rerun_retries_exactly_them(sho
         rows[i] = {"id": f"r{i}", "messages": [{"role": "user", "content": LONG}]}
     sampling = Sampling(temperature=1.0, max_tokens=4, seed=1)
     ctl = controller(tmp_path, "run.max_failed_fraction=0.1")
-    ctl._pools["generator"] = short_pool
+    ctl.pools.engines["generator"] = short_pool
     with pytest.raises(PhaseFailedError, match=r"phase answers: 2 of 10 rows failed"):
         ctl.generate("answers", rows, sampling)
     failures = pq.read_table(ctl.run.dir / "phases/answers.failed.parquet").to_pylist()
@@ -71,7 +71,7 @@ def test_over_long_prompts_fail_the_phase_and_the_rerun_retries_exactly_them(sho
     roomy = EnginePool(
         "generator", str(copy), PoolConfig(num_cpus=1), dataclasses.replace(ENGINE, max_model_len=2048), 240
     )
-    ctl._pools["generator"] = roomy
+    ctl.pools.engines["generator"] = roomy
     try:
         out = ctl.generate("answers", rows, sampling)
     finally:
@@ -84,7 +84,7 @@ def test_over_long_prompts_fail_the_phase_and_the_rerun_retries_exactly_them(sho
 
 def test_eval_rows_never_generated_count_as_failed_not_wrong(short_pool, tmp_path):
     ctl = controller(tmp_path, "run.max_failed_fraction=0.5", "data.n_eval=4")
-    ctl._pools["generator"] = short_pool
+    ctl.pools.engines["generator"] = short_pool
     try:
         _, eval_rows = ctl.datasets()
         eval_rows = [dict(r) for r in eval_rows]
@@ -156,6 +156,6 @@ def test_training_on_zero_examples_fails_and_the_summary_says_so(ray_session, tm
     try:
         with pytest.raises(TrainingError, match=r"3 training examples, fewer than training.min_examples=5"):
             ctl.train("sft", "sft", init_model=ctl.base_model, examples=examples)
-        assert ctl._trainer is None  # refused before the train pool was even started
+        assert ctl.pools._trainer is None  # refused before the train pool was even started
     finally:
         close(ctl)

@@ -1,0 +1,165 @@
+"""The single controller's pools: which worker group serves each role, placed the first time it is needed.
+
+``Pools`` owns the role -> ``EnginePool`` map (a role is data: its name picks its ``pools.<role>`` config
+section), the lazily made Judge, Teacher and training service, where their replicas and ranks ran, and their
+idle time and shutdown at the end of the job. It runs no phase and writes no rows: what runs on a pool is the
+controller's (``jobs.common``) decision, this module only gets the pool there and takes it down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from actors.judge import Judge
+from actors.llm_actor import EnginePool
+from actors.teacher import Teacher
+from cluster.config import JobConfig
+from cluster.models import resolve_model
+from cluster.tracking import Run
+
+log = logging.getLogger("selfimprove")
+
+# The pools each method uses from its first phases on (cluster.start_pools_together places them at the start).
+POOLS_AT_START = {
+    "spin": ("generator", "train"),
+    "s3ft": ("generator", "train"),
+    "llm2llm": ("generator", "teacher", "train"),
+    "aft": ("generator", "train"),
+}
+
+
+class Pools:
+    def __init__(self, config: JobConfig, model_paths: dict[str, str], run: Run):
+        self.config = config
+        self.model_paths = model_paths  # {config key: local folder}, resolved before Ray started
+        self.run = run
+        self.engines: dict[str, EnginePool] = {}
+        self._trainer = None
+        self._judge: Judge | None = None
+
+    def pool(self, role: str, model: str | None = None) -> EnginePool:
+        if role not in self.engines:
+            c = self.config
+            base = self.model_paths["model.name"]
+            # Resolved before Ray started (resolve_models); a ref no config key names is resolved now.
+            known = {c.model.name: base, c.judge.model: self.model_paths["judge.model"]}
+            known[c.teacher.model] = self.model_paths["teacher.model"]
+            path = (known.get(model) or resolve_model(model, c.model.cache_dir, role)) if model else base
+            self.engines[role] = EnginePool(
+                role,
+                path,
+                getattr(c.pools, role),
+                c.engine,
+                c.cluster.ready_timeout_s,
+                seed=c.run.seed,
+                trust_remote_code=c.model.trust_remote_code,
+                shared_paths=self.shared_paths(path),
+            )
+            log.info("pool %s ready: %s", role, self.engines[role].info)
+        return self.engines[role]
+
+    def start(self, roles: Iterable[str]) -> None:
+        """Place these pools concurrently: the train pool's ranks start in the background (its fit() thread) while
+        the engine pools build, each in its own thread; returns when the engine pools are ready."""
+        start = time.perf_counter()
+        if "train" in roles:
+            self.trainer  # noqa: B018 (starting it is the point: TrainingService starts its ranks at once)
+        models = {"judge": self.config.judge.model, "teacher": self.config.teacher.model}
+        engines = [role for role in roles if role != "train" and role not in self.engines]
+        if engines:
+            with ThreadPoolExecutor(len(engines)) as threads:
+                list(threads.map(lambda role: self.pool(role, models.get(role)), engines))
+        log.info(
+            "pools %s placed together; engine pools ready after %.1f s", ", ".join(roles), time.perf_counter() - start
+        )
+
+    @property
+    def generator(self) -> EnginePool:
+        return self.pool("generator")
+
+    def use_generator_weights(self, model_path: str) -> None:
+        pool = self.generator
+        if pool.model_path != model_path:
+            seconds = pool.load_weights(model_path)
+            log.info("generator loaded %s in %.1f s", model_path, seconds)
+            self.run.log({"weight_load_s": seconds})
+
+    @property
+    def judge(self) -> Judge:
+        if self._judge is None:
+            c = self.config.judge
+            self._judge = Judge(c.kind, c.prompts_dir, c.max_tokens)
+        return self._judge
+
+    def judge_pool_for(self, rows: list[dict]) -> None:
+        """Place the judge pool only when some rows need an LLM judge."""
+        if self.judge.pool is None and self.judge.needs_llm(rows):
+            self.judge.pool = self.pool("judge", self.config.judge.model)
+
+    def teacher(self) -> Teacher:
+        c = self.config.teacher
+        return Teacher(
+            self.pool("teacher", c.model),
+            self.config.judge.prompts_dir,
+            c.k,
+            c.temperature,
+            c.top_p,
+            c.max_tokens,
+            c.rouge_threshold,
+            c.max_attempts,
+            self.config.run.seed,
+        )
+
+    @property
+    def trainer(self):
+        if self._trainer is None:
+            from training.service import TrainingService
+
+            self._trainer = TrainingService(
+                self.config,
+                on_metrics=self.run.log_training,
+                shared_paths=self.shared_paths(self.model_paths["model.name"]),
+            )
+        return self._trainer
+
+    def shared_paths(self, model_path: str) -> dict[str, list[str]]:
+        """What every replica / rank must see from its own node: the model it loads, the run folder it writes
+        (and the checkpoints the generator reloads from it)."""
+        return {"read": [model_path], "write": [str(Path(self.run.dir).resolve())]}
+
+    def placement(self) -> dict[str, list[dict]]:
+        """{pool: [{node_id, labels}, ...]}: where each replica and training rank of the pools used ran."""
+        from cluster.pools import node_labels
+
+        placement = {role: p.placement() for role, p in self.engines.items()}
+        if self._trainer is not None:
+            labels = node_labels()
+            placement["train"] = [{**r, "labels": labels.get(r["node_id"], {})} for r in self._trainer.placement()]
+        return placement
+
+    def wind_down(self) -> tuple[dict[str, float], dict]:
+        """(idle seconds per pool, the summary's pool figures), recording the placement; the train pool stops here.
+        The engine pools stay up until ``shutdown`` so that the summary is written before they go."""
+        idle = {role: round(p.stats.idle_s(len(p.actors)), 1) for role, p in self.engines.items()}
+        extra = {"judge_counts": dict(self.judge.counts) if self._judge else {}}
+        try:
+            extra["placement"] = self.placement()
+            self.run.record_placement(extra["placement"])
+        except Exception as err:  # Ray already gone (the error being reported): the summary must still be written
+            log.warning("placement not recorded: %s", err)
+        if self._trainer is not None:
+            idle["train"] = round(self._trainer.idle_s(), 1)
+            self._trainer.shutdown()
+        tok = {
+            role: p.stats.output_tokens / p.stats.generate_s for role, p in self.engines.items() if p.stats.generate_s
+        }
+        extra["generation_tokens_per_s"] = {k: round(v, 1) for k, v in tok.items()}
+        return idle, extra
+
+    def shutdown(self) -> None:
+        for pool in self.engines.values():
+            pool.shutdown()
