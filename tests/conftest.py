@@ -62,6 +62,20 @@ def local_cluster():
     assert not leftover, f"processes of the local cluster still running: {leftover}"
 
 
+# A driver that runs only jobs.smoke's generation phase on the generator pool (`python -c GENERATOR_ONLY <config
+# args>`): what the resume tests kill and rerun. The judge and teacher phases after it would only repeat the same
+# phase machinery on other pools, and a training phase would add a train pool's start-up.
+GENERATOR_ONLY = """
+import sys
+from jobs.common import main
+
+def generate(ctl):
+    rows, _ = ctl.datasets()
+    ctl.generate("generator-answers", rows, ctl.sampling(ctl.config.generation), pool=ctl.pool("generator"))
+
+main("smoke", generate, sys.argv[1:])
+"""
+
 # The tiny SPIN job every SPIN end-to-end check reads (tests/test_jobs.py, tests/test_wandb.py): run once.
 SPIN_JOB = [
     "spin.sft_first=true",

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from conftest import submit_job
+from conftest import GENERATOR_ONLY, submit_job
 from test_wandb import read_records
 
 from cluster import local
@@ -220,24 +220,25 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def test_killed_driver_resumes_without_lost_or_duplicated_rows(tmp_path):
+    # The embedded default: the driver starts its own Ray. Killed with its whole process tree mid-phase, then rerun.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable,
-        "-m",
-        "jobs.spin",
+        "-c",
+        GENERATOR_ONLY,
         "--config",
         "configs/spin-tiny.yaml",
+        "run.method=smoke",
         f"run.dir={tmp_path}",
         "data.n_train=48",
         "engine.batch_size=2",
-        "spin.iterations=1",
         "generation.max_tokens=64",
     ]
-    run = tmp_path / "spin" / "tiny"
+    run = tmp_path / "smoke" / "tiny"
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    parts = run / "phases/iter0/generate"
+    parts = run / "phases/generator-answers"
     deadline = time.monotonic() + 400
     try:
         while time.monotonic() < deadline and len(list(parts.glob("part-*.parquet"))) < 2:
@@ -250,7 +251,7 @@ def test_killed_driver_resumes_without_lost_or_duplicated_rows(tmp_path):
     assert 0 < len(kept) < 48, f"kill landed outside the generation phase ({len(kept)} rows kept)"
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    generated = ids(run / "phases/iter0/generate.parquet")
+    generated = ids(run / "phases/generator-answers.parquet")
     assert len(generated) == len(set(generated)) == 48  # nothing lost, nothing duplicated
     assert set(kept) <= set(generated)
     assert "rows from an interrupted run kept" in (run / "driver.log").read_text()

@@ -14,25 +14,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import MULTINODE_ROOT, submit_job
+from conftest import GENERATOR_ONLY, MULTINODE_ROOT, submit_job
 
 from cluster import local
 from cluster.connect import PROJECT_ROOT, worker_env
 from cluster.storage import StorageError, check_storage
 
-# The node-loss job: jobs.smoke's generation phase on the generator pool alone (a node loss of the judge or teacher
-# pool takes the same code path), one prompt per batch and enough rows that the phase lasts long enough to lose a
-# node in the middle of it.
-GENERATOR_ONLY = """
-import sys
-from jobs.common import main
-
-def generate(ctl):
-    rows, _ = ctl.datasets()
-    ctl.generate("generator-answers", rows, ctl.sampling(ctl.config.generation), pool=ctl.pool("generator"))
-
-main("smoke", generate, sys.argv[1:])
-"""
+# The node-loss job (conftest.GENERATOR_ONLY): one generation phase on the generator pool, one prompt per batch
+# and enough rows that the phase lasts long enough to lose a node in the middle of it.
 NODE_LOSS = [
     "--config",
     "configs/spin-tiny.yaml",
