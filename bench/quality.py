@@ -13,7 +13,8 @@ committed to, no number), "cut" answers that hit evaluation.max_tokens.
            β·(log π_t+1 − log π_t) of gold vs the model's own answers: margin and reward accuracy.
 - s3ft:    S3FT vs plain SFT on gold answers (SST-2), and each one's drop on a general task (ARC-Easy, by
            log-likelihood in cloze form: SmolLM2-135M is at 0.44 there, chance 0.25). The training budget
-           (4 epochs at lr 5e-5) was meant to make plain SFT forget; measured, it did not (ARC-Easy 0.440 -> 0.493).
+           (4 epochs at lr 5e-5) was meant to make plain SFT forget; measured, it did not (ARC-Easy 0.440 -> 0.493,
+           bf16), nor at lr 2e-4 in fp32 (0.440 -> 0.470): NOTES.md.
 - llm2llm: LLM2LLM (32 SST-2 seeds, 3 students) vs seed-only fine-tuning, and vs a seed-only control trained for
            as many optimizer steps as the final student (the seed repeated to its data size). Also prints how
            many instruction wordings the students' data has: the teacher's examples reuse the seed's template.
