@@ -5,10 +5,10 @@ from __future__ import annotations
 from jobs.common import Controller, main
 
 
-def smoke(ctl: Controller) -> None:
+def smoke(ctl: Controller, roles: tuple[str, ...] = ("generator", "judge", "teacher")) -> None:
     rows, _ = ctl.datasets()
     sampling = ctl.sampling(ctl.config.generation)
-    for role in ("generator", "judge", "teacher"):
+    for role in roles:
         outputs = ctl.generate(f"{role}-answers", rows, sampling, pool=ctl.pool(role))
         for row in rows:
             print(f"[{role}] {row['id']}: {outputs[row['id']]['response'][:200]!r}")

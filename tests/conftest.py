@@ -62,18 +62,16 @@ def local_cluster():
     assert not leftover, f"processes of the local cluster still running: {leftover}"
 
 
-# A driver that runs only jobs.smoke's generation phase on the generator pool (`python -c GENERATOR_ONLY <config
-# args>`): what the resume tests kill and rerun. The judge and teacher phases after it would only repeat the same
-# phase machinery on other pools, and a training phase would add a train pool's start-up.
+# jobs.smoke on the generator pool alone (`python -c GENERATOR_ONLY <config args>`): what the resume tests kill and
+# rerun. The judge and teacher phases after it would only repeat the same phase machinery on other pools, and a
+# training phase would add a train pool's start-up.
 GENERATOR_ONLY = """
 import sys
+from functools import partial
 from jobs.common import main
+from jobs.smoke import smoke
 
-def generate(ctl):
-    rows, _ = ctl.datasets()
-    ctl.generate("generator-answers", rows, ctl.sampling(ctl.config.generation), pool=ctl.pool("generator"))
-
-main("smoke", generate, sys.argv[1:])
+main("smoke", partial(smoke, roles=("generator",)), sys.argv[1:])
 """
 
 # The tiny SPIN job every SPIN end-to-end check reads (tests/test_jobs.py, tests/test_wandb.py): run once.
@@ -92,11 +90,15 @@ SPIN_JOB = [
 @pytest.fixture(scope="session")
 def spin_job(local_cluster, tmp_path_factory) -> Path:
     """The run folder of SPIN_JOB, submitted with `ray job submit` to the local multi-node cluster."""
-    root = tmp_path_factory.mktemp("spin-job")
-    result = submit_job(local_cluster, "spin", root, *SPIN_JOB)
+    return submitted(local_cluster, "spin", tmp_path_factory.mktemp("spin-job"), *SPIN_JOB)
+
+
+def submitted(state: dict, method: str, run_dir: Path, *overrides: str) -> Path:
+    """The run folder of ``jobs.<method>``'s tiny job, submitted (``submit_job``) and succeeded."""
+    result = submit_job(state, method, run_dir, *overrides)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
-    return root / "spin" / "tiny"
+    return run_dir / method / "tiny"
 
 
 def submit_job(

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from conftest import GENERATOR_ONLY, submit_job
+from conftest import GENERATOR_ONLY, submit_job, submitted
 from test_wandb import read_records
 
 from cluster import local
@@ -29,10 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def submit(cluster: dict, method: str, run_dir: Path, *overrides: str, pools: set[str]) -> dict:
     """The method's tiny job through `ray job submit`; its summary, once its pools were placed as labelled."""
-    result = submit_job(cluster, method, run_dir, *overrides)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded" in (result.stdout + result.stderr).lower()
-    return placed_as_labelled(cluster, run_dir / method / "tiny", pools)
+    return placed_as_labelled(cluster, submitted(cluster, method, run_dir, *overrides), pools)
 
 
 def placed_as_labelled(cluster: dict, run: Path, pools: set[str]) -> dict:
