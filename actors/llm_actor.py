@@ -75,6 +75,7 @@ class LLMActor:
         seed: int = 0,
         trust_remote_code: bool = False,
         shared_paths: dict[str, list[str]] | None = None,
+        recovery_timeout_s: float | None = None,
     ):
         self.role = role
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -195,12 +196,13 @@ class EnginePool:
         seed: int = 0,
         trust_remote_code: bool = False,
         shared_paths: dict[str, list[str]] | None = None,
+        recovery_timeout_s: float | None = None,
     ):
         """``shared_paths``: {"read": [...], "write": [...]} each replica checks from its node before it starts."""
         check_pool_fits(role, pool)
         self.role, self.pool, self.batch_size = role, pool, engine.batch_size
         self.batch_timeout_s = engine.batch_timeout_s
-        self.ready_timeout_s = timeout_s
+        self.recovery_timeout_s = recovery_timeout_s or timeout_s
         self.model_path = model_path
         env: dict[str, str] = {}
         if engine.backend == "vllm" and pool.num_gpus == 0:
@@ -343,10 +345,10 @@ class EnginePool:
     def _recover(self, replica: int, timeout_s: float | None = None) -> bool:
         """After a failure: wait for Ray's restart (the engine rebuilds, on another node with the pool's labels
         when its node was lost), then put the current weights back. False when the replica is gone for good
-        (restarts used up, or not back within ``timeout_s``, default cluster.ready_timeout_s). Raises
+        (restarts used up, or not back within ``timeout_s``, default cluster.recovery_timeout_s). Raises
         ``PoolPlacementError`` naming the pool when it is not back because no alive node can host the pool
         (its node lost, no spare with its labels): the job stops, and a rerun resumes once a node is back."""
-        timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s
+        timeout_s = self.recovery_timeout_s if timeout_s is None else timeout_s
         actor = self.actors[replica]
         deadline = time.monotonic() + timeout_s
         ref = actor.ready.remote()
@@ -370,7 +372,7 @@ class EnginePool:
                     raise PoolPlacementError(
                         f"pool '{self.role}': replica {replica} was lost with its node and no alive node can host "
                         f"it ({'; '.join(f'{k}: {v}' for k, v in lacking.items())}) within {timeout_s:g} s "
-                        "(cluster.ready_timeout_s); start a node that can, then rerun the same command to resume"
+                        "(cluster.recovery_timeout_s); start a node that can, then rerun the same command to resume"
                     )
                 log.error("%s replica %d did not come back within %.0f s", self.role, replica, timeout_s)
                 return False

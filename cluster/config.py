@@ -117,6 +117,14 @@ class ClusterConfig:
         "token",
     )
     ready_timeout_s: float = doc("Seconds a pool may take to be placed and ready before failing.", 300.0, bounds="> 0")
+    recovery_timeout_s: float | None = doc(
+        "Seconds a failed engine replica may take to come back before its pool gives it up: Ray's restart, on "
+        "another node with the pool's labels when its node was lost (a spare, or one an autoscaler adds, which can "
+        "take longer than an engine's start). A pool left without a node that can host it then stops the job, "
+        "naming it. None: cluster.ready_timeout_s.",
+        None,
+        bounds="> 0",
+    )
     object_store_gib: float = doc("Object store size of the embedded local Ray.", 1.0, bounds="> 0")
     worker_niceness: int = doc(
         "Nice value of the embedded local Ray's worker processes (Ray's own default is 15). On a box whose cores "

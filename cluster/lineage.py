@@ -38,6 +38,14 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
+def hub_repo(folder: Path) -> str | None:
+    """``org/name`` of a snapshot in a Hugging Face cache (``models--org--name/snapshots/<revision>``), else None:
+    a model given by hub id is named by its repo, not by its revision hash."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return None
+
+
 def artifact_for(path: str | Path, run_dir: Path, job: str) -> tuple[str, str]:
     """(artifact name, type) of a phase's file or a model folder, from where it lies."""
     path = Path(path).resolve()
@@ -47,7 +55,7 @@ def artifact_for(path: str | Path, run_dir: Path, job: str) -> tuple[str, str]:
             return safe_name(f"{job}-model-{path.name}"), "model"
         if path.is_relative_to(run_dir / "models"):
             return safe_name(f"{job}-model-{path.relative_to(run_dir / 'models')}"), "model"
-        return safe_name(f"model-{path.name}"), "model"
+        return safe_name(f"model-{hub_repo(path) or path.name}"), "model"
     phases = run_dir / "phases"
     name = path.relative_to(phases).with_suffix("") if path.is_relative_to(phases) else path.stem
     return safe_name(f"{job}-{name}"), "dataset"

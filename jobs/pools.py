@@ -55,6 +55,7 @@ class Pools:
                 getattr(c.pools, role),
                 c.engine,
                 c.cluster.ready_timeout_s,
+                recovery_timeout_s=c.cluster.recovery_timeout_s,
                 seed=c.run.seed,
                 trust_remote_code=c.model.trust_remote_code,
                 shared_paths=self.shared_paths(path),

@@ -87,10 +87,26 @@ SPIN_JOB = [
 ]
 
 
+HUB_REPO, HUB_REVISION = "acme/tiny-chat", "f00dfeedf00dfeedf00dfeedf00dfeedf00dfeed"
+
+
+def hub_cache(model: str, cache: Path) -> Path:
+    """A Hugging Face cache at ``cache`` holding ``model`` as HUB_REPO, laid out as snapshot_download leaves it
+    (resolved offline by hub id, HF_HUB_OFFLINE=1)."""
+    repo = cache / f"models--{HUB_REPO.replace('/', '--')}"
+    shutil.copytree(model, repo / "snapshots" / HUB_REVISION)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_REVISION)
+    return cache
+
+
 @pytest.fixture(scope="session")
-def spin_job(local_cluster, tmp_path_factory) -> Path:
-    """The run folder of SPIN_JOB, submitted with `ray job submit` to the local multi-node cluster."""
-    return submitted(local_cluster, "spin", tmp_path_factory.mktemp("spin-job"), *SPIN_JOB)
+def spin_job(local_cluster, tmp_path_factory, tiny_model) -> Path:
+    """The run folder of SPIN_JOB, submitted with `ray job submit` to the local multi-node cluster. Its model is
+    given by hub id, as a researcher's would be: the tiny model as HUB_REPO in a hub cache."""
+    root = tmp_path_factory.mktemp("spin-job")
+    hub = hub_cache(tiny_model, root / "hub")
+    return submitted(local_cluster, "spin", root, *SPIN_JOB, f"model.name={HUB_REPO}", f"model.cache_dir={hub}")
 
 
 def submitted(state: dict, method: str, run_dir: Path, *overrides: str) -> Path:

@@ -1,11 +1,9 @@
 """Models by hub id or path, resolved on the driver before anything starts; the user's HF env reaches workers."""
 
-import json
 import os
-import shutil
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import conftest
 import pytest
 import ray
 
@@ -13,18 +11,12 @@ from cluster.config import ConfigError, load_config
 from cluster.models import resolve_model, resolve_models
 
 ROOT = Path(__file__).resolve().parent.parent
-REVISION = "f00dfeedf00dfeedf00dfeedf00dfeedf00dfeed"
+REVISION = conftest.HUB_REVISION
 
 
 @pytest.fixture
 def hub_cache(tmp_path, tiny_model) -> Path:
-    """A hub cache holding the tiny model as `acme/tiny-chat`, laid out as snapshot_download leaves it."""
-    cache = tmp_path / "hub"
-    repo = cache / "models--acme--tiny-chat"
-    shutil.copytree(tiny_model, repo / "snapshots" / REVISION)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REVISION)
-    return cache
+    return conftest.hub_cache(tiny_model, tmp_path / "hub")
 
 
 def test_a_hub_id_resolves_offline_from_the_cache_to_its_snapshot(hub_cache):
@@ -110,20 +102,11 @@ def test_hf_settings_reach_workers_only_as_the_user_set_them(ray_session, monkey
     assert "HF_TOKEN" not in seen
 
 
-def test_the_tiny_spin_job_runs_from_a_model_given_by_hub_id(ray_session, tmp_path, hub_cache):
-    summary = run_spin(
-        tmp_path,
-        "model.name=acme/tiny-chat",
-        f"model.cache_dir={hub_cache}",
-        "spin.iterations=1",
-        "data.n_train=4",
-        "data.n_eval=2",
-    )
-    snapshot = str((hub_cache / "models--acme--tiny-chat" / "snapshots" / REVISION).resolve())
-    run = tmp_path / "spin" / "tiny"
-    generated = pq.read_table(run / "phases/iter0/generate.parquet").to_pylist()
-    assert len(generated) == 4 and {g["model"] for g in generated} == {snapshot}  # the actor loaded the snapshot
-    assert (run / "models/iter0/spin/config.json").exists() and "iter1/eval/accuracy" in summary["metrics"]
-    assert f"model.name: {snapshot}" in (run / "driver.log").read_text()
-    report = json.loads((run / "data_report.json").read_text())
-    assert report[0]["source"] == "sst2" and report[0]["malformed"] == 0
+def test_the_submitted_spin_job_runs_from_a_model_given_by_hub_id(spin_job):
+    # conftest.spin_job: model.name is acme/tiny-chat, found in a hub cache on every node of the cluster
+    run = spin_job
+    snapshot = str((run.parent.parent / "hub" / "models--acme--tiny-chat" / "snapshots" / REVISION).resolve())
+    log = (run / "driver.log").read_text()
+    assert f"model.name: {snapshot}" in log
+    assert f"'model': '{snapshot}'" in log  # the generator engine loaded the snapshot
+    assert (run / "models/iter1/spin/config.json").exists()  # test_wandb's lineage: training started from it too

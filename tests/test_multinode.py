@@ -178,7 +178,8 @@ def test_generator_node_lost_without_a_spare_stops_naming_the_pool_and_resumes_o
     for extra in alive[1:]:  # exactly one generator node: losing it leaves none
         local.kill_node(folder, extra)
     run = tmp_path / "smoke" / "nospare"
-    job = smoke_job(local_cluster, tmp_path, "nospare", "cluster.ready_timeout_s=45", wait=False)
+    # cluster.recovery_timeout_s: how long the pool waits for a node to host its lost replica (none comes here)
+    job = smoke_job(local_cluster, tmp_path, "nospare", "cluster.recovery_timeout_s=10", wait=False)
     try:
         lost = generator_node(run, state)
         wait_for_parts(run, "generator-answers", job)
@@ -189,11 +190,12 @@ def test_generator_node_lost_without_a_spare_stops_naming_the_pool_and_resumes_o
             job.kill()
     assert code != 0
     assert "pool 'generator'" in out and "no alive node can host" in out, out[-4000:]
+    assert "within 10 s (cluster.recovery_timeout_s)" in out
     kept = sum(len(row_ids(p)) for p in (run / "phases" / "generator-answers").glob("part-*.parquet"))
     assert 0 < kept < 40
 
     local.add_node(folder, "generator-back", "generator")
-    result = smoke_job(local_cluster, tmp_path, "nospare", "cluster.ready_timeout_s=45")
+    result = smoke_job(local_cluster, tmp_path, "nospare")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert f"{kept} rows from an interrupted run kept" in (run / "driver.log").read_text()
     ids = row_ids(run / "phases" / "generator-answers.parquet")

@@ -26,9 +26,9 @@ def test_a_rank_that_stops_stepping_fails_the_phase_naming_it(ray_session, tiny_
             "run.id=stall",
             "pools.train.replicas=2",
             "pools.train.num_cpus=1",
-            "training.stall_timeout_s=20",
-            # rank 1 hangs for 60 s after its first optimizer step; rank 0 then blocks in the next collective
-            "pools.train.env={SELFIMPROVE_STALL_AT: 'stalling:1:1:60'}",
+            "training.stall_timeout_s=12",
+            # rank 1 hangs for 35 s after its first optimizer step; rank 0 then blocks in the next collective
+            "pools.train.env={SELFIMPROVE_STALL_AT: 'stalling:1:1:35'}",
         ],
     )
     service = TrainingService(config)
@@ -59,8 +59,8 @@ def test_a_rank_that_stops_stepping_fails_the_phase_naming_it(ray_session, tiny_
         service.shutdown()
     message = str(err.value)
     assert message.startswith("phase stalling stalled: rank 1 reported nothing for ")
-    assert "(training.stall_timeout_s=20); its last step was 1 (stepped)" in message
+    assert "(training.stall_timeout_s=12); its last step was 1 (stepped)" in message
     assert "rank 0: step 1 (micro step 2" in message  # blocked in its next micro step
-    assert waited < 60  # the driver gave up before the rank woke up
+    assert waited < 35  # the driver gave up before the rank woke up
     service.thread.join(timeout=300)  # once rank 1 wakes, the ranks finish that phase and find the stop spec
     assert not service.thread.is_alive()

@@ -50,7 +50,7 @@ def test_offline_run_has_config_metrics_and_tables(spin_run):
     updates = [u for r in records if r.HasField("run") for u in r.run.config.update]
     updates += [u for r in records if r.HasField("config") for u in r.config.update]
     config = {u.key: json.loads(u.value_json) for u in updates}
-    assert config["training"]["lr"] == 1e-3 and config["model"]["name"] == "tiny-random"
+    assert config["training"]["lr"] == 1e-3 and config["model"]["name"] == "acme/tiny-chat"
     history_keys = {i.key or "/".join(i.nested_key) for r in records if r.HasField("history") for i in r.history.item}
     assert {"eval/accuracy", "iteration", "train/loss", "train/reward_margin", "train/tokens_per_s"} <= history_keys
     assert not any(k.startswith("iter0/") for k in history_keys)  # one key per metric, the iteration its x-axis
@@ -124,7 +124,8 @@ def test_lineage_runs_seed_data_to_model_0_to_generations_to_pairs_to_model_1(sp
         assert edge(source, target), (source, target, used.get(logged.get(target)))
     assert edge("spin-tiny-model-sft", "spin-tiny-model-iter0-spin")  # model 1 = model 0 trained on the pairs
     assert edge("spin-tiny-data-train", "spin-tiny-iter0-spin-data")  # gold answers are the chosen side
-    assert edge("model-tiny-random", "spin-tiny-model-sft")  # the base model the job started from
+    # the base model the job started from, given by hub id: named by its repo, not its snapshot's revision
+    assert edge("model-acme-tiny-chat", "spin-tiny-model-sft")
     assert edge("spin-tiny-model-iter0-spin", "spin-tiny-iter1-eval-answers")  # model 1 is what iteration 1 evaluates
     assert job_types[logged["spin-tiny-model-iter0-spin"]] == "train"
     assert job_types[logged["spin-tiny-iter0-generate"]] == "generate"
