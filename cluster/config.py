@@ -134,7 +134,8 @@ class ClusterConfig:
         bounds="[0, 19]",
     )
     start_pools_together: bool | None = doc(
-        "Place the pools a method needs from its first phases (generator and train; the teacher too for LLM2LLM) "
+        "Place the pools a method needs from its first phases (generator and train; the teacher too for LLM2LLM, "
+        "the judge for S3FT when its rows need an LLM judge) "
         "all at once when the job starts, so the train pool's worker start-up (30-45 s) overlaps the first "
         "generation instead of following it. None: yes on a joined cluster (each pool on its own nodes), no on "
         "the embedded one (one box's cores: starting ranks would slow the generator down).",

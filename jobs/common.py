@@ -125,7 +125,10 @@ class Controller:
         return self.pools.pool(role, model)
 
     def start_pools(self, roles: Iterable[str]) -> None:
-        self.pools.start(roles)
+        """Place ``roles`` together; the judge pool only when the training rows need an LLM judge (a task whose
+        verifier decides never places it)."""
+        rows = self.data.train if isinstance(self.data.train, list) else []
+        self.pools.start([r for r in roles if r != "judge" or self.judge.needs_llm(rows)])
 
     @property
     def generator(self) -> EnginePool:

@@ -26,7 +26,7 @@ log = logging.getLogger("selfimprove")
 # The pools each method uses from its first phases on (cluster.start_pools_together places them at the start).
 POOLS_AT_START = {
     "spin": ("generator", "train"),
-    "s3ft": ("generator", "train"),
+    "s3ft": ("generator", "judge", "train"),  # the judge from the second phase on, when the rows need an LLM judge
     "llm2llm": ("generator", "teacher", "train"),
     "aft": ("generator", "train"),
 }
