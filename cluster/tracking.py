@@ -171,7 +171,7 @@ class Run:
         self._save_state()
         (self.dir / "phases").mkdir(parents=True, exist_ok=True)
         (self.dir / "models").mkdir(exist_ok=True)
-        (self.dir / "config.yaml").write_text(yaml.safe_dump(redact_secrets(to_dict(config)), sort_keys=False))
+        write_atomic(self.dir / "config.yaml", yaml.safe_dump(redact_secrets(to_dict(config)), sort_keys=False))
         self._setup_logging()
         self.resumed = bool(self.state["phases"])
         self.phase_times: dict[str, float] = {n: p["wall_s"] for n, p in self.state["phases"].items()}
@@ -546,7 +546,7 @@ class Run:
             "metrics": self.state["metrics"],
             **(extra or {}),
         }
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1, default=str))  # whole, as readers see it
         if error is not None:
             log.error("run failed: %s", summary["error"])
         if self.wandb is not None:
