@@ -163,7 +163,8 @@ def verdicts(run_dir: Path, name: str) -> dict[str, str]:
         return {r["id"]: r["verdict"] for r in read_parquet(path)}
     loglik = name.removesuffix("-verdicts") + "-loglik"
     state = json.loads((run_dir / "state.json").read_text())
-    return state["phases"].get(loglik, {}).get("result") or {}
+    scored = state["phases"].get(loglik, {}).get("result") or {}
+    return {k: v["verdict"] for k, v in scored.items()}
 
 
 def score(m: dict, key: str) -> str:
@@ -321,22 +322,25 @@ def report(method: str, m: dict, run_dir: Path) -> dict:
         )
         result["per_iteration"] = [dict(zip(names, r)) for r in table]
     if method == "s3ft":
-        general = [(k, m.get(f"{k}/general/accuracy"), m.get(f"{k}/general/ci95")) for k in ("base", "sft", "s3ft")]
+        general = [
+            (k, m.get(f"{k}/general/accuracy"), m.get(f"{k}/general/ci95"), m.get(f"{k}/general/gold_logprob_per_char"))
+            for k in ("base", "sft", "s3ft")
+        ]
+        base_acc, base_lp = general[0][1], general[0][3]
+        drop = lambda base, v: "-" if v is None or base is None else f"{base - v:+.4f}"  # noqa: E731
         print_table(
-            "general task (ARC-Easy, log-likelihood, cloze): forgetting",
+            "general task (log-likelihood, cloze): forgetting",
             [
-                (
-                    k,
-                    "-" if v is None else f"{v:.3f}",
-                    ci,
-                    "-" if v is None or general[0][1] is None else f"{general[0][1] - v:+.3f}",
-                )
-                for k, v, ci in general
+                (k, "-" if v is None else f"{v:.3f}", ci, drop(base_acc, v), lp, drop(base_lp, lp))
+                for k, v, ci, lp in general
             ],
-            ("model", "accuracy", "95% CI", "drop vs base"),
+            ("model", "accuracy", "95% CI", "drop vs base", "gold logp/char", "drop vs base"),
         )
         result["general_drop_vs_base"] = {
-            k: round(general[0][1] - v, 4) for k, v, _ in general[1:] if v is not None and general[0][1] is not None
+            k: round(base_acc - v, 4) for k, v, _, _ in general[1:] if v is not None and base_acc is not None
+        }
+        result["general_logprob_drop_vs_base"] = {
+            k: round(base_lp - lp, 4) for k, _, _, lp in general[1:] if lp is not None and base_lp is not None
         }
         result["buckets"] = {k.split("/")[1]: v for k, v in m.items() if k.startswith("buckets/")}
     if method == "llm2llm":

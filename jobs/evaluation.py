@@ -122,11 +122,27 @@ def evaluate_loglik(ctl: Controller, name: str, rows: list[dict], model_path: st
             if not all(k in logprobs for k in keys):  # a candidate the engine could not score: failed, not wrong
                 continue
             per_char = [sum(logprobs[k]) / max(1, len(text)) for k, text in zip(keys, candidates)]
-            verdicts[r["id"]] = "yes" if per_char.index(max(per_char)) == gold else "no"
+            verdicts[r["id"]] = {
+                "verdict": "yes" if per_char.index(max(per_char)) == gold else "no",
+                "gold_logprob_per_char": per_char[gold],
+            }
         return verdicts
 
-    verdicts = ctl.run.once(f"{name}-loglik", score)
+    scored = ctl.run.once(f"{name}-loglik", score)
+    verdicts = {k: v["verdict"] for k, v in scored.items()}
     ctl.run.metric(f"{name}/failed", len(scorable) - len(verdicts))
     accuracy, (low, high) = record_accuracy(ctl.run, name, verdicts, len(verdicts))
-    log.info("loglik eval %s: accuracy %.3f (95%% CI %.3f-%.3f, n=%d)", name, accuracy, low, high, len(verdicts))
+    # The gold answer's log-likelihood moves before the argmax does: a model drifting from what it knew shows here
+    # first (a forgetting measure that does not need a flip of the best choice).
+    gold_logprob = sum(v["gold_logprob_per_char"] for v in scored.values()) / max(1, len(scored))
+    ctl.run.metric(f"{name}/gold_logprob_per_char", round(gold_logprob, 4))
+    log.info(
+        "loglik eval %s: accuracy %.3f (95%% CI %.3f-%.3f, n=%d), gold log-prob per char %.4f",
+        name,
+        accuracy,
+        low,
+        high,
+        len(verdicts),
+        gold_logprob,
+    )
     return accuracy

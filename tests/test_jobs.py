@@ -115,14 +115,23 @@ def test_s3ft_buckets_and_baseline(local_cluster, tmp_path):
     assert len(judged) == 6 and summary["failed_rows"] == {}  # every row answered and judged
     assert m["judge-own/unknown_verdicts"] == sum(v["verdict"] == "unknown" for v in judged)
     assert_report_has(tmp_path / "s3ft/tiny", "Bucket fractions", "s3ft-data")
-    # The general benchmark (ARC-Easy) was scored by likelihood: same decisions as a transformers forward.
+    # The general benchmark (ARC-Easy) was scored by likelihood: same decisions and gold log-likelihoods as a
+    # transformers forward; the mean gold log-prob per char (forgetting before any decision flips) is reported.
     assert m["base/general/n"] == 4
     state = json.loads((tmp_path / "s3ft/tiny/state.json").read_text())
-    assert state["phases"]["base/general-loglik"]["result"] == loglik_verdicts("arc_easy", 4)
+    scored = state["phases"]["base/general-loglik"]["result"]
+    expected = loglik_verdicts("arc_easy", 4)
+    assert {k: v["verdict"] for k, v in scored.items()} == {k: v for k, (v, _) in expected.items()}
+    for key, (_, gold_logprob) in expected.items():
+        assert scored[key]["gold_logprob_per_char"] == pytest.approx(gold_logprob, abs=1e-3)
+    mean = sum(lp for _, lp in expected.values()) / 4
+    assert m["base/general/gold_logprob_per_char"] == pytest.approx(mean, abs=1e-3)
+    assert m["sft/general/gold_logprob_per_char"] != m["base/general/gold_logprob_per_char"]  # SFT moved it
 
 
-def loglik_verdicts(dataset: str, n: int) -> dict[str, str]:
-    """Independent acc_norm decisions of the tiny model: every candidate scored by a float32 transformers forward."""
+def loglik_verdicts(dataset: str, n: int) -> dict[str, tuple[str, float]]:
+    """Independent acc_norm decisions of the tiny model, with the gold answer's log-prob per char: every candidate
+    scored by a float32 transformers forward."""
     from actors.engine import HFEngine, render_prompt, response_ids
     from cluster.data import likelihood_question, load_dataset, take
     from cluster.models import resolve_model
@@ -134,7 +143,7 @@ def loglik_verdicts(dataset: str, n: int) -> dict[str, str]:
         prompt = render_prompt(engine.tokenizer, messages)
         scores = engine.score([prompt] * len(candidates), [response_ids(engine.tokenizer, c) for c in candidates])
         per_char = [sum(s) / len(c) for s, c in zip(scores, candidates)]
-        verdicts[row["id"]] = "yes" if per_char.index(max(per_char)) == gold else "no"
+        verdicts[row["id"]] = ("yes" if per_char.index(max(per_char)) == gold else "no", per_char[gold])
     return verdicts
 
 

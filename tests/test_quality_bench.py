@@ -57,9 +57,8 @@ def test_report_prints_every_model_under_both_wordings_and_paired_differences(tm
         [*rows_of("control/eval")[:9], {"id": "r9", "verdict": "unknown"}],
     )
     write_parquet(tmp_path / "phases/control/eval-answers.parquet", [{"id": "r9", "response": "I liked it a lot"}])
-    (tmp_path / "state.json").write_text(
-        json.dumps({"phases": {"iter2/eval_loglik-loglik": {"result": {"r0": "yes"}}}})
-    )
+    scored = {"r0": {"verdict": "yes", "gold_logprob_per_char": -1.0}}
+    (tmp_path / "state.json").write_text(json.dumps({"phases": {"iter2/eval_loglik-loglik": {"result": scored}}}))
     assert verdicts(tmp_path, "iter2/eval_loglik") == {"r0": "yes"}
     m.update({"iter2/student/steps": 15, "control/student/steps": 15, "iter2/instruction_wordings": 1})
     result = report("llm2llm", m, tmp_path)
