@@ -314,6 +314,12 @@ class DataConfig:
     )
     n_train: int = doc("Training rows to use (0 = all).", 64, bounds=">= 0")
     n_eval: int = doc("Eval rows to use (0 = all).", 64, bounds=">= 0")
+    n_general: int | None = doc(
+        "Rows of data.general_eval to score (0 = all; None: data.n_eval). A forgetting measure needs more rows "
+        "than an in-domain eval whose answers are long generations.",
+        None,
+        bounds=">= 0",
+    )
     eval_fraction: float = doc("Held-out fraction when eval is split from train.", 0.5, bounds="(0, 1)")
     task: str | None = doc("Verifier task (gsm8k, classification, multiple_choice, none); None: from dataset.", None)
     streaming: bool | Literal["auto"] = doc(

@@ -845,7 +845,7 @@ def _require_rows(c: DataConfig, key: str, rows: list[dict], report: LoadReport)
 
 
 def _general_eval(c: DataConfig, seed: int, reports: list[LoadReport]) -> list[dict]:
-    """data.general_eval's rows (a sample of data.n_eval); its load report joins ``reports``."""
+    """data.general_eval's rows (a sample of data.n_general, else data.n_eval); its load report joins ``reports``."""
     if not c.general_eval:
         return []
     general_splits = dataset_splits(c.general_eval, None, c.cache_dir)
@@ -853,7 +853,7 @@ def _general_eval(c: DataConfig, seed: int, reports: list[LoadReport]) -> list[d
         c.general_eval, c.eval_split if general_splits else None, key="data.general_eval", cache_dir=c.cache_dir
     )
     reports.append(report)
-    return take(rows, c.n_eval, seed)
+    return take(rows, c.n_eval if c.n_general is None else c.n_general, seed)
 
 
 def _prepare_streamed(c: DataConfig, seed: int, shards: list[str], load) -> JobData:

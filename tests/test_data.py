@@ -569,6 +569,19 @@ def test_a_separate_eval_set_overlapping_the_training_data_stops_the_job(tmp_pat
         prepare(DataConfig(train=train, eval=clean, general_eval=leak_by_text), seed=0)
 
 
+def test_general_eval_takes_n_general_rows_else_n_eval(tmp_path):
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"id": f"t{i}", "prompt": q(i), "completion": a(i)} for i in range(6)]
+    )
+    general = write_jsonl(
+        tmp_path / "general.jsonl", [{"id": f"g{i}", "prompt": f"Name {i}?", "completion": "x"} for i in range(9)]
+    )
+    assert len(prepare(DataConfig(train=train, n_eval=2, general_eval=general), seed=0).general) == 2
+    data = prepare(DataConfig(train=train, n_eval=2, general_eval=general, n_general=7), seed=0)
+    assert len(data.eval) == 2 and len(data.general) == 7
+    assert len(prepare(DataConfig(train=train, n_eval=2, general_eval=general, n_general=0), seed=0).general) == 9
+
+
 def test_a_split_of_one_source_keeps_a_duplicated_question_on_one_side(tmp_path):
     rows = [{"id": f"r{i}", "prompt": q(i), "completion": a(i)} for i in range(20)]
     rows += [{"id": f"dup{i}", "prompt": q(i) + " ", "completion": a(i)} for i in range(20)]  # same questions
