@@ -156,11 +156,16 @@ def paired_difference(baseline: dict[str, str], method: dict[str, str]) -> tuple
     """(method − baseline accuracy, 95% interval low, high, n) over the rows both scored: the normal interval of
     the mean per-row difference (each -1, 0 or 1), which is narrower than two separate intervals suggest when the
     models agree on most rows."""
+    return paired_mean({k: v == "yes" for k, v in baseline.items()}, {k: v == "yes" for k, v in method.items()})
+
+
+def paired_mean(baseline: dict[str, float], method: dict[str, float]) -> tuple[float, float, float, int]:
+    """(mean of method − baseline over the rows both have, 95% normal interval low, high, n)."""
     ids = sorted(set(baseline) & set(method))
     n = len(ids)
     if n == 0:
         return (math.nan, math.nan, math.nan, 0)
-    diffs = [(method[i] == "yes") - (baseline[i] == "yes") for i in ids]
+    diffs = [method[i] - baseline[i] for i in ids]
     mean = sum(diffs) / n
     var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
     half = 1.96 * math.sqrt(var / n)
@@ -177,9 +182,13 @@ def verdicts(run_dir: Path, name: str) -> dict[str, str]:
     if path.exists():
         return {r["id"]: r["verdict"] for r in read_parquet(path)}
     loglik = name.removesuffix("-verdicts") + "-loglik"
+    return {k: v["verdict"] for k, v in loglik_scores(run_dir, loglik).items()}
+
+
+def loglik_scores(run_dir: Path, phase: str) -> dict[str, dict]:
+    """A log-likelihood evaluation's rows ({row id: {verdict, gold_logprob_per_char}}) from state.json."""
     state = json.loads((run_dir / "state.json").read_text())
-    scored = state["phases"].get(loglik, {}).get("result") or {}
-    return {k: v["verdict"] for k, v in scored.items()}
+    return state["phases"].get(phase, {}).get("result") or {}
 
 
 def score(m: dict, key: str) -> str:
@@ -346,11 +355,34 @@ def report(method: str, m: dict, run_dir: Path) -> dict:
         print_table(
             "general task (HellaSwag, log-likelihood, cloze): forgetting",
             [
-                (k, "-" if v is None else f"{v:.3f}", ci, drop(base_acc, v), lp, drop(base_lp, lp))
+                (
+                    k,
+                    "-" if v is None else f"{v:.3f}",
+                    ci,
+                    drop(base_acc, v),
+                    "-" if lp is None else f"{lp:.4f}",
+                    drop(base_lp, lp),
+                )
                 for k, v, ci, lp in general
             ],
             ("model", "accuracy", "95% CI", "drop vs base", "gold logp/char", "drop vs base"),
         )
+        # The gold ending's log-prob moves on every row, not only where the best choice flips: paired per row.
+        gold = {
+            k: {i: r["gold_logprob_per_char"] for i, r in loglik_scores(run_dir, f"{k}/general-loglik").items()}
+            for k in ("base", "sft", "s3ft")
+        }
+        pairs = [("base", "sft"), ("base", "s3ft"), ("sft", "s3ft")]
+        logprob_diffs = [(f"{b} − {a}", *paired_mean(gold[a], gold[b])) for a, b in pairs]
+        print_table(
+            "general task: gold log-prob per char, paired differences (later − earlier), 95% CI",
+            [(name, f"{d:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]", n) for name, d, lo, hi, n in logprob_diffs],
+            ("models", "diff", "95% CI", "n"),
+        )
+        result["general_logprob_differences"] = [
+            {"models": name, "diff": round(d, 4), "ci95": [round(lo, 4), round(hi, 4)], "n": n}
+            for name, d, lo, hi, n in logprob_diffs
+        ]
         result["general_drop_vs_base"] = {
             k: round(base_acc - v, 4) for k, v, _, _ in general[1:] if v is not None and base_acc is not None
         }
