@@ -75,7 +75,6 @@ class LLMActor:
         seed: int = 0,
         trust_remote_code: bool = False,
         shared_paths: dict[str, list[str]] | None = None,
-        recovery_timeout_s: float | None = None,
     ):
         self.role = role
         self.node_id = ray.get_runtime_context().get_node_id()

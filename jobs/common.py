@@ -127,8 +127,7 @@ class Controller:
     def start_pools(self, roles: Iterable[str]) -> None:
         """Place ``roles`` together; the judge pool only when the training rows need an LLM judge (a task whose
         verifier decides never places it)."""
-        rows = self.data.train if isinstance(self.data.train, list) else []
-        self.pools.start([r for r in roles if r != "judge" or self.judge.needs_llm(rows)])
+        self.pools.start(roles, self.data.train if isinstance(self.data.train, list) else [])
 
     @property
     def generator(self) -> EnginePool:

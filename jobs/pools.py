@@ -63,19 +63,27 @@ class Pools:
             log.info("pool %s ready: %s", role, self.engines[role].info)
         return self.engines[role]
 
-    def start(self, roles: Iterable[str]) -> None:
+    def start(self, roles: Iterable[str], rows: list[dict]) -> None:
         """Place these pools concurrently: the train pool's ranks start in the background (its fit() thread) while
-        the engine pools build, each in its own thread; returns when the engine pools are ready."""
+        the engine pools build, each in its own thread; returns when the engine pools are ready. The judge pool
+        is placed only when ``rows`` need an LLM judge (``judge_pool_for``)."""
         start = time.perf_counter()
         if "train" in roles:
             self.trainer  # noqa: B018 (starting it is the point: TrainingService starts its ranks at once)
-        models = {"judge": self.config.judge.model, "teacher": self.config.teacher.model}
+
+        def place(role: str) -> None:
+            if role == "judge":
+                self.judge_pool_for(rows)
+            else:
+                self.pool(role, self.config.teacher.model if role == "teacher" else None)
+
         engines = [role for role in roles if role != "train" and role not in self.engines]
         if engines:
             with ThreadPoolExecutor(len(engines)) as threads:
-                list(threads.map(lambda role: self.pool(role, models.get(role)), engines))
+                list(threads.map(place, engines))
+        placed = [role for role in roles if role == "train" or role in self.engines]
         log.info(
-            "pools %s placed together; engine pools ready after %.1f s", ", ".join(roles), time.perf_counter() - start
+            "pools %s placed together; engine pools ready after %.1f s", ", ".join(placed), time.perf_counter() - start
         )
 
     @property
