@@ -121,7 +121,8 @@ class ClusterConfig:
         "Seconds a failed engine replica may take to come back before its pool gives it up: Ray's restart, on "
         "another node with the pool's labels when its node was lost (a spare, or one an autoscaler adds, which can "
         "take longer than an engine's start). A pool left without a node that can host it then stops the job, "
-        "naming it. None: cluster.ready_timeout_s.",
+        "naming it. Keep it above Ray's node health checks (~15-20 s to declare a node dead), or a lost node is "
+        "reported as a replica that did not come back. None: cluster.ready_timeout_s.",
         None,
         bounds="> 0",
     )
