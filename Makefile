@@ -2,7 +2,8 @@
 # Both create or update .venv from the pinned lock file first.
 SHELL := /bin/bash
 PY := .venv/bin/python
-STAMP := .venv/.installed-$(shell cat requirements/cpu.lock pyproject.toml | sha1sum | cut -c1-12)
+PYTHON ?= python3
+STAMP := .venv/.installed-$(shell cat requirements/torch-cpu.lock requirements/cpu.lock pyproject.toml | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR := cpu
@@ -13,8 +14,10 @@ export VLLM_NO_USAGE_STATS := 1
 
 venv: $(STAMP)
 
-$(STAMP): requirements/cpu.lock pyproject.toml
-	test -x $(PY) || python3 -m venv .venv
+$(STAMP): requirements/torch-cpu.lock requirements/cpu.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv .venv
+	# torch first, from the one file that names PyTorch's CPU index; the rest never asks that index (see cpu.lock).
+	.venv/bin/pip install -q --disable-pip-version-check --no-deps -r requirements/torch-cpu.lock
 	.venv/bin/pip install -q --disable-pip-version-check --no-deps -r requirements/cpu.lock
 	# DeepSpeed compiles its CPU shm_comm op at first use (~80 s): build it once into the cache.
 	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
