@@ -228,8 +228,9 @@ class Judge:
             self.counts["llm_failed"] += sum(it["id"] not in verdicts for it in llm_items)
         return verdicts
 
-    def compare(self, items: list[dict]) -> dict[str, str]:
-        """items: {id, question, a, b} -> {id: win/lose/tie/unknown} for A, asked in both orders."""
+    def compare(self, items: list[dict], failed: list[dict] | None = None) -> dict[str, str]:
+        """items: {id, question, a, b} -> {id: win/lose/tie/unknown} for A, asked in both orders. An item whose
+        judge requests failed in both orders is appended to ``failed`` with the reason (and left out)."""
         from actors.engine import Sampling
 
         requests = []
@@ -237,11 +238,16 @@ class Judge:
             for order, (x, y) in (("ab", (it["a"], it["b"])), ("ba", (it["b"], it["a"]))):
                 text = self.pairwise_prompt.format(question=it["question"], a=x, b=y)
                 requests.append({"id": f"{it['id']}::{order}", "messages": [{"role": "user", "content": text}]})
+        lost: list[dict] = []
         outputs = self.pool.generate_all(
-            requests, Sampling(temperature=0.0, max_tokens=self.max_tokens), desc="judge pairwise"
+            requests, Sampling(temperature=0.0, max_tokens=self.max_tokens), desc="judge pairwise", failed=lost
         )
         results = {}
         for it in items:
+            if all(f"{it['id']}::{o}" not in outputs for o in ("ab", "ba")):
+                if failed is not None:
+                    failed.append({"id": it["id"], "reason": "; ".join(f["reason"] for f in lost[:1]) or "no output"})
+                continue
             parsed = [
                 parse_preference(outputs[f"{it['id']}::{o}"]["samples"][0]["text"])
                 if f"{it['id']}::{o}" in outputs

@@ -88,6 +88,20 @@ def read_shards(shards: list[str], c: DataConfig) -> ray.data.Dataset:
     )
 
 
+def shard_stamps(shards: list[str]) -> list[list]:
+    """What a snapshot of ``shards`` depends on without reading them: each local file's path, size and mtime (an
+    edited shard is another input); a URI is named as it is."""
+    stamps = []
+    for shard in shards:
+        path = Path(shard)
+        if path.exists():
+            st = path.stat()
+            stamps.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+        else:
+            stamps.append([shard])
+    return stamps
+
+
 def ingest(run: Run, c: DataConfig, data: JobData) -> JobData:
     """``data`` with its streamed training rows (``Blocks`` of the snapshot) and their load report first; raise
     DataError as ``prepare`` does (too few rows, eval prompts in the training data). Done once per run folder."""
@@ -110,7 +124,7 @@ def ingest(run: Run, c: DataConfig, data: JobData) -> JobData:
         report_path.write_text(json.dumps({"report": report.as_dict(), "overlap": vars(overlap)}, ensure_ascii=False))
         return {"kept": report.kept, "malformed": report.malformed, "rows": len(Blocks.of(folder))}
 
-    result = run.once(PHASE, read)
+    result = run.once(PHASE, read, key={"shards": shard_stamps(data.shards), "eval": [r["id"] for r in data.eval]})
     saved = json.loads(report_path.read_text())
     overlap = Overlap(saved["overlap"]["by_id"], [tuple(p) for p in saved["overlap"]["by_text"]])
     log.info(

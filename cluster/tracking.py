@@ -17,9 +17,14 @@ Layout of ``runs/<method>/<run-id>/``::
     summary.json           per-iteration metrics and phase times
     wandb/                 W&B files (offline by default)
 
-Resume rule: a phase listed in ``state.json`` with the same input fingerprint is never run again; an
-unfinished row phase keeps the rows of its written parts whose ids are among its current inputs and only
-processes the rest (rows are keyed by id, so nothing is lost, duplicated or mixed in from other inputs). A
+Resume rule: every phase has a key over everything its output depends on: its input rows by content, the settings
+it reads, the models it runs (a model is named by the key of the training phase that wrote it, or by a content
+digest of a folder the user gave) and the upstream outputs it consumes. A phase listed in ``state.json`` under the
+same key is never run again; one whose key changed runs again, and so does everything downstream (their keys name
+its output). An unfinished row phase keeps the outputs of its written parts whose input row (by id and content
+digest) is among its current inputs, made under the same settings and models, and only processes the rest. Scratch
+folders (parts, reference log-probs, DeepSpeed tags) carry the key they were made under (``.phase-key``) and are
+discarded when it changes. A part that cannot be read is set aside (``phases/set-aside/``) and recomputed. A
 phase whose failed rows exceed ``run.max_failed_fraction`` of its inputs raises ``PhaseFailedError`` and is not
 marked done: its parts stay, so the rerun processes exactly the failed rows. A rerun with a changed config
 (``runfolder.RUN_CONTROL`` keys aside) stops naming the changed keys unless ``run.fresh=true``.
@@ -57,8 +62,11 @@ from cluster.runfolder import (
     check_inside,
     clear_folder,
     config_fingerprint,
-    inputs_fingerprint,
+    key_change,
     load_state,
+    phase_key,
+    replace_durably,
+    row_digest,
     save_state,
     temp_path,
     write_atomic,
@@ -71,14 +79,36 @@ ITERATION = "iteration"  # W&B x-axis of per-iteration metrics
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
+    """Whole or not at all, and durable: temp file, fsync, rename, fsync of the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())}), tmp)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def read_parquet(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
+
+
+INPUT_DIGEST = "input_digest"  # lineage column: the content digest of the input row an output row came from
+KEY_FILE = ".phase-key"  # in a phase's parts or scratch folder: the key its files were made under
+
+
+def model_digest(folder: Path) -> str:
+    """Content identity of a model folder a user gave: a file in a Hugging Face cache snapshot is a link to a blob
+    named by its content hash (the name is the digest); any other file is hashed. Sizes and names count too."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        target = path.resolve()
+        if path.is_symlink() and target.parent.name == "blobs":
+            digest.update(target.name.encode())
+        else:
+            with open(target, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
 
 
 def proportional_memory(pid: int) -> int | None:
@@ -159,7 +189,7 @@ class Run:
             clear_folder(self.dir)
         self.state_path = self.dir / "state.json"
         self.state: dict[str, Any] = load_state(self.state_path)
-        fingerprint = config_fingerprint(to_dict(config))
+        fingerprint = config_fingerprint(config)
         changed = changed_keys(self.state.get("config", {}), fingerprint)
         if changed:
             raise RunFolderError(
@@ -184,6 +214,7 @@ class Run:
             Lineage(self.wandb, self.dir, self.wandb.group) if self.wandb and config.tracking.artifacts else None
         )
         self.finished_now: set[str] = set()  # phases this session ran to the end (not found done)
+        self._digests: dict[str, str] = {}  # model folder -> content digest, once per session
         if self.resumed:
             log.info("resuming %s: %d phases already finished", self.dir, len(self.state["phases"]))
 
@@ -231,13 +262,14 @@ class Run:
 
     # -- phases ----------------------------------------------------------------------------------------
 
-    def done(self, name: str, inputs: str | None = None) -> bool:
-        """Finished, from the same inputs when ``inputs`` (a fingerprint) is given."""
+    def done(self, name: str, key: str | None = None, parts: dict[str, str] | None = None) -> bool:
+        """Finished (under this key, when one is given). A finished phase whose key changed runs again (and so does everything keyed
+        on its output, since their keys name it): the reason is logged, component by component."""
         phase = self.state["phases"].get(name)
         if phase is None:
             return False
-        if inputs is not None and phase.get("inputs", inputs) != inputs:
-            log.warning("phase %s: its inputs changed since it finished; running it again", name)
+        if key is not None and phase.get("key", phase.get("inputs")) != key:
+            log.warning("phase %s runs again: %s", name, key_change(phase.get("key_parts"), parts or {}))
             return False
         return True
 
@@ -248,28 +280,69 @@ class Run:
         return read_parquet(self.dir / "phases" / f"{name}.parquet")
 
     def _save_state(self) -> None:
+        self.lease.check()  # a driver that lost its lease writes nothing more
         save_state(self.state_path, self.state)
 
-    def _start(self, name: str, inputs: str | None, scratch: Path | None = None) -> None:
-        """Remember which inputs an unfinished phase started from; its scratch files (training checkpoints,
-        reference log-probs) are dropped when an earlier session started it from other inputs."""
-        if inputs is None:
-            return
-        before = self.state["started"].get(name)
-        if before is not None and before != inputs and scratch is not None and scratch.exists():
-            log.warning("phase %s: inputs changed since it was started; discarding %s", name, scratch)
-            shutil.rmtree(scratch)
-        self.state["started"][name] = inputs
-        self._save_state()
+    def _claim(self, folder: Path, key: str) -> None:
+        """``folder`` (a phase's parts or scratch files) belongs to ``key``: files made under another key go."""
+        marker = folder / KEY_FILE
+        if folder.exists() and (not marker.exists() or marker.read_text().strip() != key):
+            if any(p.name != KEY_FILE for p in folder.iterdir()):
+                log.warning("%s: made under another key (or none); discarding it", folder)
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not marker.exists():
+            write_atomic(marker, key)
 
-    def _finish(self, name: str, wall_s: float, result: Any = None, inputs: str | None = None) -> None:
-        self.state["phases"][name] = {"wall_s": wall_s, "result": result, "inputs": inputs}
+    def set_aside(self, path: Path, err: BaseException) -> None:
+        """A file that cannot be read (torn by a power loss, zero-length) is moved aside, counted and logged; the
+        rows it held are recomputed. Nothing is deleted: the file stays in ``phases/set-aside/``."""
+        aside = self.dir / "phases" / "set-aside"
+        aside.mkdir(parents=True, exist_ok=True)
+        target = aside / f"{path.relative_to(self.dir / 'phases').as_posix().replace('/', '__')}.{int(time.time())}"
+        os.replace(path, target)
+        self.state.setdefault("set_aside", []).append({"file": str(path), "moved_to": str(target), "error": str(err)})
+        self._save_state()
+        log.warning("%s cannot be read (%s): moved to %s, its rows are computed again", path, err, target)
+
+    def _read_or_set_aside(self, path: Path) -> list[dict] | None:
+        try:
+            return read_parquet(path)
+        except (OSError, pa.ArrowException) as err:
+            self.set_aside(path, err)
+            return None
+
+    def _finish(
+        self, name: str, wall_s: float, result: Any = None, key: str | None = None, parts: dict | None = None
+    ) -> None:
+        self.state["phases"][name] = {"wall_s": wall_s, "result": result, "key": key, "key_parts": parts}
         self.state["started"].pop(name, None)
         self.phase_times[name] = wall_s
         self.finished_now.add(name)
         self._save_state()
         self.log({f"phase_time/{name.split('/')[-1]}": wall_s})
         log.info("phase %s finished in %.1f s", name, wall_s)
+
+    # -- models ----------------------------------------------------------------------------------------
+
+    def model_key(self, path: str | Path) -> str:
+        """What names a model in a phase key: the key of the training phase that wrote it, or the content digest
+        of a folder the user gave (a hub snapshot by its blobs' content hashes)."""
+        resolved = str(Path(path).resolve())
+        produced = self.state.setdefault("models", {}).get(resolved)
+        if produced is not None:
+            return f"phase:{produced}"
+        if resolved not in self._digests:
+            self._digests[resolved] = model_digest(Path(resolved))
+        return f"content:{self._digests[resolved]}"
+
+    def register_model(self, path: str, key: str) -> None:
+        """``path`` holds the model a training phase made under ``key`` (kept in state.json across sessions)."""
+        models = self.state.setdefault("models", {})
+        resolved = str(Path(path).resolve())
+        if models.get(resolved) != key:
+            models[resolved] = key
+            self._save_state()
 
     def row_phase(
         self,
@@ -278,6 +351,7 @@ class Run:
         process: Callable[[list[dict]], Iterable[list[dict]]],
         key: str = "id",
         failed: list[dict] | None = None,
+        context: dict[str, Any] | None = None,
     ) -> list[dict]:
         """Run ``process`` over the rows not yet done; each yielded batch is written at once as a part.
 
@@ -286,16 +360,28 @@ class Run:
         ``{"id", "reason"}`` to for rows it could not produce. With ``key="id"`` (one output per input) an input
         row without output is failed even when nobody said why; with another key (the teacher's 0..k examples
         per seed) only rows in ``failed`` are.
+
+        ``context``: everything else the outputs depend on (the model's key, sampling settings, the judge): with the
+        input rows' contents it makes the phase's key. A finished phase runs again when its key changed. Parts of a
+        half-done phase are kept only when they were made under the same context, and within them only the outputs
+        of input rows whose content is unchanged (each output row carries its input's ``input_digest``).
         """
         final = self.dir / "phases" / f"{name}.parquet"
-        inputs = inputs_fingerprint(rows)
-        if self.done(name, inputs):
-            return read_parquet(final)
-        input_ids = {r["id"] for r in rows}
+        digests = {r["id"]: row_digest(r) for r in rows}
+        context = context or {}
+        context_key, _ = phase_key(**context)
+        phase, parts_key = phase_key(rows=sorted(digests.values()), **context)
+        if self.done(name, phase, parts_key):
+            done_rows = self._read_or_set_aside(final)
+            if done_rows is not None:
+                return done_rows
         parts_dir = self.dir / "phases" / name
-        parts = sorted(parts_dir.glob("part-*.parquet")) if parts_dir.exists() else []
-        written = [r for p in parts for r in read_parquet(p)]
-        previous = [r for r in written if r[key] in input_ids]
+        self._claim(parts_dir, context_key)
+        parts = sorted(parts_dir.glob("part-*.parquet"))
+        written: list[dict] = []
+        for part in parts:
+            written += self._read_or_set_aside(part) or []
+        previous = [r for r in written if r.get(INPUT_DIGEST) is not None and r[INPUT_DIGEST] == digests.get(r[key])]
         if len(previous) < len(written):
             log.warning(
                 "phase %s: %d rows of parts written from other inputs dropped", name, len(written) - len(previous)
@@ -304,31 +390,28 @@ class Run:
         todo = [r for r in rows if r["id"] not in finished_ids]
         if previous:
             log.info("phase %s: %d rows from an interrupted run kept, %d to go", name, len(finished_ids), len(todo))
-        self._start(name, inputs)
+        self.state["started"][name] = phase
+        self._save_state()
         start = time.perf_counter()
         produced = list(previous)
         failed = failed if failed is not None else []
         next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=-1)
         for index, batch in enumerate(process(todo) if todo else [], start=next_part):
             if batch:
+                batch = [{**r, INPUT_DIGEST: digests.get(r[key])} for r in batch]
+                self.lease.check()
                 write_parquet(parts_dir / f"part-{index:05d}.parquet", batch)
                 produced.extend(batch)
         produced_ids = {r[key] for r in produced}
-        reasons = {f["id"]: f["reason"] for f in failed if f["id"] in input_ids and f["id"] not in produced_ids}
+        reasons = {f["id"]: f["reason"] for f in failed if f["id"] in digests and f["id"] not in produced_ids}
         if key == "id":
-            reasons.update({i: "no output" for i in input_ids - produced_ids if i not in reasons})
-        self._record_failures(name, reasons, len(rows))
+            reasons.update({i: "no output" for i in digests.keys() - produced_ids if i not in reasons})
+        self.account(name, reasons, len(rows))
         result = {"rows_in": len(rows), "rows_out": len(produced), "failed": len(reasons)}
-        if len(reasons) > self.config.run.max_failed_fraction * len(rows):
-            sample = "; ".join(f"{i}: {r}" for i, r in list(reasons.items())[:3])
-            raise PhaseFailedError(
-                f"phase {name}: {len(reasons)} of {len(rows)} rows failed, more than run.max_failed_fraction="
-                f"{self.config.run.max_failed_fraction:g} (e.g. {sample}); they are listed in "
-                f"{self.failed_path(name)}. Rerun the same command to retry exactly these rows"
-            )
+        self.lease.check()
         write_parquet(final, produced)
         shutil.rmtree(parts_dir, ignore_errors=True)
-        self._finish(name, time.perf_counter() - start, result, inputs)
+        self._finish(name, time.perf_counter() - start, result, phase, parts_key)
         return produced
 
     def block_phase(
@@ -341,23 +424,29 @@ class Run:
         one_per_row: bool = True,
         failed: list[dict] | None = None,
         settings: Any = None,
+        context: dict[str, Any] | None = None,
     ) -> Blocks:
         """``row_phase`` for rows the driver never holds whole: ``process(rows, *aligned_rows)`` runs on one block of
         ``inputs`` at a time and its outputs are written as part k of the phase's folder, its failed rows in the
         block's marker. ``aligned``: earlier streamed phases over the same inputs, whose block k comes along.
         ``one_per_row``: an input row without output is failed even when nobody said why (a generation); off
-        for transforms that may drop a row (SPIN pairs need a generation). ``settings``: what else the outputs
-        depend on, for the inputs fingerprint. A rerun of an unfinished phase skips the blocks done, and within
-        a block keeps the outputs written and processes only the rest (the failed rows, on a retry)."""
+        for transforms that may drop a row (SPIN pairs need a generation). ``settings`` and ``context``: what else
+        the outputs depend on (the model's key, sampling). The folder belongs to the phase's key: a finished or
+        half-done phase whose key changed starts over. A rerun of an unfinished phase skips the blocks done, and
+        within a block keeps the outputs written and processes only the rest (the failed rows, on a retry)."""
         folder = self.dir / "phases" / name
-        inputs_key = inputs_fingerprint(inputs.fingerprint(), [a.fingerprint() for a in aligned], settings)
+        phase, parts_key = phase_key(
+            inputs=inputs.fingerprint(),
+            aligned=[a.fingerprint() for a in aligned],
+            settings=settings,
+            **(context or {}),
+        )
         output = Blocks.of(folder)
-        if self.done(name, inputs_key):
+        if self.done(name, phase, parts_key) and (folder / KEY_FILE).exists():
             return output
-        if self.state["started"].get(name, inputs_key) != inputs_key and folder.exists():
-            log.warning("phase %s: inputs changed since it was started; discarding its blocks", name)
-            shutil.rmtree(folder)
-        self._start(name, inputs_key)
+        self._claim(folder, phase)
+        self.state["started"][name] = phase
+        self._save_state()
         start = time.perf_counter()
         failed = failed if failed is not None else []
         reasons: dict[str, str] = {}
@@ -365,8 +454,14 @@ class Run:
         for k, rows in inputs.blocks():
             rows_in += len(rows)
             part, marker = folder / part_name(k), folder / f".{part_name(k)}.json"
-            earlier = json.loads(marker.read_text())["failed"] if marker.exists() else None
-            kept = read_parquet(part) if part.exists() else []
+            try:
+                earlier = json.loads(marker.read_text())["failed"] if marker.exists() else None
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                self.set_aside(marker, err)
+                earlier = None
+            kept = self._read_or_set_aside(part) if part.exists() else []
+            if kept is None:  # its part could not be read and was set aside: the whole block is done again
+                kept, earlier = [], None
             if earlier == {}:  # done, nothing failed
                 rows_out += len(kept)
                 resumed += 1
@@ -376,13 +471,13 @@ class Run:
             mark = len(failed)
             new = process(todo, *(a.block(k) for a in aligned)) if todo else []
             produced = kept + new
+            self.lease.check()
             if new:
                 write_parquet(part, produced)
             produced_ids, todo_ids = {r[key] for r in produced}, {r["id"] for r in todo}
             block_failed = {f["id"]: f["reason"] for f in failed[mark:] if f["id"] in todo_ids - produced_ids}
             if one_per_row:
                 block_failed.update({i: "no output" for i in todo_ids - produced_ids if i not in block_failed})
-            folder.mkdir(parents=True, exist_ok=True)
             write_atomic(marker, json.dumps({"failed": block_failed}))
             reasons.update(block_failed)
             rows_out += len(produced)
@@ -396,26 +491,22 @@ class Run:
             )
         if resumed:
             log.info("phase %s: %d blocks from an interrupted run kept", name, resumed)
-        self._record_failures(name, reasons, rows_in)
-        if len(reasons) > self.config.run.max_failed_fraction * rows_in:
-            sample = "; ".join(f"{i}: {r}" for i, r in list(reasons.items())[:3])
-            raise PhaseFailedError(
-                f"phase {name}: {len(reasons)} of {rows_in} rows failed, more than run.max_failed_fraction="
-                f"{self.config.run.max_failed_fraction:g} (e.g. {sample}); they are listed in "
-                f"{self.failed_path(name)}. Rerun the same command to retry exactly these rows"
-            )
+        self.account(name, reasons, rows_in)
         result = {"rows_in": rows_in, "rows_out": rows_out, "failed": len(reasons), "blocks": len(inputs.parts())}
-        self._finish(name, time.perf_counter() - start, result, inputs_key)
+        self._finish(name, time.perf_counter() - start, result, phase, parts_key)
         return output
 
     def failed_path(self, name: str) -> Path:
         return self.dir / "phases" / f"{name}.failed.parquet"
 
-    def _record_failures(self, name: str, reasons: dict[str, str], rows_in: int) -> None:
-        """The phase's failed rows now (a retry that succeeds clears them): file with reasons + count in state."""
+    def account(self, name: str, reasons: dict[str, str], rows_in: int) -> None:
+        """One failure accounting for every phase that calls a pool: the phase's failed rows now (a retry that
+        succeeds clears them) go to ``<name>.failed.parquet`` with their reasons and into state.json's count; a
+        phase over ``run.max_failed_fraction`` of its rows raises ``PhaseFailedError`` and is not marked done."""
         path = self.failed_path(name)
         if reasons:
             session = self.state.get("sessions", 0)
+            self.lease.check()
             write_parquet(path, [{"id": i, "reason": r, "session": session} for i, r in reasons.items()])
             self.state["failed"][name] = {"rows": len(reasons), "of": rows_in}
             log.warning("phase %s: %d of %d rows failed (%s)", name, len(reasons), rows_in, path)
@@ -423,21 +514,41 @@ class Run:
             path.unlink(missing_ok=True)
             self.state["failed"].pop(name, None)
         self._save_state()
+        if len(reasons) > self.config.run.max_failed_fraction * rows_in or (rows_in and len(reasons) == rows_in):
+            sample = "; ".join(f"{i}: {r}" for i, r in list(reasons.items())[:3])
+            raise PhaseFailedError(
+                f"phase {name}: {len(reasons)} of {rows_in} rows failed, more than run.max_failed_fraction="
+                f"{self.config.run.max_failed_fraction:g} (e.g. {sample}); they are listed in "
+                f"{self.failed_path(name)}. Rerun the same command to retry exactly these rows"
+            )
 
     def failed_rows(self) -> dict[str, int]:
         """Rows each phase could not produce, over every driver session of this run (from state.json)."""
         return {name: f["rows"] for name, f in self.state["failed"].items() if f.get("rows")}
 
-    def once(self, name: str, fn: Callable[[], Any], inputs: str | None = None, scratch: Path | None = None) -> Any:
-        """A phase whose result is a small JSON value (a model path, metrics): run once, then remembered.
-        With ``inputs`` (a fingerprint) it runs again when they changed, after dropping ``scratch``."""
-        if self.done(name, inputs):
+    def once(
+        self, name: str, fn: Callable[[], Any], key: dict[str, Any], scratch: Path | None = None
+    ) -> Any:
+        """A keyed phase whose result is a small JSON value (a model path, scores): ``key`` names everything the
+        result depends on (input rows, settings, model keys, upstream phases' keys). It runs again when the key
+        changed; ``scratch`` (reference log-probs, DeepSpeed tags) belongs to the key and goes when it changes.
+        ``fn`` reports its failed rows through ``account`` (which stops the phase when too many failed)."""
+        phase, parts = phase_key(**key)
+        if self.done(name, phase, parts):
             return self.result(name)
-        self._start(name, inputs, scratch)
+        if scratch is not None:
+            self._claim(scratch, phase)
+        self.state["started"][name] = phase
+        self._save_state()
         start = time.perf_counter()
         result = fn()
-        self._finish(name, time.perf_counter() - start, result, inputs)
+        self._finish(name, time.perf_counter() - start, result, phase, parts)
         return result
+
+    def phase_key(self, name: str) -> str | None:
+        """The key a finished phase ran under (what downstream phases name it by)."""
+        phase = self.state["phases"].get(name)
+        return None if phase is None else phase.get("key", phase.get("inputs"))
 
     def model_dir(self, name: str) -> str:
         return str((self.dir / "models" / name).resolve())
@@ -526,8 +637,19 @@ class Run:
     def close(
         self, pools: dict[str, float] | None = None, extra: dict | None = None, error: BaseException | None = None
     ) -> dict:
+        """The closing summary (``summary.json``, W&B, the printed table). A driver that lost its lease writes
+        nothing; a failure while closing is logged and never replaces the error that ended the run."""
         try:
+            if self.lease.lost is not None:
+                log.error("not writing the summary: %s", self.lease.lost)
+                self.memory.stop()
+                return {"status": "lost_lease", "error": self.lease.lost}
             return self._close(pools, extra, error)
+        except Exception as close_error:
+            if error is None:
+                raise
+            log.error("closing the run after %s failed too: %s", type(error).__name__, close_error)
+            return {"status": "failed", "error": f"{type(error).__name__}: {error}"}
         finally:
             self.lease.release()
 
@@ -539,6 +661,7 @@ class Run:
             "status": "failed" if error is not None else "finished",
             **({"error": f"{type(error).__name__}: {error}"} if error is not None else {}),
             "failed_rows": self.failed_rows(),
+            "set_aside": len(self.state.get("set_aside", [])),
             "wall_s": time.perf_counter() - self.started,
             "phases": self.phase_times,
             "pool_idle_s": pools or {},
@@ -546,6 +669,7 @@ class Run:
             "metrics": self.state["metrics"],
             **(extra or {}),
         }
+        self.lease.check()
         write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1, default=str))  # whole, as readers see it
         if error is not None:
             log.error("run failed: %s", summary["error"])

@@ -59,20 +59,21 @@ def aft(ctl: Controller) -> None:
         sft_answers = ctl.run.rows("sft/eval-answers")
         by_id = {r["id"]: r["response"] for r in sft_answers}
         ctl.judge.pool = ctl.judge.pool or ctl.pool("judge", c.judge.model)
-        outcome = ctl.run.once(
-            "aft/pairwise-vs-sft",
-            lambda: ctl.judge.compare(
-                [
-                    {
-                        "id": r["id"],
-                        "question": r["messages"][-1]["content"],
-                        "a": answers[r["id"]]["answer"],
-                        "b": by_id.get(r["id"], ""),
-                    }
-                    for r in eval_rows
-                ]
-            ),
-        )
+        items = [
+            {"id": r["id"], "question": r["messages"][-1]["content"], "a": answers[r["id"]]["answer"]}
+            | {"b": by_id[r["id"]]}
+            for r in eval_rows
+            if r["id"] in by_id and answers.get(r["id"], {}).get("answer")
+        ]
+
+        def compare() -> dict[str, str]:
+            failed: list[dict] = []
+            outcome = ctl.judge.compare(items, failed=failed)
+            ctl.run.account("aft/pairwise-vs-sft", {f["id"]: f["reason"] for f in failed}, len(items))
+            return outcome
+
+        judge = {"model": ctl.run.model_key(ctl.judge.pool.model_path), "prompt": ctl.judge.pairwise_prompt}
+        outcome = ctl.run.once("aft/pairwise-vs-sft", compare, key={"items": items, "judge": judge})
         decided = [v for v in outcome.values() if v != "unknown"]
         if decided:
             wins = sum(v == "win" for v in decided) + 0.5 * sum(v == "tie" for v in decided)
@@ -89,9 +90,9 @@ def evaluate_propose_and_aggregate(
     sample at the proposal temperature). Returns {row id: {answer, layers}}."""
     a = ctl.config.aft
     ctl.use_generator_weights(model)
-    answers = ctl.run.once(
-        f"{prefix}/propose-and-aggregate",
-        lambda: propose_and_aggregate(
+
+    def run_layers() -> dict[str, dict]:
+        found = propose_and_aggregate(
             rows,
             lambda reqs, n, temp: _generate_texts(ctl, reqs, n, temp),
             template,
@@ -99,8 +100,20 @@ def evaluate_propose_and_aggregate(
             a.layers,
             a.proposal_temperature,
             a.aggregate_temperature,
-        ),
-    )
+        )
+        # A query whose last layer never answered (its requests failed) is a failed row of this phase.
+        unanswered = {r["id"]: "no final answer" for r in rows if not found.get(r["id"], {}).get("layers", [[]])[-1]}
+        ctl.run.account(f"{prefix}/propose-and-aggregate", unanswered, len(rows))
+        return found
+
+    key = {
+        "rows": rows,
+        "model": ctl.run.model_key(model),
+        "template": template,
+        "settings": [a.n_proposals, a.layers, a.proposal_temperature, a.aggregate_temperature, a.proposal_top_p],
+        "sampling": [ctl.config.evaluation.max_tokens, ctl.config.generation.max_tokens, ctl.config.run.seed],
+    }
+    answers = ctl.run.once(f"{prefix}/propose-and-aggregate", run_layers, key=key)
     # A query whose last layer never answered (its requests failed) is a failed row, not a wrong answer.
     answered = {k: v["answer"] for k, v in answers.items() if v["layers"][-1]}
     verdicts = ctl.judge_equivalence(f"{prefix}/pa-verdicts", rows, answered)

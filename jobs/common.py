@@ -26,7 +26,7 @@ from cluster.config import ConfigError, JobConfig, SamplingConfig, phase_trainin
 from cluster.connect import PROJECT_ROOT, connect, joined_cluster
 from cluster.data import DataError, prepare
 from cluster.models import resolve_models
-from cluster.runfolder import RunFolderError, inputs_fingerprint, is_run_control
+from cluster.runfolder import LeaseLostError, RunFolderError, is_run_control
 from cluster.tracking import Run
 from jobs import evaluation, inputs
 from jobs.pools import POOLS_AT_START, Pools
@@ -170,12 +170,15 @@ class Controller:
             for batch in pool.generate(todo, sampling, desc=name, failed=failed):
                 yield [_generated_row(out, iteration, pool.model_path, settings) for out in batch]
 
+        # The outputs depend on the rows, the sampling settings, the iteration (a lineage column) and the weights the
+        # generator holds now: the model is named by its key (the training phase that wrote it, or its content).
+        context = {"model": self.run.model_key(pool.model_path), "sampling": sampling.as_dict(), "iteration": iteration}
         if isinstance(rows, Blocks):  # one block of prompts in the driver at a time
             generated = self.run.block_phase(
-                name, rows, lambda todo: [o for b in process(todo) for o in b], failed=failed
+                name, rows, lambda todo: [o for b in process(todo) for o in b], failed=failed, context=context
             )
         else:
-            generated = {o["id"]: o for o in self.run.row_phase(name, rows, process, failed=failed)}
+            generated = {o["id"]: o for o in self.run.row_phase(name, rows, process, failed=failed, context=context)}
         self.run.record_lineage(name, "generate", [pool.model_path, self.source(rows)], [self.run.phase_file(name)])
         return generated
 
@@ -191,7 +194,8 @@ class Controller:
             return fn(todo, *({r["id"]: r for r in a} for a in aligned_rows), **kwargs)
 
         return self.run.block_phase(
-            name, rows, block, aligned=aligned, key="source_id", one_per_row=False, settings=kwargs
+            name, rows, block, aligned=aligned, key="source_id", one_per_row=False, settings=kwargs,
+            context={"transform": f"{fn.__module__}.{fn.__qualname__}"},
         )
 
     def judge_equivalence(
@@ -200,16 +204,15 @@ class Controller:
         """A resumable judging phase: {row id: yes/no/unknown}. ``uses``: the files rows and responses came from
         (W&B lineage)."""
         self.pools.judge_pool_for(rows)
-        by_id = {r["id"]: r for r in rows}
-
         failed: list[dict] = []
+        # The judged item is the row *and* the answer: an answer that changed (another model) is another input.
+        items = [{"id": r["id"], "row": r, "response": responses[r["id"]]} for r in rows if r["id"] in responses]
 
         def process(todo: list[dict]):
-            items = [{"id": r["id"], "row": r, "response": responses[r["id"]]} for r in todo if r["id"] in responses]
-            verdicts = self.judge.equivalent(items, failed=failed)
+            verdicts = self.judge.equivalent(todo, failed=failed)
             yield [{"id": k, "verdict": v, "judge": self.config.judge.kind} for k, v in verdicts.items()]
 
-        out = self.run.row_phase(name, [r for r in by_id.values() if r["id"] in responses], process, failed=failed)
+        out = self.run.row_phase(name, items, process, failed=failed, context={"judge": self.judge_key(rows)})
         judge_model = [self.judge.pool.model_path] if self.judge.pool is not None else []
         self.run.record_lineage(
             name, "judge", [*(uses or [self.source(rows)]), *judge_model], [self.run.phase_file(name)]
@@ -220,6 +223,15 @@ class Controller:
             log.warning("%s: %d verdicts could not be parsed (counted as unknown)", name, unknown)
         self.run.metric(f"{name}/unknown_verdicts", unknown)
         return verdicts
+
+    def judge_key(self, rows: list[dict]) -> dict:
+        """What a verdict depends on besides its item: the judge's kind and, for an LLM judge, its model's key."""
+        pool = self.judge.pool if self.judge.needs_llm(rows) else None
+        return {
+            "kind": self.config.judge.kind,
+            "model": self.run.model_key(pool.model_path) if pool else None,
+            "prompt": self.judge.equivalence_prompt if pool else None,
+        }
 
     def train(
         self,
@@ -249,10 +261,21 @@ class Controller:
             **extra,
         }
         settings = {k: v for k, v in training.items() if not is_run_control(f"training.{k}")}
-        described = {"kind": kind, "init_model": init_model, **extra, "training": settings}
-        fingerprint = inputs_fingerprint(examples.fingerprint() if streamed else examples, described)
-        scratch = Path(spec["phase_dir"])  # checkpoints + reference log-probs of these inputs
-        result = self.run.once(name, lambda: self._fit(spec, examples), inputs=fingerprint, scratch=scratch)
+        # The key names the starting model by its key (not its path: models/sft retrained on other data is another
+        # model), the examples by content, and every plan-shaping setting: the world size sets the global batch and
+        # the micro-batch plan a half-done phase's step count is mapped onto.
+        key = {
+            "examples": examples.fingerprint() if streamed else examples,
+            "init_model": self.run.model_key(init_model),
+            "kind": kind,
+            "extra": extra,
+            "training": settings,
+            "world_size": self.config.pools.train.replicas,
+            "seed": self.config.run.seed,
+        }
+        scratch = Path(spec["phase_dir"])  # checkpoints + reference log-probs: they belong to this key
+        result = self.run.once(name, lambda: self._fit(spec, examples), key=key, scratch=scratch)
+        self.run.register_model(result["output"], self.run.phase_key(name))
         # W&B lineage: the examples (made from ``uses``), then model in + examples -> model out.
         example_files = list(examples.folders) if streamed else [self.run.phase_file(f"{name}-data")]
         self.run.record_lineage(name, f"{kind}-data", uses or [], example_files, label=f"{name}-data")
@@ -327,7 +350,14 @@ def main(method: str, algorithm: Callable[[Controller], None], argv: list[str] |
             controller.start_pools(POOLS_AT_START[method])
         algorithm(controller)
     except BaseException as err:  # the summary says failed, with the error; the error still ends the job
-        controller.close(error=err)
+        try:
+            controller.close(error=err)
+        except Exception as close_error:  # never let a failure while closing mask the error that ended the run
+            log.error("closing after %s failed: %s", type(err).__name__, close_error)
+        lost = controller.run.lease.lost
+        if lost is not None and isinstance(err, (LeaseLostError, KeyboardInterrupt)):
+            print(f"run folder error: {lost}", file=sys.stderr)
+            raise SystemExit(3) from None
         raise
     summary = controller.close()
     Path(config.run_dir / "DONE").write_text("ok\n")

@@ -2,7 +2,8 @@
 judge), label log-likelihood multiple choice, and accuracy with a 95% Wilson interval as run metrics.
 
 Each function takes the ``Controller`` as a method driver does: answers and verdicts are its ``generate`` and
-``judge_equivalence`` phases and log-likelihood scores one ``run.once``, so an evaluation resumes, and places
+``judge_equivalence`` phases and log-likelihood scores one keyed ``run.once`` (rows, candidates, the model's key),
+so an evaluation resumes, and places
 the generator or judge pool on first use, as any phase does. Which pool serves a role, and when it stops, is
 ``jobs.pools``' business, not this module's.
 """
@@ -109,26 +110,30 @@ def evaluate_loglik(ctl: Controller, name: str, rows: list[dict], model_path: st
         return float("nan")
     ctl.use_generator_weights(model_path)
 
+    requests = [
+        {"id": f"{r['id']}#{i}", "messages": messages, "response": text}
+        for r, (messages, candidates, _) in scorable
+        for i, text in enumerate(candidates)
+    ]
+
     def score() -> dict[str, str]:
-        requests = [
-            {"id": f"{r['id']}#{i}", "messages": messages, "response": text}
-            for r, (messages, candidates, _) in scorable
-            for i, text in enumerate(candidates)
-        ]
         logprobs = ctl.generator.score_all(requests)
-        verdicts = {}
+        verdicts, reasons = {}, {}
         for r, (_, candidates, gold) in scorable:
             keys = [f"{r['id']}#{i}" for i in range(len(candidates))]
             if not all(k in logprobs for k in keys):  # a candidate the engine could not score: failed, not wrong
+                reasons[r["id"]] = f"{sum(k not in logprobs for k in keys)} of {len(keys)} candidates not scored"
                 continue
             per_char = [sum(logprobs[k]) / max(1, len(text)) for k, text in zip(keys, candidates)]
             verdicts[r["id"]] = {
                 "verdict": "yes" if per_char.index(max(per_char)) == gold else "no",
                 "gold_logprob_per_char": per_char[gold],
             }
+        ctl.run.account(f"{name}-loglik", reasons, len(scorable))  # too many unscored rows: the phase fails
         return verdicts
 
-    scored = ctl.run.once(f"{name}-loglik", score)
+    key = {"requests": requests, "gold": [g for _, (_, _, g) in scorable], "model": ctl.run.model_key(model_path)}
+    scored = ctl.run.once(f"{name}-loglik", score, key=key)
     verdicts = {k: v["verdict"] for k, v in scored.items()}
     ctl.run.metric(f"{name}/failed", len(scorable) - len(verdicts))
     accuracy, (low, high) = record_accuracy(ctl.run, name, verdicts, len(verdicts))

@@ -50,7 +50,9 @@ def llm2llm(ctl: Controller) -> None:
             ctl.run.metric(f"iter{t}/teacher", teacher.stats)  # where the teacher's replies were lost
             return [examples]
 
-        new = ctl.run.row_phase(f"iter{t}/augment", wrong, augment, key="seed_id", failed=failed)
+        # The new examples depend on the wrong seeds, the teacher's weights and the questions they must not repeat.
+        context = {"teacher": ctl.run.model_key(ctl.model_paths["teacher.model"]), "known": existing_questions}
+        new = ctl.run.row_phase(f"iter{t}/augment", wrong, augment, key="seed_id", failed=failed, context=context)
         ctl.run.metric(f"iter{t}/new_examples", len(new))
         data = accumulate(data, new)
         ctl.run.metric(f"iter{t}/data_size", len(data))

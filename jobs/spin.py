@@ -84,7 +84,14 @@ def heldout_scores(
         requests = [
             {"id": k, "messages": by_id[k]["messages"], "response": v} for k, v in answers.items() if k in by_id
         ]
-        found = ctl.run.once(f"iter{t}/heldout-{name}", lambda: sequence_scores(ctl.generator.score_all(requests)))
+        def scores() -> dict:
+            logprobs = ctl.generator.score_all(requests)
+            missing = {r["id"]: "not scored" for r in requests if r["id"] not in logprobs}
+            ctl.run.account(f"iter{t}/heldout-{name}", missing, len(requests))
+            return sequence_scores(logprobs)
+
+        key = {"requests": requests, "model": ctl.run.model_key(model)}
+        found = ctl.run.once(f"iter{t}/heldout-{name}", scores, key=key)
         return {k: tuple(v) for k, v in found.items()}
 
     own = {r["id"]: r["response"] for r in ctl.run.rows(f"iter{t}/eval-answers")}

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.config import load_config
-from cluster.runfolder import LEASE_FILE, RunFolderError, RunLease, check_inside
+from cluster.runfolder import LEASE_FILE, RunFolderError, RunLease, check_inside, machine_identity
 from cluster.tracking import PhaseFailedError, Run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,9 +58,14 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             pass
 
 
+def holder(folder: Path) -> dict | None:
+    """The record of the driver holding ``folder`` (the newest lease generation), as a second driver reads it."""
+    return RunLease(folder, timeout_s=60).holder()
+
+
 def test_second_driver_on_a_run_folder_exits_at_once_naming_the_holder(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    lease = tmp_path / "spin" / "tiny" / LEASE_FILE
+    folder = tmp_path / "spin" / "tiny"
     first = subprocess.Popen(
         driver(tmp_path),
         cwd=ROOT,
@@ -71,10 +76,10 @@ def test_second_driver_on_a_run_folder_exits_at_once_naming_the_holder(tmp_path)
     )
     try:
         deadline = time.monotonic() + 120
-        while not lease.exists() and time.monotonic() < deadline:
+        while holder(folder) is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        holder = json.loads(lease.read_text())
-        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        held = holder(folder)
+        assert held["pid"] == first.pid and held["host"] == socket.gethostname()
         started = time.monotonic()
         second = subprocess.run(driver(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert first.poll() is None, "the first driver must still be running for this test to mean anything"
@@ -84,7 +89,7 @@ def test_second_driver_on_a_run_folder_exits_at_once_naming_the_holder(tmp_path)
     assert second.returncode == 3
     assert f"pid {first.pid}" in second.stderr and "in use by another driver" in second.stderr
     assert time.monotonic() - started < 60  # at once: no Ray started, no model loaded
-    assert json.loads(lease.read_text())["pid"] == first.pid  # the loser did not touch the holder's lease
+    assert holder(folder)["pid"] == first.pid  # the loser did not touch the holder's lease
 
 
 def _race(run_dir: str, start_at: float, results, everyone_tried) -> None:
@@ -116,39 +121,123 @@ def test_of_drivers_starting_together_exactly_one_gets_the_folder(tmp_path):
 
 
 def test_stale_leases_are_taken_over_and_live_ones_are_not(tmp_path):
-    path = tmp_path / LEASE_FILE
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     now = time.time()
+    me = machine_identity()
     cases = [
-        ({"host": socket.gethostname(), "pid": dead.pid, "heartbeat": now}, True),  # dead pid on this host
+        ({**me, "pid": dead.pid, "heartbeat": now}, True),  # dead pid on this host, same boot and pid namespace
         ({"host": "elsewhere", "pid": 1, "heartbeat": now - 120}, True),  # old heartbeat from another host
         ({"host": "elsewhere", "pid": 1, "heartbeat": now}, False),  # another host, alive
-        ({"host": socket.gethostname(), "pid": os.getppid(), "heartbeat": now - 30}, False),  # live pid here
+        ({**me, "pid": os.getppid(), "heartbeat": now - 30}, False),  # live pid here
+        # the same host name in another container (other pid namespace): its pid means nothing here, so a pid
+        # that is dead *here* is no evidence; only its heartbeat counts, and it is fresh
+        ({**me, "pid_ns": "pid:[1]", "pid": dead.pid, "heartbeat": now}, False),
+        ({**me, "boot_id": "another-boot", "pid": dead.pid, "heartbeat": now}, False),
     ]
-    for holder, stale in cases:
-        path.write_text(json.dumps(holder))
+    for generation, (record, stale) in enumerate(cases):
+        for old in tmp_path.glob(f"{LEASE_FILE}.*"):
+            old.unlink()
+        path = tmp_path / f"{LEASE_FILE}.{generation}"
+        path.write_text(json.dumps(record))
         lease = RunLease(tmp_path, timeout_s=60)
         if stale:
             lease.acquire()
-            assert json.loads(path.read_text())["pid"] == os.getpid()
+            assert lease.generation == generation + 1  # it replaced exactly the lease it judged
+            assert holder(tmp_path)["pid"] == os.getpid() and not path.exists()
             lease.release()
-            assert not path.exists()
+            assert holder(tmp_path) is None
         else:
-            with pytest.raises(RunFolderError, match=f"pid {holder['pid']}"):
+            with pytest.raises(RunFolderError, match=f"pid {record['pid']}"):
                 lease.acquire()
-            assert json.loads(path.read_text()) == holder
-    assert not list(tmp_path.glob(f".{LEASE_FILE}.stale.*"))
+            assert json.loads(path.read_text()) == record
 
 
-def test_heartbeat_keeps_a_lease_fresh(tmp_path):
-    lease = RunLease(tmp_path, timeout_s=0.4)
-    lease.acquire()
-    first = json.loads((tmp_path / LEASE_FILE).read_text())["heartbeat"]
-    time.sleep(0.5)
-    assert json.loads((tmp_path / LEASE_FILE).read_text())["heartbeat"] > first
-    assert RunLease(tmp_path, timeout_s=0.4).stale_reason(json.loads((tmp_path / LEASE_FILE).read_text())) is None
-    lease.release()
+def _race_stale(run_dir: str, start_at: float, results) -> None:
+    time.sleep(max(0.0, start_at - time.time()))
+    lease = RunLease(Path(run_dir), timeout_s=60)
+    try:
+        lease.acquire()
+        time.sleep(0.3)  # hold it while the other racer is still trying
+        results.put(("won", os.getpid(), lease.owned()))
+        lease.release()
+    except RunFolderError as err:
+        results.put(("lost", os.getpid(), str(err)))
+
+
+def test_two_drivers_racing_for_a_stale_lease_exactly_one_proceeds(tmp_path):
+    context = multiprocessing.get_context("fork")
+    for round_ in range(20):
+        folder = tmp_path / f"r{round_}"
+        folder.mkdir()
+        stale = {"host": "gone", "pid": 1, "token": "old", "heartbeat": time.time() - 3600}
+        (folder / f"{LEASE_FILE}.{round_}").write_text(json.dumps(stale))
+        results = context.Queue()
+        start_at = time.time() + 0.2
+        procs = [context.Process(target=_race_stale, args=(str(folder), start_at, results)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=30) for _ in procs]
+        for p in procs:
+            p.join(timeout=10)
+        assert [o[0] for o in outcomes].count("won") == 1, (round_, outcomes)
+        winner = next(o for o in outcomes if o[0] == "won")
+        assert winner[2], "the winner must still hold its lease while the loser tries"
+        loser = next(o for o in outcomes if o[0] == "lost")
+        assert f"pid {winner[1]}" in loser[2]
+
+
+STALLED_DRIVER = """
+import sys, time
+from cluster.config import load_config
+from cluster.runfolder import LeaseLostError
+from cluster.tracking import Run
+config = load_config(sys.argv[1], [f"run.dir={sys.argv[2]}", "tracking.mode=disabled", "run.lease_timeout_s=2"])
+run = Run(config)
+print("holding", flush=True)
+try:
+    for i in range(100000):
+        run.metric("stalled_driver_tick", i)
+        time.sleep(0.05)
+except (LeaseLostError, KeyboardInterrupt):
+    print("LOST:", run.lease.lost, flush=True)
+    run.close()
+    sys.exit(3)
+"""
+
+
+def test_a_driver_stopped_past_the_lease_timeout_writes_nothing_more_and_exits(tmp_path):
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(
+        [sys.executable, "-c", STALLED_DRIVER, str(ROOT / "configs/spin-tiny.yaml"), str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first.stdout.readline().strip() == "holding"
+        time.sleep(0.5)
+        first.send_signal(signal.SIGSTOP)
+        time.sleep(3)  # past run.lease_timeout_s=2: its heartbeat is stale now
+        second = Run(config(tmp_path, "run.lease_timeout_s=2"))
+        state = tmp_path / "spin/tiny/state.json"
+        ticks = json.loads(state.read_text())["metrics"]["stalled_driver_tick"]
+        second.metric("successor", 1)
+        first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=30)
+        assert first.returncode == 3, (out, err)
+        assert f"pid {os.getpid()}" in out  # it names the new holder
+        after = json.loads(state.read_text())
+        assert after["metrics"]["stalled_driver_tick"] == ticks and after["metrics"]["successor"] == 1
+        assert not (tmp_path / "spin/tiny/summary.json").exists()  # the fenced driver wrote no summary either
+        second.close()
+    finally:
+        if first.poll() is None:
+            first.kill()
 
 
 def test_resume_after_a_config_change_stops_and_names_the_keys(tmp_path):
@@ -184,7 +273,7 @@ def test_corrupt_state_names_the_file_and_the_way_out(tmp_path):
         Run(config(tmp_path))
     message = str(err.value)
     assert str(state) in message and "state.json.bak" in message and "run.fresh=true" in message
-    assert not (tmp_path / "spin/tiny" / LEASE_FILE).exists()  # the refused driver released its lease
+    assert holder(tmp_path / "spin/tiny") is None  # the refused driver released its lease
     (tmp_path / "spin/tiny/state.json.bak").replace(state)  # the documented recovery works
     Run(config(tmp_path)).close()
 

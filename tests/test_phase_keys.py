@@ -1,0 +1,195 @@
+"""Every result keyed by everything it depends on (issue 28): input rows by content, settings, the models a phase
+runs and the upstream outputs it reads; scratch files belong to one key; unreadable parts are recomputed; durable,
+unmasked writes. These drive the real ``Run`` (no Ray needed: a phase's ``process`` is a plain function here,
+because what is under test is which rows the run folder asks it for)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.blocks import Blocks, part_name
+from cluster.config import load_config
+from cluster.runfolder import changed_keys, config_fingerprint
+from cluster.tracking import KEY_FILE, PhaseFailedError, Run, write_parquet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(run_dir: Path, *overrides: str):
+    return load_config(ROOT / "configs/spin-tiny.yaml", [f"run.dir={run_dir}", "tracking.mode=disabled", *overrides])
+
+
+def rows(n: int, prompt: str = "q") -> list[dict]:
+    return [{"id": f"r{i}", "messages": [{"role": "user", "content": f"{prompt}{i}"}]} for i in range(n)]
+
+
+class Recorder:
+    """A phase's process: answers each row from its prompt and the model it is told it runs, recording the ids."""
+
+    def __init__(self, model: str = "m0", stop_after: int | None = None):
+        self.model, self.stop_after, self.seen = model, stop_after, []
+
+    def __call__(self, todo: list[dict]):
+        for i, row in enumerate(todo):
+            if self.stop_after is not None and i >= self.stop_after:
+                raise KeyboardInterrupt("driver killed")
+            self.seen.append(row["id"])
+            yield [{"id": row["id"], "response": f"{self.model}:{row['messages'][0]['content']}"}]
+
+
+def test_a_finished_phase_runs_again_when_its_model_changes_and_not_otherwise(tmp_path):
+    run = Run(config(tmp_path))
+    first = Recorder("m0")
+    run.row_phase("answers", rows(3), first, context={"model": "phase:aaaa"})
+    again = Recorder("m0")
+    run.row_phase("answers", rows(3), again, context={"model": "phase:aaaa"})
+    assert again.seen == []  # same key: reused
+    newer = Recorder("m1")
+    out = run.row_phase("answers", rows(3), newer, context={"model": "phase:bbbb"})
+    assert newer.seen == ["r0", "r1", "r2"] and {r["response"][:2] for r in out} == {"m1"}
+    assert run.state["phases"]["answers"]["key_parts"]["model"] != ""
+    run.close()
+
+
+def test_a_prompt_edited_under_the_same_id_is_generated_again(tmp_path):
+    run = Run(config(tmp_path))
+    with pytest.raises(KeyboardInterrupt):  # a half-done phase: 2 of 4 rows written
+        run.row_phase("answers", rows(4), Recorder(stop_after=2))
+    edited = rows(4)
+    edited[1]["messages"][0]["content"] = "a different question"
+    rest = Recorder()
+    out = run.row_phase("answers", edited, rest)
+    assert rest.seen == ["r1", "r2", "r3"]  # r0 kept; r1's old answer was for another prompt
+    assert {r["id"]: r["response"] for r in out}["r1"] == "m0:a different question"
+    # and once finished, an edit under the same id makes the finished phase run again
+    edited[3]["messages"][0]["content"] = "edited after the phase finished"
+    later = Recorder()
+    out = run.row_phase("answers", edited, later)
+    assert later.seen == ["r0", "r1", "r2", "r3"]
+    run.close()
+
+
+def test_parts_made_under_another_model_are_dropped(tmp_path):
+    run = Run(config(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        run.row_phase("answers", rows(4), Recorder("m0", stop_after=2), context={"model": "m0"})
+    rest = Recorder("m1")
+    out = run.row_phase("answers", rows(4), rest, context={"model": "m1"})
+    assert rest.seen == ["r0", "r1", "r2", "r3"] and all(r["response"].startswith("m1:") for r in out)
+    run.close()
+
+
+def test_a_truncated_part_is_set_aside_and_its_rows_recomputed(tmp_path):
+    run = Run(config(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        run.row_phase("answers", rows(4), Recorder(stop_after=2))
+    parts = sorted((run.dir / "phases/answers").glob("part-*.parquet"))
+    parts[0].write_bytes(b"")  # a power loss left a zero-length part
+    rest = Recorder()
+    out = run.row_phase("answers", rows(4), rest)
+    assert rest.seen == ["r0", "r2", "r3"] and len(out) == 4
+    assert len(run.state["set_aside"]) == 1 and list((run.dir / "phases/set-aside").iterdir())
+    # a finished phase's file torn the same way is recomputed too, not a crash
+    (run.dir / "phases/answers.parquet").write_bytes(b"PAR1")
+    again = Recorder()
+    assert len(run.row_phase("answers", rows(4), again)) == 4 and again.seen == ["r0", "r1", "r2", "r3"]
+    summary = run.close()
+    assert summary["set_aside"] == 2
+
+
+def _blocks(folder: Path, prompts: list[str]) -> Blocks:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(2):
+        write_parquet(folder / part_name(k), rows(3, prompts[k]))
+    return Blocks.of(folder)
+
+
+def test_a_finished_streamed_phase_whose_inputs_changed_runs_again(tmp_path):
+    run = Run(config(tmp_path))
+    source = tmp_path / "source"
+    calls: list[str] = []
+
+    def process(todo):
+        calls.extend(r["messages"][0]["content"] for r in todo)
+        return [{"id": r["id"], "response": r["messages"][0]["content"].upper()} for r in todo]
+
+    run.block_phase("gen", _blocks(source, ["a", "b"]), process)
+    assert len(calls) == 6
+    calls.clear()
+    out = run.block_phase("gen", _blocks(source, ["c", "d"]), process)  # the same ids, other prompts
+    assert len(calls) == 6 and {r["response"][0] for _, b in out.blocks() for r in b} == {"C", "D"}
+    calls.clear()
+    run.block_phase("gen", _blocks(source, ["c", "d"]), process)
+    assert calls == []  # unchanged now: reused
+    run.close()
+
+
+def test_scratch_files_of_another_key_go_when_a_finished_phase_runs_again(tmp_path):
+    """SPIN's reference log-probs (a training phase's scratch) belong to the phase's key."""
+    run = Run(config(tmp_path))
+    scratch = run.dir / "phases" / "iter0/spin-train"
+
+    def train(tag: str):
+        def fit():
+            reference = scratch / "reference_logps.json"
+            assert not reference.exists(), "stale reference log-probs of other inputs were kept"
+            reference.write_text(json.dumps({"tag": tag}))
+            return {"output": tag}
+
+        return fit
+
+    run.once("iter0/spin", train("a"), key={"examples": rows(2)}, scratch=scratch)
+    assert (scratch / KEY_FILE).exists()
+    run.once("iter0/spin", train("b"), key={"examples": rows(3)}, scratch=scratch)
+    assert json.loads((scratch / "reference_logps.json").read_text()) == {"tag": "b"}
+    run.close()
+
+
+def test_models_are_named_by_the_phase_that_made_them_or_by_their_content(tmp_path):
+    run = Run(config(tmp_path))
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights-1")
+    first = run.model_key(folder)
+    assert first.startswith("content:") and run.model_key(folder) == first
+    (folder / "model.safetensors").write_bytes(b"weights-2")
+    run._digests.clear()  # a new driver session: the folder is hashed again
+    assert run.model_key(folder) != first
+    trained = run.dir / "models/sft"
+    run.register_model(str(trained), "k123")
+    assert run.model_key(trained) == "phase:k123"
+    run.close()
+
+
+def test_config_fingerprint_sees_an_entry_added_inside_a_dict_option(tmp_path):
+    before = config_fingerprint(config(tmp_path))
+    after = config_fingerprint(config(tmp_path, "data.columns={prompt: question}"))
+    changed = changed_keys(before, after)
+    assert changed and changed[0].startswith("data.columns: {} -> {'prompt': 'question'}")
+
+
+def test_an_all_failed_scored_phase_fails_instead_of_reporting_zero(tmp_path):
+    run = Run(config(tmp_path))
+
+    def score():
+        run.account("eval-loglik", {f"r{i}": "not scored" for i in range(4)}, 4)
+        return {}
+
+    with pytest.raises(PhaseFailedError, match="4 of 4 rows failed"):
+        run.once("eval-loglik", score, key={"rows": rows(4)})
+    assert not run.done("eval-loglik")
+    failed = pq.read_table(run.failed_path("eval-loglik")).to_pylist()
+    assert [f["id"] for f in failed] == ["r0", "r1", "r2", "r3"]
+    run.close()
+
+
+def test_an_error_while_closing_never_masks_the_error_that_ended_the_run(tmp_path):
+    run = Run(config(tmp_path))
+    (run.dir / "summary.json").mkdir()  # the summary cannot be written
+    summary = run.close(error=ValueError("the real error"))
+    assert summary["status"] == "failed" and "the real error" in summary["error"]
