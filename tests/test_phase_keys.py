@@ -193,3 +193,54 @@ def test_an_error_while_closing_never_masks_the_error_that_ended_the_run(tmp_pat
     (run.dir / "summary.json").mkdir()  # the summary cannot be written
     summary = run.close(error=ValueError("the real error"))
     assert summary["status"] == "failed" and "the real error" in summary["error"]
+
+
+def _gsm8k_rows(path: Path, n: int, offset: int, prefix: str) -> None:
+    lines = [
+        {"id": f"{prefix}{i}", "prompt": f"What is {i} plus {offset}?"}
+        | {"answer": f"{i} + {offset} = {i + offset}\n#### {i + offset}"}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.mark.slow
+def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_path):
+    """The scenario of issue 28: same data.train path, other answers. Training runs again, and so must every
+    evaluation of the models it made (their key names the model by its training phase's key, not its path)."""
+    import os
+    import subprocess
+    import sys
+
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    _gsm8k_rows(train, 8, 3, "t")
+    _gsm8k_rows(held_out, 4, 100, "e")
+    command = [
+        sys.executable, "-m", "jobs.spin", "--config", "configs/spin-tiny.yaml", f"run.dir={tmp_path / 'runs'}",
+        "tracking.mode=disabled", f"data.train={train}", f"data.eval={held_out}", "data.n_train=0", "data.n_eval=0",
+        "data.task=gsm8k", "spin.iterations=1", "spin.sft_first=true", "spin.sft_lr=1e-3",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = tmp_path / "runs/spin/tiny"
+
+    def session() -> dict:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return json.loads((run / "state.json").read_text())
+
+    first = session()
+    _gsm8k_rows(train, 8, 4, "t")  # edited in place: the same path and ids, other gold answers
+    second = session()
+    dependent = ["sft", "iter0/eval-answers", "iter0/generate", "iter0/spin", "iter1/eval-answers"]
+    for phase in dependent:
+        assert first["phases"][phase]["key"] != second["phases"][phase]["key"], phase
+    log = (run / "driver.log").read_text()
+    for phase in dependent:
+        assert log.count(f"phase {phase} finished") == 2, phase
+        assert f"phase {phase} runs again" in log
+    # A verdict is keyed by its row and answer: it is reused exactly when the new model answered the same.
+    same = first["phases"]["iter1/eval-verdicts"]["key"] == second["phases"]["iter1/eval-verdicts"]["key"]
+    assert same == (log.count("phase iter1/eval-verdicts finished") == 1)
+    verdicts = pq.read_table(run / "phases/iter1/eval-verdicts.parquet").to_pylist()
+    accuracy = sum(v["verdict"] == "yes" for v in verdicts) / len(verdicts)
+    assert second["metrics"]["iter1/eval/accuracy"] == accuracy
