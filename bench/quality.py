@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -39,6 +38,7 @@ if not __package__:  # run as `python bench/x.py`: Python put bench/ on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit, print_table  # noqa: E402
+from jobs.evaluation import paired_difference, paired_mean  # noqa: E402
 
 # Every quality run: both wordings, and label log-likelihoods where the task has labels.
 EVIDENCE = ["data.eval_reworded=true", "data.eval_loglik=true"]
@@ -150,26 +150,6 @@ def run(method: str, extra: list[str]) -> dict:
         getattr(module, method),
         ["--config", f"configs/{method}.yaml", "run.id=quality", *EVIDENCE, *overrides, *extra],
     )
-
-
-def paired_difference(baseline: dict[str, str], method: dict[str, str]) -> tuple[float, float, float, int]:
-    """(method − baseline accuracy, 95% interval low, high, n) over the rows both scored: the normal interval of
-    the mean per-row difference (each -1, 0 or 1), which is narrower than two separate intervals suggest when the
-    models agree on most rows."""
-    return paired_mean({k: v == "yes" for k, v in baseline.items()}, {k: v == "yes" for k, v in method.items()})
-
-
-def paired_mean(baseline: dict[str, float], method: dict[str, float]) -> tuple[float, float, float, int]:
-    """(mean of method − baseline over the rows both have, 95% normal interval low, high, n)."""
-    ids = sorted(set(baseline) & set(method))
-    n = len(ids)
-    if n == 0:
-        return (math.nan, math.nan, math.nan, 0)
-    diffs = [method[i] - baseline[i] for i in ids]
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-    half = 1.96 * math.sqrt(var / n)
-    return (mean, mean - half, mean + half, n)
 
 
 def verdicts(run_dir: Path, name: str) -> dict[str, str]:

@@ -50,6 +50,8 @@ def aft(ctl: Controller) -> None:
     if a.baseline_sft:
         ctl.evaluate("sft/eval", eval_rows, sft_model)
     ctl.evaluate("aft/single", eval_rows, model)  # single greedy sample from the AFT model
+    if a.baseline_sft:  # the paper's claim: AFT beats SFT on the same queries (paired rows, 95% interval)
+        ctl.compare("aft/vs_sft", baseline="sft/eval", method="aft/single")
 
     answers = evaluate_propose_and_aggregate(ctl, "aft", eval_rows, model, template)
     if a.baseline_sft:  # the paper's comparison: the SFT model on the same queries, with the same inference

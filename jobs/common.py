@@ -322,6 +322,10 @@ class Controller:
     def evaluate_loglik(self, name: str, rows: list[dict], model_path: str) -> float:
         return evaluation.evaluate_loglik(self, name, rows, model_path)
 
+    def compare(self, name: str, baseline: str, method: str) -> tuple[float, float, float, int]:
+        """Paired difference of two greedy evaluations on the same rows (method − baseline, 95% interval)."""
+        return evaluation.record_difference(self, name, baseline, method)
+
     def record_accuracy(self, name: str, verdicts: dict[str, str], n: int) -> tuple[float, tuple[float, float]]:
         return evaluation.record_accuracy(self.run, name, verdicts, n)
 

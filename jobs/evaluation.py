@@ -42,6 +42,37 @@ def record_accuracy(run: Run, name: str, verdicts: dict[str, str], n: int) -> tu
     return accuracy, ci95
 
 
+def paired_mean(baseline: dict[str, float], method: dict[str, float]) -> tuple[float, float, float, int]:
+    """(mean of method − baseline over the rows both have, 95% normal interval low, high, n)."""
+    ids = sorted(set(baseline) & set(method))
+    n = len(ids)
+    if n == 0:
+        return (math.nan, math.nan, math.nan, 0)
+    diffs = [method[i] - baseline[i] for i in ids]
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = 1.96 * math.sqrt(var / n)
+    return (mean, mean - half, mean + half, n)
+
+
+def paired_difference(baseline: dict[str, str], method: dict[str, str]) -> tuple[float, float, float, int]:
+    """(method − baseline accuracy, 95% interval low, high, n) over the rows both scored: the normal interval of
+    the mean per-row difference (each -1, 0 or 1), which is narrower than two separate intervals suggest when the
+    models agree on most rows."""
+    return paired_mean({k: v == "yes" for k, v in baseline.items()}, {k: v == "yes" for k, v in method.items()})
+
+
+def record_difference(ctl: Controller, name: str, baseline: str, method: str) -> tuple[float, float, float, int]:
+    """``<name>``: [method − baseline accuracy, 95% low, high, n] on the same held-out rows, from two greedy
+    evaluations' verdicts (``<baseline>-verdicts``, ``<method>-verdicts``): the paired comparison a method's claim
+    rests on, printed with its interval whichever way it points."""
+    verdicts = [{r["id"]: r["verdict"] for r in ctl.run.rows(f"{e}-verdicts")} for e in (baseline, method)]
+    mean, low, high, n = paired_difference(*verdicts)
+    ctl.run.metric(name, [round(mean, 4), round(low, 4), round(high, 4), n])
+    log.info("%s (%s − %s): %+.3f [%+.3f, %+.3f], n=%d paired rows", name, method, baseline, mean, low, high, n)
+    return mean, low, high, n
+
+
 def evaluate(ctl: Controller, name: str, rows: list[dict], model_path: str) -> float:
     """Greedy answers from ``model_path`` on ``rows``, judged; accuracy with a 95% Wilson interval. With
     data.eval_reworded the rows are scored again under the task's reworded instruction (``<name>_reworded``),
