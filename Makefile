@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (SPIN on SmolLM2, embedded local Ray) and `make test`.
+# Two entry points: `make demo` (AFT vs SFT on SmolLM2, embedded local Ray) and `make test`.
 # Both create or update .venv from the pinned lock file first.
 SHELL := /bin/bash
 PY := .venv/bin/python
@@ -26,7 +26,7 @@ $(STAMP): requirements/torch-cpu.lock requirements/cpu.lock pyproject.toml
 	rm -f .venv/.installed-* && touch $(STAMP)
 
 demo: venv
-	$(PY) -m jobs.spin --config configs/spin.yaml
+	$(PY) -m jobs.aft --config configs/demo.yaml
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -590,6 +590,11 @@ class AftConfig:
         "aft.proposal_model=sft that model is trained anyway and reused.",
         True,
     )
+    eval_propose_aggregate: bool = doc(
+        "Evaluate propose-and-aggregate inference (N proposals, L layers: N x L generations per held-out row) for the "
+        "AFT model, and for the SFT model with aft.baseline_sft; off: single greedy samples only (the demo).",
+        True,
+    )
     pairwise_vs_sft: bool = doc(
         "With aft.baseline_sft, also have the LLM judge compare AFT's propose-and-aggregate answer with the SFT "
         "model's greedy one, in both orders (aft/win_rate_vs_sft); places a judge pool.",

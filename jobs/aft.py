@@ -53,6 +53,9 @@ def aft(ctl: Controller) -> None:
     if a.baseline_sft:  # the paper's claim: AFT beats SFT on the same queries (paired rows, 95% interval)
         ctl.compare("aft/vs_sft", baseline="sft/eval", method="aft/single")
 
+    if not a.eval_propose_aggregate:
+        ctl.run.metric("final_model", model)
+        return
     answers = evaluate_propose_and_aggregate(ctl, "aft", eval_rows, model, template)
     if a.baseline_sft:  # the paper's comparison: the SFT model on the same queries, with the same inference
         evaluate_propose_and_aggregate(ctl, "sft", eval_rows, sft_model, template)
