@@ -155,3 +155,13 @@ def test_a_rank_killed_while_saving_resumes_from_the_previous_complete_tag(servi
     assert AutoModelForCausalLM.from_pretrained(result["output"]).config.num_hidden_layers > 0
     assert not (phase_dir / "ckpt").exists()  # the finished phase's tags are gone: its HF folder is the result
     print(json.dumps({k: result[k] for k in ("resumed_from_tag", "steps", "wall_s", "startup_s")}))
+
+
+def test_only_a_broken_collective_counts_as_a_peer_lost():
+    from training.worker import peer_lost
+
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:17841"
+    assert peer_lost(RuntimeError(gloo))  # rank 0's error when rank 1 died: Ray Train restarts the group
+    assert not peer_lost(RuntimeError("Connection closed by peer"))  # not from gloo
+    assert not peer_lost(ValueError("phase x: no training examples"))  # the phase's own error fails it
+    assert not peer_lost(RuntimeError("expected scalar type Float but found BFloat16"))

@@ -568,6 +568,19 @@ def report_phase(spec: dict, result: dict, rank: int) -> str:
     return next(r.checkpoint.path for r in reversed(reported) if r.checkpoint.path.endswith(name))
 
 
+# What gloo raises (a plain RuntimeError) in a collective whose peer process went away.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether a rank's error is the process group's (another rank died, its connection broke), not its own."""
+    import torch.distributed as dist
+
+    if isinstance(err, dist.DistError):  # NCCL errors, store and network timeouts
+        return True
+    return isinstance(err, RuntimeError) and "gloo" in str(err) and any(text in str(err) for text in PEER_LOST)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: serve phase specs from the queue until it says stop."""
     import ray
@@ -604,7 +617,10 @@ def train_loop_per_worker(config: dict) -> None:
         try:
             result = runner.run()
         except Exception as err:
-            if rank == 0:
+            # Rank 0 fails the phase for an error of its own. A collective broken by another rank's death is the
+            # group's failure: Ray Train restarts the group (FailureConfig) and the phase resumes from its newest
+            # complete checkpoint; failing the phase here would make the restarted group skip it.
+            if rank == 0 and not peer_lost(err):
                 ray.get(queue.fail.remote(index, f"{type(err).__name__}: {err}"))
             raise
         result["ray_checkpoint"] = report_phase(spec, result, rank)
