@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import textwrap
 import types
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cluster.config import ConfigError, JobConfig, load_config, redact_secrets, to_dict
+from cluster.config import ConfigError, JobConfig, embedded_auth_mode, load_config, redact_secrets, to_dict
 
 WIDTH = 100
 
@@ -101,6 +102,8 @@ def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, [f"run.method={method}", *args.overrides])
+        if not (args.print_config or args.check_data or args.plan):  # a job that will start Ray: before anything
+            embedded_auth_mode(config.cluster, os.environ)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -111,9 +111,11 @@ class ClusterConfig:
     resources: dict[str, float] = doc("Custom resources of the embedded local node.", factory=dict, bounds=">= 0")
     dashboard: bool = doc("Start the Ray dashboard with the embedded local Ray.", False)
     auth_mode: Literal["disabled", "token"] = doc(
-        "RAY_AUTH_MODE of the embedded local Ray (the environment variable wins). 'token': a fresh random token "
-        "per driver session in a 0600 file (RAY_AUTH_TOKEN_PATH); its GCS and raylets listen on every interface, "
-        "so 'disabled' lets anyone who reaches the machine join the cluster and run code.",
+        "RAY_AUTH_MODE of the embedded local Ray. 'token': a fresh random token per driver session in a 0600 file "
+        "(RAY_AUTH_TOKEN_PATH); its GCS and raylets listen on every interface, so 'disabled' lets anyone who "
+        "reaches the machine join the cluster and run code. Only this key turns auth off: RAY_AUTH_MODE=disabled "
+        "in the environment without it stops the job before Ray starts; RAY_AUTH_MODE=token keeps auth on even "
+        "with 'disabled'. A cluster the job joins (cluster.address, RAY_ADDRESS) has its own auth.",
         "token",
     )
     ready_timeout_s: float = doc("Seconds a pool may take to be placed and ready before failing.", 300.0, bounds="> 0")
@@ -459,6 +461,13 @@ class TrainingConfig:
     checkpoint_every: int = doc(
         "Optimizer steps between resumable DeepSpeed checkpoints (0 = only at end).", 0, bounds=">= 0"
     )
+    keep_checkpoints: int = doc(
+        "Complete DeepSpeed checkpoints (tags) a training phase keeps on disk; older ones are deleted once a newer "
+        "one is complete on every rank. A phase resumes from the newest complete one: a tag a rank died while "
+        "writing is never resumed from, so keep at least 2 where a save can be interrupted.",
+        2,
+        bounds=">= 1",
+    )
     min_examples: int = doc(
         "A training phase with fewer examples than this fails with an error instead of training (an upstream "
         "phase that lost its rows would otherwise save the unchanged model as 'trained').",
@@ -778,10 +787,38 @@ class _StrictLoader(yaml.SafeLoader):
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
                 key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)) and key is not None:  # `? [1, 2]`, `{[1]: 2}`
+                    raise ConfigError(
+                        f"a key must be a name, got {type(key).__name__} {_preview(key)} "
+                        f"(line {key_node.start_mark.line + 1}"
+                    )
                 if key in seen:
                     raise ConfigError(f"{key}: duplicate key (line {key_node.start_mark.line + 1}")
                 seen.add(key)
         return super().construct_mapping(node, deep)
+
+    def construct_object(self, node, deep=False):
+        # A scalar YAML resolves but Python cannot build (2020-13-45 as a date, an integer of more than 4300
+        # digits) raises ValueError / OverflowError from the constructor: name the value and its line instead.
+        try:
+            value = super().construct_object(node, deep)
+        except ConfigError:
+            raise
+        except (ValueError, OverflowError) as err:
+            reason = str(err).split(";")[0]  # drop Python's "use sys.set_int_max_str_digits()" advice
+            raise ConfigError(f"{_preview(node.value)}: {reason} (line {node.start_mark.line + 1}") from None
+        # No setting takes a number beyond 64 bits, and a larger one (0xfff... parses at any length) would fail
+        # later, wherever it is printed or converted (Python's int-to-text limit, float overflow).
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ConfigError(
+                f"an integer of {value.bit_length()} bits does not fit in 64 (line {node.start_mark.line + 1}"
+            )
+        return value
+
+
+def _preview(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 _StrictLoader.add_implicit_resolver(
@@ -798,6 +835,8 @@ def _load_yaml(text: str, name: str = "<override>") -> Any:
         raise ConfigError(f"{err} of {name})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{name}: not valid YAML: {err}") from None
+    except RecursionError:  # PyYAML's parser recurses once per level of nesting
+        raise ConfigError(f"{name}: not valid YAML: nested too deeply to read") from None
 
 
 def parse_override(text: str) -> dict:
@@ -822,13 +861,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"--config: file {path} does not exist")
-        loaded = _load_yaml(path.read_text(), str(path)) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"--config: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise ConfigError(f"--config: cannot read {path} ({err.strerror or err})") from None
+        loaded = _load_yaml(text, str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         values = loaded
-    for text in overrides:
-        values = _merge(values, parse_override(text))
-    config = _build(JobConfig, values, "")
+    try:
+        for text in overrides:
+            values = _merge(values, parse_override(text))
+        config = _build(JobConfig, values, "")
+    except RecursionError:  # only a hostile file or override nests deeper than Python's recursion limit
+        raise ConfigError(f"{path or 'overrides'}: sections nested too deeply") from None
     validate(config)
     return config
 
@@ -901,6 +949,28 @@ def validate(c: JobConfig) -> None:
             f"training.{phase}.max_prompt_length",
             f"{resolved['max_prompt_length']} must be in (0, {resolved['max_length']}) (its phases' max_length)",
         )
+
+
+def embedded_auth_mode(cluster: ClusterConfig, environ: typing.Mapping[str, str]) -> str | None:
+    """The RAY_AUTH_MODE an embedded Ray would run with ('token' or 'disabled'), None when the job joins a cluster
+    (whose own auth decides). Raise ConfigError when the environment would turn auth off without
+    cluster.auth_mode=disabled: Ray reads RAY_AUTH_MODE itself, and any value but 'token' switches auth off."""
+    if cluster.address or environ.get("RAY_ADDRESS"):
+        return None
+    given = environ.get("RAY_AUTH_MODE")
+    if given is None:
+        return cluster.auth_mode
+    if given.strip().lower() == "token":
+        return "token"  # auth on: stricter than cluster.auth_mode=disabled, never looser
+    if cluster.auth_mode != "disabled":
+        typo = "" if given.strip().lower() == "disabled" else " (Ray turns auth on only for 'token')"
+        raise ConfigError(
+            f"cluster.auth_mode: RAY_AUTH_MODE={given!r} in the environment would turn off the embedded Ray's token "
+            f"auth{typo}, but cluster.auth_mode is {cluster.auth_mode!r}. Its GCS and raylets listen on every "
+            "interface: without auth anyone who reaches this machine can join and run code. Set "
+            "cluster.auth_mode=disabled to mean it, or unset RAY_AUTH_MODE"
+        )
+    return "disabled"
 
 
 def to_dict(config: JobConfig) -> dict:

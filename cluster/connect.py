@@ -9,7 +9,9 @@ The embedded Ray is private: its GCS and raylets listen on every interface whate
 (measured), so anyone who can reach the machine could join it and run code. Ray 2.60 token auth is therefore
 on by default (``cluster.auth_mode: token``): each driver session writes a fresh random token to a file only
 its user can read (0600 in a 0700 folder) and points ``RAY_AUTH_TOKEN_PATH`` at it; the GCS, raylets and
-workers inherit the variable from the driver, and a client without the token is refused.
+workers inherit the variable from the driver, and a client without the token is refused. Only the config key
+turns it off: RAY_AUTH_MODE=disabled inherited from a shell or a container image, without
+``cluster.auth_mode: disabled``, stops the job before Ray starts (``config.embedded_auth_mode``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import ray
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, embedded_auth_mode
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,12 @@ def connect(config: ClusterConfig) -> str:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return f"joined {address}"
-    os.environ.setdefault("RAY_AUTH_MODE", config.auth_mode)
-    if os.environ["RAY_AUTH_MODE"] == "token" and not (
+    # Before anything starts: only cluster.auth_mode may turn auth off (ConfigError when the environment would).
+    mode = embedded_auth_mode(config, os.environ)
+    if mode != config.auth_mode:
+        log.warning("RAY_AUTH_MODE=token in the environment keeps token auth on despite cluster.auth_mode=disabled")
+    os.environ["RAY_AUTH_MODE"] = mode
+    if mode == "token" and not (
         os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
     ):
         # Not Ray's default ~/.ray/auth_token: that file is shared by every Ray of the user, lives on, and is

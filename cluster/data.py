@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import re
+import sys
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ log = logging.getLogger("selfimprove")
 
 LETTERS = "ABCDEFGHIJ"
 SHOWN_REASONS = 5  # reasons quoted in the one-line summary; all of them stay in ``LoadReport.bad_rows``
+MAX_REASON = 500  # characters of one reason
 
 
 class DataError(ValueError):
@@ -72,6 +74,8 @@ class LoadReport:
         return [f"{where}: {reason}" for where, reason in self.bad_rows]
 
     def bad(self, where: str, reason: str) -> None:
+        if len(reason) > MAX_REASON:  # a reason quoting a hostile value (a 10 MB role name) stays readable
+            reason = f"{reason[:MAX_REASON]}... ({len(reason)} characters)"
         self.bad_rows.append((where, reason))
 
     def __str__(self) -> str:
@@ -394,14 +398,35 @@ def _open_text(path: Path):
     return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
+def _json_int(text: str) -> int:
+    # Python refuses to convert more than sys.get_int_max_str_digits() (4300) digits, with a ValueError that
+    # would end the whole load: name the cause instead.
+    limit = sys.get_int_max_str_digits()
+    digits = len(text.lstrip("-"))
+    if limit and digits > limit:
+        raise BadRow(f"invalid JSON (an integer of {digits} digits; at most {limit} can be read)")
+    return int(text)
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads``; raise BadRow with the reason for anything it cannot read (nesting too deep for Python's
+    recursion limit, an integer too long to convert, a syntax error)."""
+    try:
+        return json.loads(text, parse_int=_json_int)
+    except json.JSONDecodeError as err:
+        raise BadRow(f"invalid JSON ({err.msg})") from None
+    except RecursionError:
+        raise BadRow("invalid JSON (nested too deeply to read)") from None
+
+
 def _jsonl_lines(fh) -> Iterator[tuple[str, Any]]:
     for n, line in enumerate(fh, 1):
         if not line.strip():
             continue
         try:
-            yield f"line {n}", json.loads(line)
-        except json.JSONDecodeError as err:
-            yield f"line {n}", BadRow(f"invalid JSON ({err.msg})")
+            yield f"line {n}", _parse_json(line)
+        except BadRow as err:
+            yield f"line {n}", err
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -413,12 +438,16 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     with _open_text(path) as fh:
         text = fh.read()
     try:
-        loaded = json.loads(text)
+        loaded = json.loads(text, parse_int=_json_int)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # many ".json" files are JSON Lines
             yield from _jsonl_rows(path)
             return
         raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    except BadRow as err:  # one document: a value it cannot read fails the file, with the reason
+        raise DataError(f"{path}: {err}") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON (nested too deeply to read)") from None
     if isinstance(loaded, dict) and len(loaded) == 1 and isinstance(next(iter(loaded.values())), list):
         loaded = next(iter(loaded.values()))  # {"data": [...]}
     if not isinstance(loaded, list):
@@ -427,21 +456,38 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"row {i}", row
 
 
+class _CountedLines:
+    """The lines of a file, counted as the csv reader takes them: its own ``line_num`` is one short when it raises
+    (an oversized field), so a bad row would be reported at the line before it."""
+
+    def __init__(self, fh):
+        self.fh, self.taken = fh, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.fh)
+        self.taken += 1
+        return line
+
+
 def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
     with _open_text(path) as fh:
-        reader = csv.DictReader(fh)
+        lines = _CountedLines(fh)
+        reader = csv.DictReader(lines)
         while True:
             try:
                 row = next(reader)
             except StopIteration:
                 return
             except csv.Error as err:
-                yield f"line {reader.line_num}", BadRow(f"invalid CSV ({err})")
+                yield f"line {lines.taken}", BadRow(f"invalid CSV ({err})")
                 continue
             if None in row:  # more cells than header names
-                yield f"line {reader.line_num}", BadRow(f"{len(row[None])} cells more than the header has")
+                yield f"line {lines.taken}", BadRow(f"{len(row[None])} cells more than the header has")
                 continue
-            yield f"line {reader.line_num}", {k: (v if v != "" else None) for k, v in row.items()}
+            yield f"line {lines.taken}", {k: (v if v != "" else None) for k, v in row.items()}
 
 
 def _parquet_rows(source) -> Iterator[tuple[str, Any]]:

@@ -53,10 +53,18 @@ class BadRow(ValueError):
     """A row that cannot become a record; the message is the reason shown in the load report."""
 
 
+# Deepest nesting of lists and objects a row may have. Real rows nest a few levels (messages -> turn -> content
+# parts); a deeper one is reported here, before any recursive code (checks below, json.dumps of its metadata)
+# meets it: Python's recursion limit (~1000 frames) would otherwise end the whole load with a RecursionError.
+MAX_DEPTH = 32
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
 def _has_invalid_utf8(text: str) -> bool:
     # Files are decoded with errors="surrogateescape": an invalid byte becomes a lone surrogate, so the row
-    # can be reported instead of the whole file failing to decode.
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    # can be reported instead of the whole file failing to decode. A JSON "\ud800" escape gives one too; no
+    # UTF-8 writer (Parquet, the tokenizer) can encode it.
+    return _SURROGATES.search(text) is not None
 
 
 def _find_invalid_utf8(value: Any) -> bool:
@@ -67,6 +75,21 @@ def _find_invalid_utf8(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return any(_find_invalid_utf8(v) for v in value)
     return False
+
+
+def nesting_depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """Levels of lists / objects in ``value`` (a string is 0), counted without recursion and up to ``limit + 1``."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def as_text(value: Any, field: str) -> str | None:
@@ -82,6 +105,8 @@ def as_text(value: Any, field: str) -> str | None:
     if isinstance(value, float):
         if math.isnan(value):  # a missing cell in a pandas-written file
             return None
+        if math.isinf(value):  # JSON's 1e999
+            raise BadRow(f"'{field}' is {value}, not a usable number")
         return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, (bytes, bytearray)):
         raise BadRow(f"'{field}' holds bytes, not text")
@@ -162,6 +187,8 @@ def normalize_row(
     the row is still usable, the column is reported."""
     if not isinstance(raw, dict):
         raise BadRow(f"expected an object, got {type(raw).__name__}")
+    if nesting_depth(raw) > MAX_DEPTH:
+        raise BadRow(f"nested more than {MAX_DEPTH} levels deep")
     if _find_invalid_utf8(raw):
         bad = sorted(str(k) for k, v in raw.items() if _find_invalid_utf8(v) or _find_invalid_utf8(k))
         raise BadRow(f"invalid UTF-8 in {', '.join(repr(b) for b in bad)}")

@@ -5,7 +5,8 @@ so a method with many short training phases would spend most of its time startin
 lives for the whole job: each rank pulls phase specs from a ``PhaseQueue`` actor, loads the phase's
 starting model (already partitioned, ``HfDeepSpeedConfig``), trains it with DeepSpeed ZeRO-3 on the
 process group Ray Train made (gloo on CPU, NCCL on GPU), writes a consolidated HF folder, and waits for
-the next spec. A phase interrupted mid-way resumes from its last ``save_checkpoint``.
+the next spec. A phase interrupted mid-way resumes from its newest complete DeepSpeed checkpoint
+(``training.checkpoints``: a tag counts once every rank's files are on disk).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from cluster.storage import StorageError, check_storage
+from training import checkpoints
 from training.losses import sequence_logps, sft_loss, spin_loss
 from training.sequences import TruncationReport, build_sequence, collate, deal, micro_batches, prompt_messages
 
@@ -206,10 +208,7 @@ class PhaseRunner:
         self.beat(0, "reference" if kind == "spin" else "loaded")
         ref_logps = self._reference_logps(engine, items, lengths, pad_id) if kind == "spin" else None
 
-        start_micro = 0
-        if (self.ckpt_dir / "latest").exists():
-            _, client = engine.load_checkpoint(str(self.ckpt_dir))
-            start_micro = int(client["micro_step"])
+        start_micro, resumed_from, discarded = self._resume(engine)
         startup_s = time.perf_counter() - started
 
         engine.train()
@@ -252,9 +251,7 @@ class PhaseRunner:
                     if self.rank == 0:
                         self.log({"phase": spec["name"], **last})
                     if t["checkpoint_every"] and optimizer_step % t["checkpoint_every"] == 0:
-                        engine.save_checkpoint(
-                            str(self.ckpt_dir), tag=f"step{optimizer_step}", client_state={"micro_step": micro_step}
-                        )
+                        self._save_checkpoint(engine, f"step{optimizer_step}", micro_step)
                         self._after_checkpoint(spec)
                     step_tokens, step_start = 0, time.perf_counter()
                     self.beat(steps_done, "stepped")
@@ -269,6 +266,8 @@ class PhaseRunner:
             "output": out,
             "steps": steps_done,  # optimizer steps this phase ran, across resumes (not the schedule's length)
             "resumed_from_micro_step": start_micro,
+            "resumed_from_tag": resumed_from,  # the newest complete DeepSpeed tag, or None
+            "discarded_tags": discarded,  # {tag: why} of the tags found unusable at the start (deleted)
             "train_tokens": train_tokens,
             "train_time_s": train_time,
             "train_tokens_per_s": train_tokens / max(train_time, 1e-9),
@@ -353,7 +352,64 @@ class PhaseRunner:
         dist.barrier()
         return merged
 
+    # -- DeepSpeed checkpoints (training.checkpoints) ------------------------------------------------------
+
+    def _save_checkpoint(self, engine, tag: str, micro_step: int) -> None:
+        """A tag that counts only when every rank's files are on disk: see ``training.checkpoints``."""
+        import torch.distributed as dist
+
+        tag_dir = self.ckpt_dir / tag
+        if self.rank == 0:  # a tag of this name left by an earlier attempt is not complete until rewritten
+            (tag_dir / checkpoints.COMPLETE).unlink(missing_ok=True)
+        self._die_while_saving_hook(engine, tag)
+        # DeepSpeed's own barrier (after its makedirs) keeps the unlink above ahead of every rank's writes.
+        engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"micro_step": micro_step}, save_latest=False)
+        mine = checkpoints.sync_own_files(tag_dir, self.rank)
+        every: list[dict] = [None] * self.world_size  # type: ignore[list-item]
+        dist.all_gather_object(every, mine)  # returns on rank 0 only once every rank synced its files
+        if self.rank == 0:
+            files = {name: size for part in every for name, size in part.items()}
+            checkpoints.mark_complete(self.ckpt_dir, tag, self.world_size, micro_step, files)
+            checkpoints.prune(self.ckpt_dir, self.world_size, self.t["keep_checkpoints"])
+        dist.barrier()
+
+    def _resume(self, engine) -> tuple[int, str | None, dict[str, str]]:
+        """(micro step, tag, {discarded tag: why}): the newest complete tag, loaded; 0 when there is none. Rank
+        0's view of the folder decides for all (ranks must load the same tag); it deletes the unusable tags."""
+        import torch.distributed as dist
+
+        complete, unusable = checkpoints.scan(self.ckpt_dir, self.world_size)
+        choice = [(complete[-1] if complete else None, unusable)]
+        dist.broadcast_object_list(choice, src=0)
+        newest, unusable = choice[0]
+        if self.rank == 0:
+            for name, why in unusable.items():
+                print(f"phase {self.spec['name']}: checkpoint {name} discarded: {why}", flush=True)
+                checkpoints.remove_tag(self.ckpt_dir, name)
+        dist.barrier()
+        if newest is None:
+            return 0, None, unusable
+        _, client = engine.load_checkpoint(str(self.ckpt_dir), tag=newest.name)
+        return int(client["micro_step"]), newest.name, unusable
+
     # -- helpers ---------------------------------------------------------------------------------------
+
+    def _die_while_saving_hook(self, engine, tag: str) -> None:
+        """Test hook: this rank dies after writing the first file of a tag (``<phase>:<rank>:<tag>``, once per
+        phase folder), as a rank killed during ``save_checkpoint`` would: the tag is left with part of its files."""
+        if os.environ.get("SELFIMPROVE_DIE_WHILE_SAVING") != f"{self.spec['name']}:{self.rank}:{tag}":
+            return
+        marker = self.phase_dir / f"died-while-saving-{self.rank}"
+        if marker.exists():
+            return
+        save = engine.checkpoint_engine.save
+
+        def save_then_die(state_dict, path):
+            save(state_dict, path)
+            marker.touch()
+            os._exit(1)
+
+        engine.checkpoint_engine.save = save_then_die
 
     def _stall_hook(self, step: int) -> None:
         """Test hook: this rank hangs for ``<seconds>`` after a given step (``<phase>:<rank>:<step>:<seconds>``), as
@@ -512,6 +568,19 @@ def report_phase(spec: dict, result: dict, rank: int) -> str:
     return next(r.checkpoint.path for r in reversed(reported) if r.checkpoint.path.endswith(name))
 
 
+# What gloo raises (a plain RuntimeError) in a collective whose peer process went away.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether a rank's error is the process group's (another rank died, its connection broke), not its own."""
+    import torch.distributed as dist
+
+    if isinstance(err, dist.DistError):  # NCCL errors, store and network timeouts
+        return True
+    return isinstance(err, RuntimeError) and "gloo" in str(err) and any(text in str(err) for text in PEER_LOST)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: serve phase specs from the queue until it says stop."""
     import ray
@@ -548,7 +617,10 @@ def train_loop_per_worker(config: dict) -> None:
         try:
             result = runner.run()
         except Exception as err:
-            if rank == 0:
+            # Rank 0 fails the phase for an error of its own. A collective broken by another rank's death is the
+            # group's failure: Ray Train restarts the group (FailureConfig) and the phase resumes from its newest
+            # complete checkpoint; failing the phase here would make the restarted group skip it.
+            if rank == 0 and not peer_lost(err):
                 ray.get(queue.fail.remote(index, f"{type(err).__name__}: {err}"))
             raise
         result["ray_checkpoint"] = report_phase(spec, result, rank)
