@@ -163,14 +163,79 @@ class VLLMEngine:
         return scores
 
     def load_weights(self, path: str) -> float:
-        """Reload ``path`` in place, then re-process an output head tied to the input embedding (see
-        ``reprocess_tied_heads``)."""
+        """Reload ``path`` in place, each tensor cast once to the engine's dtype (``reload_in_engine_dtype``),
+        then re-process an output head tied to the input embedding (see ``reprocess_tied_heads``)."""
         start = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        self.llm.collective_rpc(reload_in_engine_dtype, args=(path,))
         self.llm.collective_rpc(reprocess_tied_heads)
         self.llm.reset_prefix_cache()
         self.model_path = path
         return time.perf_counter() - start
+
+
+class _ExpectedReloadGaps:
+    """logging filter for vLLM's reload: drops "<Layer>: Failed to load weights" for the layers no checkpoint has
+    tensors for (rotary embeddings: buffers computed at build) and for heads tied to the embedding, whose weight
+    arrives under the embedding's name and which ``reprocess_tied_heads`` redoes right after. Any other layer
+    that gets nothing from the checkpoint is still reported."""
+
+    def __init__(self, layer_names: set[str]):
+        self.layer_names = layer_names
+
+    def filter(self, record) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args and record.args[0] in self.layer_names)
+
+
+def reload_in_engine_dtype(worker, path: str) -> int:
+    """Run on each vLLM worker: reload the checkpoint folder ``path`` in place, as vLLM's own
+    ``reload_weights(weights_path=...)`` does (same loader, same files), with each floating-point tensor cast once
+    to the dtype of the parameter it loads into. Returns how many tensors were cast.
+
+    Why: training saves float32 (the folder is also the next phase's starting point, so it keeps full precision);
+    a bfloat16 engine's loader copies each float32 tensor into its bfloat16 parameter, which is the same
+    round-to-nearest cast, but logs "Attempted to load weight ... with dtype" for every tensor (244 lines a reload
+    for SmolLM2). Casting first gives the parameter exactly the values the copy would: a reloaded engine still
+    equals a fresh one built on the checkpoint (tests/test_reload.py). A tensor whose name is no parameter (a fused
+    projection's q/k/v parts) is cast to the engine's dtype only when every parameter has that dtype; otherwise it
+    is left to vLLM's loader, as before."""
+    import logging
+
+    from vllm.model_executor.model_loader import get_model_loader
+
+    model = worker.get_model()
+    config = worker.vllm_config
+    model_config = config.model_config
+    # What reload_weights(weights_path=path) sets: the new folder, not the revision or weights source of the old one.
+    model_config.model, model_config.model_weights, model_config.revision = path, "", None
+    targets = {name: p.dtype for name, p in model.named_parameters() if p.is_floating_point()}
+    uniform = model_config.dtype if set(targets.values()) <= {model_config.dtype} else None
+    cast = 0
+
+    def weights():
+        nonlocal cast
+        for name, tensor in get_model_loader(config.load_config).get_all_weights(model_config, model):
+            target = targets.get(name, uniform)
+            if target is not None and tensor.is_floating_point() and tensor.dtype != target:
+                tensor = tensor.to(target)
+                cast += 1
+            yield name, tensor
+
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    embeddings = {id(m.weight) for m in model.modules() if not isinstance(m, ParallelLMHead) and hasattr(m, "weight")}
+    modules = list(model.modules())
+    tied_heads = {type(m).__name__ for m in modules if isinstance(m, ParallelLMHead) and id(m.weight) in embeddings}
+    buffers_only = {  # rotary embeddings: a cos/sin cache, no parameter
+        type(m).__name__ for m in modules if not list(m.parameters(recurse=False)) and list(m.buffers(recurse=False))
+    }
+    quiet = _ExpectedReloadGaps(tied_heads | buffers_only)
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    layerwise.addFilter(quiet)
+    try:
+        worker.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+    finally:
+        layerwise.removeFilter(quiet)
+    return cast
 
 
 def reprocess_tied_heads(worker) -> list[str]:

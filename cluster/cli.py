@@ -3,6 +3,11 @@
 The key listing is generated from the dataclasses in ``cluster.config`` (as HfArgumentParser does for TRL):
 each key under its section, with its type, its default (the value a job gets when neither the config file
 nor an override sets it) and its doc, so the help can never drift from what the loader accepts.
+
+``--config`` takes a file, or the name of a config that ships with the code (``spin``, ``spin-tiny``,
+``recipes/spin``; default: the job's own ``<method>``): the checkout's ``configs/`` folder, which an installed
+package carries as ``jobs/configs`` (pyproject.toml maps one onto the other), so ``selfimprove spin`` runs from
+any directory.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import sys
 import textwrap
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -65,6 +71,37 @@ def config_reference(config: Any = None, prefix: str = "") -> list[str]:
     return lines
 
 
+def shipped_configs() -> Path:
+    """The folder of the configs that ship with the code: ``jobs/configs`` in an installed package, ``configs/`` in
+    a checkout (found from this file, not the working directory)."""
+    root = Path(__file__).resolve().parent.parent
+    installed = root / "jobs" / "configs"
+    return installed if installed.is_dir() else root / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    folder = shipped_configs()
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
+
+
+def resolve_config_path(value: str) -> Path:
+    """``--config``'s value as a file: an existing file as given, else a shipped config by name (``spin``,
+    ``spin.yaml``, ``recipes/spin``, or the checkout spelling ``configs/spin.yaml``). Raise ConfigError when it is
+    neither, listing the shipped names."""
+    given = Path(value).expanduser()
+    if given.is_file():
+        return given
+    if not given.is_absolute():
+        folder = shipped_configs()
+        name = given.as_posix().removeprefix("configs/")
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(
+        f"--config: {value!r} is neither a file nor a shipped config ({', '.join(shipped_config_names())})"
+    )
+
+
 def _job_defaults(method: str) -> JobConfig:
     defaults = JobConfig()
     defaults.run.method = method  # what the job sets; every other default is the dataclasses'
@@ -83,7 +120,12 @@ def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
         epilog="\n".join(config_reference(_job_defaults(method))),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=f"configs/{method}.yaml", help="YAML config file (default: %(default)s)")
+    parser.add_argument(
+        "--config",
+        default=method,
+        help="YAML config file, or the name of a shipped config (spin, spin-tiny, recipes/spin, ...; default: "
+        "%(default)s, the shipped configs/%(default)s.yaml)",
+    )
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config (file + overrides + defaults) and exit"
     )
@@ -101,7 +143,7 @@ def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
     parser.add_argument("overrides", nargs="*", help="section.key=value (values parsed as YAML)")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, [f"run.method={method}", *args.overrides])
+        config = load_config(resolve_config_path(args.config), [f"run.method={method}", *args.overrides])
         if not (args.print_config or args.check_data or args.plan):  # a job that will start Ray: before anything
             embedded_auth_mode(config.cluster, os.environ)
     except ConfigError as err:

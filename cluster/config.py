@@ -199,13 +199,17 @@ class ArchitectureConfig:
 class ModelConfig:
     name: str = doc(
         "Model reference: 'smollm2-135m-instruct', 'tiny-random', a local Hugging Face folder, or a hub id "
-        "(org/name, optionally org/name@revision) downloaded once by the driver into model.cache_dir.",
+        "(org/name, optionally org/name@revision) downloaded once by the driver into the Hugging Face cache "
+        "(model.cache_dir if set).",
         "tiny-random",
     )
-    cache_dir: str = doc(
-        "Where built models are cached and hub models downloaded (a hub cache: models--org--name/snapshots/...). "
-        "On a cluster, a volume every node mounts: actors and training ranks load the resolved local folder.",
-        ".cache/models",
+    cache_dir: str | None = doc(
+        "Explicit hub cache (models--org--name/snapshots/...) for hub ids, and where the built-in models are built "
+        "(relative: to the project root). None: hub ids resolve in Hugging Face's own cache as transformers finds "
+        "it (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), built-in models go to the checkout's "
+        ".cache/models (installed: ~/.cache/selfimprove/models). On a cluster the cache is a volume every node "
+        "mounts (HF_HOME there, or this): actors and training ranks load the resolved local folder.",
+        None,
     )
     trust_remote_code: bool = doc("Allow model repos to run their own code.", False)
     architecture: ArchitectureConfig = doc(
@@ -349,7 +353,7 @@ class JudgeConfig:
         "auto: the task's rule verifier when it has one, else the LLM judge.", "auto"
     )
     model: str | None = doc(
-        "Judge model reference (same kinds as model.name, resolved into model.cache_dir); None: the base model.",
+        "Judge model reference (same kinds as model.name, resolved as model.name is); None: the base model.",
         None,
     )
     prompts_dir: str = doc(
@@ -366,7 +370,7 @@ class JudgeConfig:
 @dataclass
 class TeacherConfig:
     model: str | None = doc(
-        "Teacher model reference (same kinds as model.name, resolved into model.cache_dir); None: the base model.",
+        "Teacher model reference (same kinds as model.name, resolved as model.name is); None: the base model.",
         None,
     )
     k: int = doc("New examples per wrong seed example (LLM2LLM code: 1).", 1, bounds=">= 1")

@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 # Environment every Ray worker process of ours gets (actors, train workers): quiet vLLM, caches under the
 # project so nothing is rebuilt per process, and the user's own Hugging Face settings.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# A checkout keeps its caches (built models, vLLM and inductor caches, DeepSpeed ops) in .cache beside the code,
+# where `make venv` fills them. An installed package's PROJECT_ROOT is site-packages: no place to write data, and
+# maybe read-only. It uses the user's cache folder instead.
+IN_CHECKOUT = (PROJECT_ROOT / "pyproject.toml").is_file()
+CACHE_ROOT = (
+    PROJECT_ROOT / ".cache"
+    if IN_CHECKOUT
+    else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfimprove"
+)
 
 
 EMBEDDED_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
@@ -75,7 +84,7 @@ def worker_env(joined: bool | None = None) -> dict[str, str]:
     }
     if joined:
         return env
-    cache = PROJECT_ROOT / ".cache"
+    cache = CACHE_ROOT
     env.update(
         {
             "VLLM_CACHE_ROOT": str(cache / "vllm"),

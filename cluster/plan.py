@@ -138,17 +138,18 @@ def architecture_from_section(section: ArchitectureConfig, key: str) -> Architec
     )
 
 
-def find_config_json(ref: str, cache_dir: str) -> Path | None:
+def find_config_json(ref: str, cache_dir: str | None) -> Path | None:
     """``config.json`` of a model reference without building or downloading anything: a local folder, a built-in
-    model already built into ``cache_dir``, or a hub id already in the hub cache there."""
-    root = Path(cache_dir).expanduser()
-    root = root if root.is_absolute() else PROJECT_ROOT / root
+    model already built (cluster.models.built_models), or a hub id already in the hub cache (model.cache_dir, else
+    Hugging Face's own: cluster.models.hub_cache)."""
+    from cluster.models import built_models, hub_cache
+
     local = Path(ref).expanduser()
-    for folder in (local, root / ref):
+    for folder in (local, built_models(cache_dir) / ref):
         if (folder / "config.json").is_file():
             return folder / "config.json"
     repo, _, revision = ref.partition("@")
-    cached = root / f"models--{repo.replace('/', '--')}"
+    cached = hub_cache(cache_dir) / f"models--{repo.replace('/', '--')}"
     if revision and (cached / "snapshots" / revision / "config.json").is_file():
         return cached / "snapshots" / revision / "config.json"
     ref_file = cached / "refs" / (revision or "main")
@@ -158,7 +159,7 @@ def find_config_json(ref: str, cache_dir: str) -> Path | None:
     return found[0] if found else None
 
 
-def model_architecture(ref: str, cache_dir: str, stated: ArchitectureConfig, key: str) -> Architecture:
+def model_architecture(ref: str, cache_dir: str | None, stated: ArchitectureConfig, key: str) -> Architecture:
     """config.json when it is on disk (the real numbers), else the config's stated ``<key>``; neither: PlanError."""
     path = find_config_json(ref, cache_dir)
     if path is not None:
@@ -166,7 +167,7 @@ def model_architecture(ref: str, cache_dir: str, stated: ArchitectureConfig, key
     found = architecture_from_section(stated, key)
     if found is None:
         raise PlanError(
-            f"{key}: the config.json of {ref!r} is not on disk (a local folder or {cache_dir}), so state the model's "
+            f"{key}: the config.json of {ref!r} is not on disk (a local folder or the hub cache), so state the model's "
             f"shape in {key} (layers, hidden_size, intermediate_size, vocab_size, attention_heads, kv_heads)"
         )
     return found

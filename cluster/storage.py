@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 MOUNT_HINT = {
-    "read": "mount the shared volume that holds it (model.cache_dir / the model folder) at the same path on every node",
+    "read": "mount the shared volume that holds it (HF_HOME or model.cache_dir / the model folder) at the same path on "
+    "every node",
     "write": "mount the shared volume that holds run.dir at the same path, writable, on every node",
 }
 

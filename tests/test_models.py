@@ -1,6 +1,9 @@
 """Models by hub id or path, resolved on the driver before anything starts; the user's HF env reaches workers."""
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import conftest
@@ -34,6 +37,60 @@ def test_a_hub_id_resolves_offline_from_the_cache_to_its_snapshot(hub_cache):
         resolve_model(str(hub_cache), str(hub_cache))
     with pytest.raises(FileNotFoundError, match="neither a known model"):
         resolve_model("/no/such/model", str(hub_cache))
+
+
+# In a fresh process, as a user's shell starts a job: huggingface_hub reads HF_HUB_CACHE / HF_HOME when imported.
+RESOLVE_IN_A_FRESH_PROCESS = """
+import json, sys
+from cluster.config import ConfigError, load_config
+from cluster.models import resolve_models
+config = load_config(sys.argv[1], sys.argv[2:])
+try:
+    print(json.dumps({"paths": resolve_models(config), "cache_dir": config.model.cache_dir}))
+except ConfigError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+
+
+def resolve_in_a_fresh_process(hf_env: dict[str, str], *overrides: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {"HF_HUB_OFFLINE": "1", **hf_env}
+    done = subprocess.run(
+        [sys.executable, "-c", RESOLVE_IN_A_FRESH_PROCESS, str(ROOT / "configs/spin-tiny.yaml"), *overrides],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_with_model_cache_dir_unset_a_hub_id_resolves_where_hugging_face_keeps_its_cache(tmp_path, tiny_model):
+    """`hf download acme/tiny-chat` then HF_HUB_OFFLINE=1: the id is found in the cache HF_HUB_CACHE alone names
+    (then HF_HOME/hub), as transformers finds it; model.cache_dir, when set, is the cache instead."""
+    hub = conftest.hub_cache(tiny_model, tmp_path / "named-by-hf-hub-cache")
+    snapshot = str((hub / "models--acme--tiny-chat" / "snapshots" / REVISION).resolve())
+    found = resolve_in_a_fresh_process({"HF_HUB_CACHE": str(hub)}, "model.name=acme/tiny-chat")
+    assert found["cache_dir"] is None  # the default: nothing but Hugging Face's variable points at the cache
+    assert found["paths"]["model.name"] == snapshot
+    assert found["paths"]["judge.model"] == snapshot  # judge.model unset: the base model
+    # The built-in models are no hub repos: still built in (and read from) the checkout's .cache/models.
+    built = resolve_in_a_fresh_process({"HF_HUB_CACHE": str(hub)}, "judge.model=tiny-random")
+    assert built["paths"]["judge.model"] == str(ROOT / ".cache/models/tiny-random") == tiny_model
+
+    home = tmp_path / "hf-home"
+    conftest.hub_cache(tiny_model, home / "hub")
+    by_home = resolve_in_a_fresh_process({"HF_HOME": str(home)}, "model.name=acme/tiny-chat")
+    assert by_home["paths"]["model.name"] == str((home / "hub/models--acme--tiny-chat/snapshots" / REVISION).resolve())
+
+    missing = resolve_in_a_fresh_process({"HF_HUB_CACHE": str(tmp_path / "empty")}, "model.name=acme/tiny-chat")
+    assert "model.name: could not get 'acme/tiny-chat'" in missing["error"]
+    assert f"it must already be in {tmp_path / 'empty'}/models--acme--tiny-chat (HF_HUB_CACHE" in missing["error"]
+    # An explicit model.cache_dir overrides Hugging Face's cache (the id is not in it, so it is not found).
+    overridden = resolve_in_a_fresh_process(
+        {"HF_HUB_CACHE": str(hub)}, "model.name=acme/tiny-chat", f"model.cache_dir={tmp_path / 'empty'}"
+    )
+    assert "(model.cache_dir)" in overridden["error"]
 
 
 def test_every_configured_model_is_resolved_and_a_missing_one_names_its_key(hub_cache, tiny_model):

