@@ -276,6 +276,13 @@ class DataConfig:
         "chosen, rejected, reference, label, task, proposals), e.g. {prompt: question, reference: answer}.",
         factory=dict,
     )
+    sft_turns: Literal["first", "all"] = doc(
+        "Which exchange of a multi-turn 'messages' row (UltraChat) is the prompt and gold answer. 'first': the turns "
+        "up to the first user turn and the assistant reply after it, as SPIN's official spin/reformat.py takes "
+        "messages[0] and messages[1]; 'all': every turn before the last assistant turn is the prompt, that turn the "
+        "gold answer.",
+        "first",
+    )
     allow_overlap: bool = doc(
         "Run even when evaluation prompts appear in the training data (by id or normalized prompt text); "
         "otherwise the overlap is reported and the job stops before any work.",
