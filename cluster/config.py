@@ -381,7 +381,12 @@ class TeacherConfig:
     rouge_threshold: float = doc(
         "Drop a new question whose ROUGE-L F vs any existing one exceeds this.", 0.95, bounds="(0, 1]"
     )
-    max_attempts: int = doc("Times to ask again for missing examples.", 2, bounds=">= 1")
+    max_attempts: int = doc(
+        "Prompts sent per wrong seed example at most, until k examples are kept; attempt a asks for min(k + a, 10) "
+        "(LLM2LLM code: asks until k are kept, unbounded). Seeds still short of k are counted as given_up.",
+        2,
+        bounds=">= 1",
+    )
     architecture: ArchitectureConfig = doc(
         "teacher.model's shape for --plan where its config.json cannot be read.", factory=ArchitectureConfig
     )
@@ -558,6 +563,14 @@ class S3ftConfig:
         "Who paraphrases the gold answer: the model itself (paper).", "generator"
     )
     baseline_sft: bool = doc("Also train plain SFT on gold answers for the comparison.", True)
+    min_step_fraction: float = doc(
+        "A paraphrase of a worked gold answer (GSM8K) counts as equivalent only if, besides its final answer, it "
+        "states at least this fraction of the gold's intermediate calculation results (the numbers after '='; at "
+        "least one): the paper's paraphrase keeps the gold's content, a bare final answer keeps none of its steps. "
+        "Rejected ones are counted (paraphrase/answer_only). 0: the final answer alone decides.",
+        0.5,
+        bounds="[0, 1]",
+    )
 
 
 @dataclass
@@ -591,6 +604,12 @@ class AftConfig:
     proposal_temperature: float = doc("Proposal sampling temperature (code: 0.7).", 0.7, bounds=">= 0")
     proposal_top_p: float = doc("Proposal nucleus mass (code: 0.95).", 0.95, bounds="(0, 1]")
     aggregate_temperature: float = doc("Aggregation sampling temperature (code: 0.7).", 0.7, bounds=">= 0")
+    final_top_p: float = doc(
+        "Nucleus mass of the final aggregation layer (official code: final_layer_top_p 1.0, final temperature 0.7 = "
+        "aft.aggregate_temperature); the proposal and intermediate layers use aft.proposal_top_p.",
+        1.0,
+        bounds="(0, 1]",
+    )
     baseline_sft: bool = doc(
         "Also evaluate plain SFT on the same queries (the propose examples alone; the paper's baseline): its greedy "
         "answer (sft/eval) and propose-and-aggregate with it (sft/propose_aggregate, N and L as for AFT). With "
