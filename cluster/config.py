@@ -191,6 +191,19 @@ class ArchitectureConfig:
     attention_heads: int = doc("Attention heads (num_attention_heads).", 0, bounds=">= 0")
     kv_heads: int = doc("Key/value heads (num_key_value_heads; grouped-query attention).", 0, bounds=">= 0")
     tie_word_embeddings: bool = doc("Output head shares the embedding matrix.", False)
+    head_dim: int = doc(
+        "Attention head size (config.json head_dim; 0: hidden_size / attention_heads). Qwen3 and Gemma 2 state "
+        "their own, which the KV cache follows.",
+        0,
+        bounds=">= 0",
+    )
+    experts: int = doc("Mixture of experts: MLPs per layer (num_local_experts; 0: dense).", 0, bounds=">= 0")
+    experts_per_token: int = doc(
+        "Mixture of experts: experts each token passes through (num_experts_per_tok); intermediate_size is one "
+        "expert's.",
+        0,
+        bounds=">= 0",
+    )
 
 
 @dataclass
