@@ -55,8 +55,15 @@ def llm2llm(ctl: Controller) -> None:
             ctl.run.metric(f"iter{t}/teacher", teacher.stats)  # where the teacher's replies were lost
             return [examples]
 
-        # The new examples depend on the wrong seeds, the teacher's weights and the questions they must not repeat.
-        context = {"teacher": ctl.run.model_key(ctl.model_paths["teacher.model"]), "known": existing_questions}
+        # The new examples depend on the wrong seeds, the teacher's weights and the questions they must not repeat,
+        # and on how the teacher is asked (its sampling, k, attempts, ROUGE-L threshold).
+        t_c = c.teacher
+        asked = [t_c.k, t_c.temperature, t_c.top_p, t_c.max_tokens, t_c.rouge_threshold, t_c.max_attempts, c.run.seed]
+        context = {
+            "teacher": ctl.run.model_key(ctl.model_paths["teacher.model"]),
+            "known": existing_questions,
+            "asked": asked,
+        }
         new = ctl.run.row_phase(f"iter{t}/augment", wrong, augment, key="seed_id", failed=failed, context=context)
         ctl.run.metric(f"iter{t}/new_examples", len(new))
         data = accumulate(data, new)
