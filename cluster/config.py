@@ -193,6 +193,19 @@ class ArchitectureConfig:
     attention_heads: int = doc("Attention heads (num_attention_heads).", 0, bounds=">= 0")
     kv_heads: int = doc("Key/value heads (num_key_value_heads; grouped-query attention).", 0, bounds=">= 0")
     tie_word_embeddings: bool = doc("Output head shares the embedding matrix.", False)
+    head_dim: int = doc(
+        "Attention head size (config.json head_dim; 0: hidden_size / attention_heads). Qwen3 and Gemma 2 state "
+        "their own, which the KV cache follows.",
+        0,
+        bounds=">= 0",
+    )
+    experts: int = doc("Mixture of experts: MLPs per layer (num_local_experts; 0: dense).", 0, bounds=">= 0")
+    experts_per_token: int = doc(
+        "Mixture of experts: experts each token passes through (num_experts_per_tok); intermediate_size is one "
+        "expert's.",
+        0,
+        bounds=">= 0",
+    )
 
 
 @dataclass
@@ -281,6 +294,13 @@ class DataConfig:
         "Column mapping {field: dataset column} onto this repo's fields (id, prompt, messages, completion, "
         "chosen, rejected, reference, label, task, proposals), e.g. {prompt: question, reference: answer}.",
         factory=dict,
+    )
+    sft_turns: Literal["first", "all"] = doc(
+        "Which exchange of a multi-turn 'messages' row (UltraChat) is the prompt and gold answer. 'first': the turns "
+        "up to the first user turn and the assistant reply after it, as SPIN's official spin/reformat.py takes "
+        "messages[0] and messages[1]; 'all': every turn before the last assistant turn is the prompt, that turn the "
+        "gold answer.",
+        "first",
     )
     allow_overlap: bool = doc(
         "Run even when evaluation prompts appear in the training data (by id or normalized prompt text); "
@@ -380,7 +400,12 @@ class TeacherConfig:
     rouge_threshold: float = doc(
         "Drop a new question whose ROUGE-L F vs any existing one exceeds this.", 0.95, bounds="(0, 1]"
     )
-    max_attempts: int = doc("Times to ask again for missing examples.", 2, bounds=">= 1")
+    max_attempts: int = doc(
+        "Prompts sent per wrong seed example at most, until k examples are kept; attempt a asks for min(k + a, 10) "
+        "(LLM2LLM code: asks until k are kept, unbounded). Seeds still short of k are counted as given_up.",
+        2,
+        bounds=">= 1",
+    )
     architecture: ArchitectureConfig = doc(
         "teacher.model's shape for --plan where its config.json cannot be read.", factory=ArchitectureConfig
     )
@@ -564,6 +589,14 @@ class S3ftConfig:
         "Who paraphrases the gold answer: the model itself (paper).", "generator"
     )
     baseline_sft: bool = doc("Also train plain SFT on gold answers for the comparison.", True)
+    min_step_fraction: float = doc(
+        "A paraphrase of a worked gold answer (GSM8K) counts as equivalent only if, besides its final answer, it "
+        "states at least this fraction of the gold's intermediate calculation results (the numbers after '='; at "
+        "least one): the paper's paraphrase keeps the gold's content, a bare final answer keeps none of its steps. "
+        "Rejected ones are counted (paraphrase/answer_only). 0: the final answer alone decides.",
+        0.5,
+        bounds="[0, 1]",
+    )
 
 
 @dataclass
@@ -597,6 +630,12 @@ class AftConfig:
     proposal_temperature: float = doc("Proposal sampling temperature (code: 0.7).", 0.7, bounds=">= 0")
     proposal_top_p: float = doc("Proposal nucleus mass (code: 0.95).", 0.95, bounds="(0, 1]")
     aggregate_temperature: float = doc("Aggregation sampling temperature (code: 0.7).", 0.7, bounds=">= 0")
+    final_top_p: float = doc(
+        "Nucleus mass of the final aggregation layer (official code: final_layer_top_p 1.0, final temperature 0.7 = "
+        "aft.aggregate_temperature); the proposal and intermediate layers use aft.proposal_top_p.",
+        1.0,
+        bounds="(0, 1]",
+    )
     baseline_sft: bool = doc(
         "Also evaluate plain SFT on the same queries (the propose examples alone; the paper's baseline): its greedy "
         "answer (sft/eval) and propose-and-aggregate with it (sft/propose_aggregate, N and L as for AFT). With "

@@ -614,12 +614,12 @@ def _source_rows(
 
 
 def normalize(
-    raw: Any, columns: dict[str, str] | None, task: str | None, require_reference: bool
+    raw: Any, columns: dict[str, str] | None, task: str | None, require_reference: bool, sft_turns: str = "first"
 ) -> tuple[dict, list[str]]:
     """One user row (or the ``BadRow`` its reader made of it) -> (record, notes); raise ``BadRow``."""
     if isinstance(raw, BadRow):
         raise raw
-    fields, notes = normalize_row(raw, columns, task, require_reference)
+    fields, notes = normalize_row(raw, columns, task, require_reference, sft_turns)
     row = record(fields["id"], fields["prompt"], fields["reference"], fields["label"], fields["task"])
     row["metadata"] = json.dumps(fields["metadata"], sort_keys=True)
     return row, notes
@@ -634,8 +634,10 @@ def load_dataset(
     require_reference: bool = True,
     key: str = "data",
     cache_dir: str | None = None,
+    sft_turns: str = "first",
 ) -> tuple[list[dict], LoadReport]:
     """Load a dataset reference; bad rows (and duplicate ids) are skipped and reported one by one.
+    ``sft_turns``: the exchange a multi-turn ``messages`` row keeps (``data.sft_turns``).
 
     ``require_reference=False`` is for reference-free uses (MT-Bench prompts for benchmarks): no method here
     trains or judges without a gold answer, so jobs always require one."""
@@ -657,7 +659,7 @@ def load_dataset(
     report.source, candidates = _source_rows(ref, split, subset, key, cache_dir)
     for where, raw in candidates:
         try:
-            row, notes = normalize(raw, columns, task, require_reference)
+            row, notes = normalize(raw, columns, task, require_reference, sft_turns)
         except BadRow as err:
             report.bad(where, str(err))
             continue
@@ -848,7 +850,7 @@ def prepare(c: DataConfig, seed: int, method: str | None = None) -> JobData:
                 f"field=column, e.g. data.columns.prompt={column}"
             )
     load = lambda ref, split, subset, key: load_dataset(  # noqa: E731
-        ref, split, subset, c.columns, c.task, key=key, cache_dir=c.cache_dir
+        ref, split, subset, c.columns, c.task, key=key, cache_dir=c.cache_dir, sft_turns=c.sft_turns
     )
     shards = stream_source(c, method) if method else None
     if shards and c.streaming == "auto" and not c.eval and c.eval_split not in (_train_splits(c) or []):

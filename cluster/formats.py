@@ -3,9 +3,12 @@
 Formats (https://huggingface.co/docs/trl/dataset_formats), each standard (strings) or conversational (lists
 of ``{role, content}`` turns):
 
-- language modelling, conversational: ``messages`` ending with an assistant turn -> prompt = the turns before
-  it, reference = that turn (UltraChat-200k's ``prompt``/``prompt_id``/``messages`` rows load this way, the
-  id taken from ``prompt_id``). A plain ``text`` row has no prompt/answer boundary and is reported;
+- language modelling, conversational: ``messages`` -> its first exchange by default (``data.sft_turns=first``):
+  prompt = the turns up to the first user turn, reference = the assistant turn after it, as SPIN's official
+  ``spin/reformat.py`` builds its data from UltraChat (``messages[0]``, ``messages[1]``); with
+  ``data.sft_turns=all``, prompt = every turn before the last assistant turn, reference = that turn
+  (``conversation_exchange``). UltraChat-200k's ``prompt``/``prompt_id``/``messages`` rows load this way, the
+  id taken from ``prompt_id``. A plain ``text`` row has no prompt/answer boundary and is reported;
 - prompt-completion: ``prompt`` + ``completion`` -> reference = the completion;
 - preference: ``prompt`` + ``chosen`` (+ ``rejected``) -> reference = chosen, ``rejected`` kept in metadata;
   with an implicit prompt (``chosen`` is a whole conversation) the prompt is chosen's turns before its last;
@@ -140,6 +143,27 @@ def as_messages(value: Any, field: str) -> list[dict]:
     return turns
 
 
+SFT_TURNS = ("first", "all")
+
+
+def conversation_exchange(turns: list[dict], sft_turns: str) -> tuple[list[dict], str | None]:
+    """(prompt turns, gold answer or None) of a conversation. 'first': the turns up to and including the first user
+    turn (a leading system turn stays) and the assistant reply right after it, as SPIN's official spin/reformat.py
+    takes messages[0] and messages[1]: a later turn's gold answer was written for a context of human-written
+    turns the model never produced, and SPIN's generated answer must answer the same prompt as the gold one.
+    A conversation whose first user turn has no assistant reply after it falls back to 'all': every turn before
+    the last assistant turn is the prompt and that turn the gold answer (no assistant turn at the end: None)."""
+    if sft_turns not in SFT_TURNS:
+        raise ValueError(f"sft_turns must be one of {SFT_TURNS}, got {sft_turns!r}")
+    if sft_turns == "first":
+        first_user = next((i for i, t in enumerate(turns) if t["role"] == "user"), None)
+        if first_user is not None and first_user + 1 < len(turns) and turns[first_user + 1]["role"] == "assistant":
+            return turns[: first_user + 1], turns[first_user + 1]["content"]
+    if turns[-1]["role"] == "assistant":
+        return turns[:-1], turns[-1]["content"]
+    return turns, None
+
+
 def _answer_text(value: Any, field: str) -> str | None:
     """A completion / chosen / rejected / reference value: a string (standard) or turns (conversational)
     whose last is the assistant's answer (a preference pair with an implicit prompt repeats the prompt's turns)."""
@@ -179,9 +203,15 @@ def gsm8k_label(reference: str) -> str:
 
 
 def normalize_row(
-    raw: Any, columns: dict[str, str] | None = None, default_task: str | None = None, require_reference: bool = True
+    raw: Any,
+    columns: dict[str, str] | None = None,
+    default_task: str | None = None,
+    require_reference: bool = True,
+    sft_turns: str = "first",
 ) -> tuple[dict, list]:
     """(record fields, notes) for one user row; raise BadRow with the reason when the row cannot be used.
+    ``sft_turns``: which exchange of a multi-turn ``messages`` row is the prompt and gold answer
+    (``conversation_exchange``).
 
     notes: columns left out of the row's metadata because JSON cannot hold their values (timestamps, bytes):
     the row is still usable, the column is reported."""
@@ -196,11 +226,7 @@ def normalize_row(
 
     reference: str | None = None
     if row.get("messages") is not None:
-        turns = as_messages(row["messages"], "messages")
-        if turns[-1]["role"] == "assistant":
-            prompt, reference = turns[:-1], turns[-1]["content"]
-        else:
-            prompt = turns
+        prompt, reference = conversation_exchange(as_messages(row["messages"], "messages"), sft_turns)
     elif row.get("prompt") is not None:
         if isinstance(row["prompt"], (list, tuple)):
             prompt = as_messages(row["prompt"], "prompt")

@@ -4,7 +4,9 @@
 (``cluster.placement_check``: first fit, label selectors, tensor parallelism), estimates each GPU's memory, prints
 both per node group and exits: 0 when everything fits, 2 with the reasons when something does not. Nothing is
 started, downloaded or loaded: a model's shape comes from its ``config.json`` when that is on disk (a local folder
-or the hub cache under ``model.cache_dir``), else from the config's ``<role>.architecture`` numbers.
+or the hub cache under ``model.cache_dir``), its parameter count from transformers building that config on the
+meta device (exact for any architecture it has: head_dim as stated, tied embeddings, every expert of a mixture of
+experts), else from the config's ``<role>.architecture`` numbers.
 
 Memory model, per GPU (B = bytes of a bf16/fp16 value, 2; fp32 runs use 4):
 
@@ -16,19 +18,20 @@ Memory model, per GPU (B = bytes of a bf16/fp16 value, 2; fp32 runs use 4):
   gathered parameters, and gradients wait in a ``reduce_bucket_size`` (5e8) bucket (stages 1-2 also gather
   parameters through an ``allgather_bucket_size`` (5e8) bucket); each at most P values of B bytes.
 - Activations kept for backward, per token per layer, with SDPA / flash attention (no seq x seq scores kept):
-  B·(5h + 3·kv + 4·I) for the norm inputs/outputs, q/k/v and rotated q/k, attention output, and the SwiGLU gate,
-  up, activation and product, plus 2 x 4·h for the RMSNorms' fp32 copies (h hidden, kv = kv heads x head dim,
-  I intermediate size). With ``training.gradient_checkpointing`` only each layer's input (B·h) is kept, plus one
-  layer's activations while it is recomputed. Tokens per micro step = micro_batch_size x max_length, doubled for
-  preference phases (a pair is two sequences), capped by ``max_tokens_per_batch``: the worst case, every
-  sequence padded to max_length.
+  B·(2h + 3q + 3·kv + 4·I) for the norm inputs/outputs, q/k/v and rotated q/k, attention output, and the SwiGLU
+  gate, up, activation and product, plus 2 x 4·h for the RMSNorms' fp32 copies (h hidden, q = heads x head_dim,
+  kv = kv heads x head_dim, I the MLP width a token passes through: intermediate size x experts per token in a
+  mixture of experts, whose weights count every expert). With ``training.gradient_checkpointing`` only each
+  layer's input (B·h) is kept, plus one layer's activations while it is recomputed. Tokens per micro step =
+  micro_batch_size x max_length, doubled for preference phases (a pair is two sequences), capped by
+  ``max_tokens_per_batch``: the worst case, every sequence padded to max_length.
 - Logits of the micro step: tokens x vocab x (B + 4 + 4): the logits, their fp32 copy and the log-softmax.
 - Plus 1.5 GiB for the CUDA context and NCCL, and 10% for allocator fragmentation.
 - vLLM, per GPU of a replica with tensor parallelism T: weights B·P/T; a forward pass over the batched tokens
-  (max(8192, max_model_len)) of B·(2·I + 4·h)/T per token, sampler logits max_num_seqs x vocab x 4, and 1.5 GiB
-  of CUDA context and graphs. vLLM takes ``gpu_memory_utilization`` of the GPU and gives the rest of that to the
-  KV cache: 2 (K and V) x layers x max(1, kv_heads / T) x head_dim x B per token. A replica whose KV cache cannot
-  hold one ``engine.max_model_len`` sequence does not start, and the plan refuses it.
+  (max(8192, max_model_len)) of B·(2·I + 4·h)/T per token (I as above), sampler logits max_num_seqs x vocab x 4,
+  and 1.5 GiB of CUDA context and graphs. vLLM takes ``gpu_memory_utilization`` of the GPU and gives the rest of
+  that to the KV cache: 2 (K and V) x layers x max(1, kv_heads / T) x head_dim x B per token. A replica whose KV
+  cache cannot hold one ``engine.max_model_len`` sequence does not start, and the plan refuses it.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cluster.config import ArchitectureConfig, JobConfig, PoolConfig, phase_training
@@ -69,27 +72,42 @@ class PlanError(ValueError):
 class Architecture:
     layers: int
     hidden_size: int
-    intermediate_size: int
+    intermediate_size: int  # one MLP's (one expert's, in a mixture of experts)
     vocab_size: int
     attention_heads: int
     kv_heads: int
     tie_word_embeddings: bool
     stated_parameters: float
     source: str
+    stated_head_dim: int = 0  # config.json's head_dim (Qwen3, Gemma 2: not hidden / heads); 0: hidden / heads
+    experts: int = 0  # mixture of experts: MLPs per layer (0: dense)
+    experts_per_token: int = 0  # of which each token passes through
+    shared_intermediate_size: int = 0  # an always-on shared expert's MLP (Qwen2-MoE), 0: none
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.attention_heads
+        return self.stated_head_dim or self.hidden_size // self.attention_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.attention_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
     @property
+    def mlp_width(self) -> int:
+        """MLP width one token passes through: its experts' (and a shared expert's) in a mixture of experts."""
+        return self.intermediate_size * max(self.experts_per_token, 1) + self.shared_intermediate_size
+
+    @property
     def layer_parameters(self) -> int:
-        h, q = self.hidden_size, self.attention_heads * self.head_dim
+        h, q = self.hidden_size, self.q_dim
         attention = h * q + 2 * h * self.kv_dim + q * h
-        return attention + 3 * h * self.intermediate_size + 2 * h
+        mlps = max(self.experts, 1) * 3 * h * self.intermediate_size + 3 * h * self.shared_intermediate_size
+        router = h * self.experts
+        return attention + mlps + router + 2 * h
 
     @property
     def embedding_parameters(self) -> int:
@@ -97,28 +115,60 @@ class Architecture:
 
     @property
     def parameters(self) -> float:
-        """The stated count, else counted from the shapes (Llama / Mistral / Qwen layout, biases left out)."""
+        """The stated count (exact: transformers' own on the meta device, when config.json is on disk), else
+        counted from the shapes (Llama / Mistral / Qwen / Mixtral layout, biases and extra norms left out)."""
         if self.stated_parameters:
             return self.stated_parameters
         heads = 1 if self.tie_word_embeddings else 2
         return self.layers * self.layer_parameters + heads * self.embedding_parameters + self.hidden_size
 
 
+def _first(config: dict, *names: str) -> int:
+    return next((int(config[n]) for n in names if config.get(n)), 0)
+
+
 def architecture_from_hf(config: dict, source: str) -> Architecture:
-    """The numbers the estimate needs from a transformers ``config.json``."""
+    """The numbers the estimate needs from a transformers ``config.json``: head_dim as the config states it, and a
+    mixture of experts' expert count, experts per token and expert MLP width (Mixtral, Qwen-MoE, DeepSeek names)."""
     text = config.get("text_config") or config  # multimodal wrappers keep the language model's numbers inside
     heads = int(text["num_attention_heads"])
+    experts = _first(text, "num_local_experts", "num_experts", "n_routed_experts")
+    expert_width = _first(text, "moe_intermediate_size") if experts else 0
     return Architecture(
         layers=int(text["num_hidden_layers"]),
         hidden_size=int(text["hidden_size"]),
-        intermediate_size=int(text["intermediate_size"]),
+        intermediate_size=expert_width or int(text["intermediate_size"]),
         vocab_size=int(text["vocab_size"]),
         attention_heads=heads,
         kv_heads=int(text.get("num_key_value_heads") or heads),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
         stated_parameters=0.0,
         source=source,
+        stated_head_dim=_first(text, "head_dim"),
+        experts=experts,
+        experts_per_token=_first(text, "num_experts_per_tok") if experts else 0,
+        shared_intermediate_size=_first(text, "shared_expert_intermediate_size") if experts else 0,
     )
+
+
+def counted_parameters(folder: Path) -> int | None:
+    """The parameter count transformers gives the model of ``folder``'s config.json, built on the meta device (no
+    memory, no download, no weights read): exact for any architecture transformers knows, tied embeddings counted
+    once, every expert of a mixture of experts counted. None when transformers cannot build it (an architecture it
+    does not have, or one that needs the repo's own code)."""
+    import logging
+
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        return int(sum(p.numel() for p in model.parameters()))
+    except Exception:  # noqa: BLE001 - any failure means: count from the numbers instead
+        return None
 
 
 def architecture_from_section(section: ArchitectureConfig, key: str) -> Architecture | None:
@@ -135,6 +185,9 @@ def architecture_from_section(section: ArchitectureConfig, key: str) -> Architec
         tie_word_embeddings=section.tie_word_embeddings,
         stated_parameters=section.parameters,
         source=key,
+        stated_head_dim=section.head_dim,
+        experts=section.experts,
+        experts_per_token=section.experts_per_token,
     )
 
 
@@ -160,10 +213,15 @@ def find_config_json(ref: str, cache_dir: str | None) -> Path | None:
 
 
 def model_architecture(ref: str, cache_dir: str | None, stated: ArchitectureConfig, key: str) -> Architecture:
-    """config.json when it is on disk (the real numbers), else the config's stated ``<key>``; neither: PlanError."""
+    """config.json when it is on disk (its numbers, and the exact parameter count transformers gives it on the meta
+    device), else the config's stated ``<key>``; neither: PlanError."""
     path = find_config_json(ref, cache_dir)
     if path is not None:
-        return architecture_from_hf(json.loads(path.read_text()), str(path))
+        arch = architecture_from_hf(json.loads(path.read_text()), str(path))
+        count = counted_parameters(path.parent)
+        if count is None:
+            return replace(arch, source=f"{path}, parameters counted from its numbers")
+        return replace(arch, stated_parameters=float(count), source=f"{path}, parameters by transformers on meta")
     found = architecture_from_section(stated, key)
     if found is None:
         raise PlanError(
@@ -235,8 +293,8 @@ def training_estimate(arch: Architecture, settings: dict, world_size: int, phase
     tokens = settings["micro_batch_size"] * per_item
     if settings.get("max_tokens_per_batch"):
         tokens = max(per_item, min(tokens, settings["max_tokens_per_batch"]))
-    h, inter = arch.hidden_size, arch.intermediate_size
-    full_layer = b * (5 * h + 3 * arch.kv_dim + 4 * inter) + 2 * 4 * h
+    h, inter = arch.hidden_size, arch.mlp_width
+    full_layer = b * (2 * h + 3 * arch.q_dim + 3 * arch.kv_dim + 4 * inter) + 2 * 4 * h
     if settings.get("gradient_checkpointing"):
         activations = tokens * (arch.layers * b * h + full_layer)
     else:
@@ -267,7 +325,7 @@ def vllm_estimate(arch: Architecture, config: JobConfig, pool: PoolConfig, gpu_b
     tp = pool.tensor_parallel_size
     weights = b * arch.parameters / tp
     batched = max(VLLM_MIN_BATCHED_TOKENS, e.max_model_len)
-    forward = batched * b * (2 * arch.intermediate_size + 4 * arch.hidden_size) / tp
+    forward = batched * b * (2 * arch.mlp_width + 4 * arch.hidden_size) / tp
     sampler = e.max_num_seqs * arch.vocab_size * 4
     kv_per_token = 2 * arch.layers * max(1.0, arch.kv_heads / tp) * arch.head_dim * b
     usable = e.gpu_memory_utilization * gpu_bytes

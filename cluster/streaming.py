@@ -49,9 +49,11 @@ SCHEMA = pa.schema(
 class ShardDatasource(FileBasedDatasource):
     """Ray Data datasource of Parquet / JSON Lines shards, parsed into this repo's records in the read tasks."""
 
-    def __init__(self, paths: list[str], columns: dict[str, str], task: str | None, **kwargs):
+    def __init__(
+        self, paths: list[str], columns: dict[str, str], task: str | None, sft_turns: str = "first", **kwargs
+    ):
         super().__init__(paths, **kwargs)
-        self.columns, self.task = columns, task
+        self.columns, self.task, self.sft_turns = columns, task, sft_turns
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         if path.lower().endswith(".parquet"):  # Parquet reads its footer first: it needs random access
@@ -62,7 +64,7 @@ class ShardDatasource(FileBasedDatasource):
         chunk: list[dict] = []
         for where, raw in shard_rows(f, path):
             try:
-                row, notes = normalize(raw, self.columns, self.task, require_reference=True)
+                row, notes = normalize(raw, self.columns, self.task, True, self.sft_turns)
                 chunk.append(
                     {"where": f"{path} {where}", "notes": notes, "key": prompt_key(row), "row": json.dumps(row)}
                 )
@@ -84,7 +86,7 @@ def read_shards(shards: list[str], c: DataConfig) -> ray.data.Dataset:
         kwargs["filesystem"] = HfFileSystem()
     extensions = None if URI.match(shards[0]) else ["parquet", "jsonl", "jsonl.gz"]
     return ray.data.read_datasource(
-        ShardDatasource(shards, dict(c.columns), c.task, file_extensions=extensions, **kwargs)
+        ShardDatasource(shards, dict(c.columns), c.task, c.sft_turns, file_extensions=extensions, **kwargs)
     )
 
 

@@ -6,9 +6,12 @@ examples:  propose   query                      -> reference answer
            aggregate aggregator system prompt listing the proposals + query -> reference answer
            (an over-long one keeps its instruction and query; its proposals share the prompt budget, cut at their ends)
 train the base model on propose + aggregate data (and plain SFT as the baseline)
-inference: propose-and-aggregate, N proposals and L aggregation layers (the last layer one answer);
-evaluate single sample vs propose-and-aggregate for the AFT model, and for the SFT model trained on the same queries
-(aft.baseline_sft, the paper's comparison): task accuracy; pairwise win rate against SFT (aft.pairwise_vs_sft)
+inference: propose-and-aggregate, N proposals and L aggregation layers (the last layer one answer, at
+           aft.final_top_p: the official code's final_layer_top_p 1.0; the other layers at top_p 0.95);
+evaluate greedy, one proposal (layer 0, the like-for-like baseline: one sample at the proposal settings) and
+propose-and-aggregate side by side (``<model>/side_by_side``) for the AFT model, and for the SFT model trained on
+the same queries (aft.baseline_sft, the paper's comparison): task accuracy; pairwise win rate against SFT
+(aft.pairwise_vs_sft)
 """
 
 from __future__ import annotations
@@ -56,9 +59,9 @@ def aft(ctl: Controller) -> None:
     if not a.eval_propose_aggregate:
         ctl.run.metric("final_model", model)
         return
-    answers = evaluate_propose_and_aggregate(ctl, "aft", eval_rows, model, template)
+    answers = evaluate_propose_and_aggregate(ctl, "aft", eval_rows, model, template, _recorded(ctl, "aft/single"))
     if a.baseline_sft:  # the paper's comparison: the SFT model on the same queries, with the same inference
-        evaluate_propose_and_aggregate(ctl, "sft", eval_rows, sft_model, template)
+        evaluate_propose_and_aggregate(ctl, "sft", eval_rows, sft_model, template, _recorded(ctl, "sft/eval"))
 
     if a.baseline_sft and a.pairwise_vs_sft:
         sft_answers = ctl.run.rows("sft/eval-answers")
@@ -88,23 +91,25 @@ def aft(ctl: Controller) -> None:
 
 
 def evaluate_propose_and_aggregate(
-    ctl: Controller, prefix: str, rows: list[dict], model: str, template: str
+    ctl: Controller, prefix: str, rows: list[dict], model: str, template: str, greedy: tuple | None = None
 ) -> dict[str, dict]:
     """Propose-and-aggregate (N, L from aft) with ``model`` on ``rows``: ``<prefix>/propose_aggregate`` and, along
     the sequential-refinement axis, ``<prefix>/layer<l>`` (the first response of each layer; layer 0 is one
-    sample at the proposal temperature). Returns {row id: {answer, layers}}."""
+    sample at the proposal temperature); ``<prefix>/side_by_side`` puts ``greedy`` ((accuracy, ci95) of the
+    model's greedy answer), one proposal and P&A together. Returns {row id: {answer, layers}}."""
     a = ctl.config.aft
     ctl.use_generator_weights(model)
 
     def run_layers() -> dict[str, dict]:
         found = propose_and_aggregate(
             rows,
-            lambda reqs, n, temp: _generate_texts(ctl, reqs, n, temp),
+            lambda reqs, n, temp, top_p=None: _generate_texts(ctl, reqs, n, temp, top_p),
             template,
             a.n_proposals,
             a.layers,
             a.proposal_temperature,
             a.aggregate_temperature,
+            a.final_top_p,
         )
         # A query whose last layer never answered (its requests failed) is a failed row of this phase.
         unanswered = {r["id"]: "no final answer" for r in rows if not found.get(r["id"], {}).get("layers", [[]])[-1]}
@@ -115,7 +120,14 @@ def evaluate_propose_and_aggregate(
         "rows": rows,
         "model": ctl.run.model_key(model),
         "template": template,
-        "settings": [a.n_proposals, a.layers, a.proposal_temperature, a.aggregate_temperature, a.proposal_top_p],
+        "settings": [
+            a.n_proposals,
+            a.layers,
+            a.proposal_temperature,
+            a.aggregate_temperature,
+            a.proposal_top_p,
+            a.final_top_p,
+        ],
         "sampling": [ctl.config.evaluation.max_tokens, ctl.config.generation.max_tokens, ctl.config.run.seed],
     }
     answers = ctl.run.once(f"{prefix}/propose-and-aggregate", run_layers, key=key)
@@ -124,20 +136,41 @@ def evaluate_propose_and_aggregate(
     verdicts = ctl.judge_equivalence(f"{prefix}/pa-verdicts", rows, answered)
     ctl.run.metric(f"{prefix}/propose_aggregate/failed", len(rows) - len(verdicts))
     ctl.run.metric(f"{prefix}/propose_aggregate/unknown", sum(v == "unknown" for v in verdicts.values()))
-    ctl.record_accuracy(f"{prefix}/propose_aggregate", verdicts, len(verdicts))
+    pa = ctl.record_accuracy(f"{prefix}/propose_aggregate", verdicts, len(verdicts))
+    by_layer = []
     for layer in range(a.layers):
         firsts = {k: v["layers"][layer][0] for k, v in answers.items() if v["layers"][layer]}
         layer_verdicts = ctl.judge_equivalence(f"{prefix}/pa-layer{layer}-verdicts", rows, firsts)
-        ctl.record_accuracy(f"{prefix}/layer{layer}", layer_verdicts, len(layer_verdicts))
+        by_layer.append(ctl.record_accuracy(f"{prefix}/layer{layer}", layer_verdicts, len(layer_verdicts)))
+    # Side by side: the greedy answer, one proposal (layer 0: one sample at the proposal temperature and top_p,
+    # the like-for-like baseline of P&A, which samples too) and P&A; each accuracy with its 95% interval.
+    side = {"greedy": greedy, "one_proposal": by_layer[0], "propose_aggregate": pa}
+    ctl.run.metric(
+        f"{prefix}/side_by_side",
+        {name: {"accuracy": v[0], "ci95": [round(x, 4) for x in v[1]]} for name, v in side.items() if v is not None},
+    )
+    ctl.run.metric(f"{prefix}/propose_aggregate_minus_one_proposal", round(pa[0] - by_layer[0][0], 4))
     return answers
 
 
-def _generate_texts(ctl: Controller, requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:
+def _recorded(ctl: Controller, name: str) -> tuple[float, tuple[float, float]] | None:
+    """(accuracy, ci95) an evaluation logged as ``<name>/...``; None when it did not run."""
+    metrics = ctl.run.state["metrics"]
+    if f"{name}/accuracy" not in metrics:
+        return None
+    return metrics[f"{name}/accuracy"], tuple(metrics[f"{name}/ci95"])
+
+
+def _generate_texts(
+    ctl: Controller, requests: list[dict], n: int, temperature: float, top_p: float | None = None
+) -> dict[str, list[str]]:
+    """One P&A layer on the generator pool: proposal and intermediate layers at aft.proposal_top_p, the final
+    layer at ``top_p`` (aft.final_top_p, passed by propose_and_aggregate)."""
     sampling = ctl.sampling(
         ctl.config.evaluation,
         n=n,
         temperature=temperature,
-        top_p=ctl.config.aft.proposal_top_p,
+        top_p=ctl.config.aft.proposal_top_p if top_p is None else top_p,
         max_tokens=ctl.config.generation.max_tokens,
     )
     outputs = ctl.generator.generate_all(requests, sampling, desc=f"propose-aggregate n={n}")

@@ -46,7 +46,13 @@ TRAINING_PHASE = {"sft": "sft", "spin": "preference"}
 REQUIRED_PROMPTS = {
     "s3ft": ["paraphrase"],
     "aft": ["aggregate_system"],
-    "llm2llm": ["augment_system", "augment_user", "augment_example_user", "augment_example_assistant"],
+    "llm2llm": [
+        "augment_system",
+        "augment_user",
+        "augment_example_user",
+        "augment_example_assistant",
+        "augment_more_user",
+    ],
 }
 
 

@@ -3,9 +3,11 @@
 data = seed
 for t = 0..T-1:
     student_t = fine-tune the *base* model on data           (restarting avoids overfitting)
-    the student answers the seed set; the judge marks the wrong ones
+    the student answers the seed set; the judge marks the wrong ones ('####' tasks: the official filter, an
+        answer without the '#### n' form is wrong)
     only original seed examples are eligible (teacher-made ones are never augmented again)
-    the teacher writes k new examples per wrong seed example; near-duplicates (ROUGE-L) dropped
+    the teacher writes k new examples per wrong seed example (asked again, up to teacher.max_attempts, until
+        k are kept); examples without '####' and near-duplicates (ROUGE-L) dropped
     data = data + new examples
     evaluate student_t
 optional control (llm2llm.matched_steps_control): a student trained from the base model on the seed repeated to the
@@ -14,9 +16,9 @@ last student's data size: the same optimizer steps without the teacher's example
 
 from __future__ import annotations
 
-from cluster.data import prompt_text, take
+from cluster.data import split_prompt, take
 from jobs.common import Controller, main
-from methods.llm2llm import accumulate, instruction_wordings, repeat_rows, wrong_seed_examples
+from methods.llm2llm import accumulate, instruction_wordings, repeat_rows, seed_verdicts, wrong_seed_examples
 
 
 def llm2llm(ctl: Controller) -> None:
@@ -35,12 +37,15 @@ def llm2llm(ctl: Controller) -> None:
         ctl.evaluate(f"iter{t}/eval", eval_rows, model)
         ctl.use_generator_weights(model)
         answers = ctl.generate(f"iter{t}/answer-seed", seed, ctl.sampling(c.generation, salt=t), iteration=t)
-        verdicts = ctl.judge_equivalence(f"iter{t}/judge-seed", seed, {k: v["response"] for k, v in answers.items()})
+        texts = {k: v["response"] for k, v in answers.items()}
+        judged = ctl.judge_equivalence(f"iter{t}/judge-seed", seed, texts)
+        verdicts, unmarked = seed_verdicts(seed, texts, judged)  # '####' tasks: the official filter's test
         wrong = wrong_seed_examples(seed, verdicts)
         ctl.run.metric(f"iter{t}/wrong_seed", len(wrong))
+        ctl.run.metric(f"iter{t}/wrong_seed_unmarked", unmarked)  # right number, no '#### n': wrong as officially
         if t == c.llm2llm.iterations - 1:
             break  # the last student is the result; more data would not be trained on
-        existing_questions = [prompt_text(r) for r in data]
+        existing_questions = [split_prompt(r)[1] for r in data]  # the inputs, as the code compares questions
 
         failed: list[dict] = []  # seeds the teacher pool could not answer: stored and counted by the phase
 
@@ -50,8 +55,15 @@ def llm2llm(ctl: Controller) -> None:
             ctl.run.metric(f"iter{t}/teacher", teacher.stats)  # where the teacher's replies were lost
             return [examples]
 
-        # The new examples depend on the wrong seeds, the teacher's weights and the questions they must not repeat.
-        context = {"teacher": ctl.run.model_key(ctl.model_paths["teacher.model"]), "known": existing_questions}
+        # The new examples depend on the wrong seeds, the teacher's weights and the questions they must not repeat,
+        # and on how the teacher is asked (its sampling, k, attempts, ROUGE-L threshold).
+        t_c = c.teacher
+        asked = [t_c.k, t_c.temperature, t_c.top_p, t_c.max_tokens, t_c.rouge_threshold, t_c.max_attempts, c.run.seed]
+        context = {
+            "teacher": ctl.run.model_key(ctl.model_paths["teacher.model"]),
+            "known": existing_questions,
+            "asked": asked,
+        }
         new = ctl.run.row_phase(f"iter{t}/augment", wrong, augment, key="seed_id", failed=failed, context=context)
         ctl.run.metric(f"iter{t}/new_examples", len(new))
         data = accumulate(data, new)

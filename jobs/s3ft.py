@@ -2,7 +2,8 @@
 
 the base model answers every training input; the judge checks each answer against the gold one
     equivalent             -> target = the model's own answer
-    else the model paraphrases the gold answer; judged equivalent -> target = the paraphrase
+    else the model paraphrases the gold answer; judged equivalent, and for a worked gold answer (GSM8K) keeping
+        its steps (s3ft.min_step_fraction of its intermediate results) -> target = the paraphrase
     else                   -> target = the gold answer
 one SFT pass on those targets; compare with plain SFT on gold answers, in-domain and on a general benchmark
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from actors.teacher import paraphrase_messages
 from jobs.common import Controller, main
-from methods.s3ft import bucket_fractions, select_target
+from methods.s3ft import bucket_fractions, reasoning_verdicts, select_target
 
 
 def s3ft(ctl: Controller) -> None:
@@ -28,9 +29,13 @@ def s3ft(ctl: Controller) -> None:
     paraphraser = ctl.generator if c.s3ft.paraphrase_by == "generator" else ctl.pool("teacher", c.teacher.model)
     paraphrase_requests = [{**r, "messages": paraphrase_messages(c.judge.prompts_dir, r)} for r in not_equivalent]
     paraphrases = ctl.generate("paraphrase", paraphrase_requests, ctl.sampling(c.generation, salt=1), pool=paraphraser)
-    paraphrase_verdicts = ctl.judge_equivalence(
-        "judge-paraphrase", not_equivalent, {k: v["response"] for k, v in paraphrases.items()}
+    paraphrase_texts = {k: v["response"] for k, v in paraphrases.items()}
+    paraphrase_verdicts = ctl.judge_equivalence("judge-paraphrase", not_equivalent, paraphrase_texts)
+    # a worked gold answer (GSM8K): the paraphrase must also keep its steps, not only its final number
+    paraphrase_verdicts, answer_only = reasoning_verdicts(
+        not_equivalent, paraphrase_texts, paraphrase_verdicts, c.s3ft.min_step_fraction
     )
+    ctl.run.metric("paraphrase/answer_only", len(answer_only))
 
     examples, buckets = [], []
     for row in train_rows:

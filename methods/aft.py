@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-Generate = Callable[[list[dict], int, float], dict[str, list[str]]]
-"""generate(requests=[{id, messages}], n, temperature) -> {id: [n texts]}"""
+Generate = Callable[..., dict[str, list[str]]]
+"""generate(requests=[{id, messages}], n, temperature[, top_p]) -> {id: [n texts]}; top_p is passed only for the
+final layer when ``final_top_p`` is set, so a callback with one nucleus mass of its own (jobs.serve: the
+request's) needs no fourth argument."""
 
 
 def aggregation_messages(system_template: str, messages: list[dict], proposals: list[str]) -> list[dict]:
@@ -97,16 +99,21 @@ def propose_and_aggregate(
     layers: int,
     proposal_temperature: float,
     aggregate_temperature: float,
+    final_top_p: float | None = None,
 ) -> dict[str, dict]:
     """Layer 0: N proposals; L-1 intermediate layers of N aggregations, each seeing all of the previous
     layer's responses; a final layer writes 1 answer. L=2: 5 proposals -> 5 aggregations -> 1 final.
+    ``final_top_p``: the final layer's nucleus mass (official code: final_layer_top_p 1.0, while the proposal and
+    intermediate layers sample at top_p 0.95); None: the callback's own for every layer.
 
     Each layer's requests carry their own id (``<row id>@<layer>``): sampling seeds follow the request id,
     and with one id for every layer each aggregation replayed the random draws of the proposal in its slot
     (measured: the final answer was the first proposal, not an aggregate)."""
 
     def run_layer(layer: int, requests: list[dict], n: int, temperature: float) -> dict[str, list[str]]:
-        out = generate([{**q, "id": f"{q['id']}@{layer}"} for q in requests], n, temperature)
+        renamed = [{**q, "id": f"{q['id']}@{layer}"} for q in requests]
+        final = layer == layers and final_top_p is not None
+        out = generate(renamed, n, temperature, final_top_p) if final else generate(renamed, n, temperature)
         return {q["id"]: out[f"{q['id']}@{layer}"] for q in requests if f"{q['id']}@{layer}" in out}
 
     queries = [{"id": r["id"], "messages": r["messages"]} for r in rows]

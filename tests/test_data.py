@@ -219,15 +219,15 @@ FORMATS = {
         {"prompt": "question", "reference": "gold"},
         lambda i: [user(q(i))],
     ),
-    "ultrachat_200k": (  # SPIN's paper data: prompt, prompt_id, messages (multi-turn, answer last)
+    "ultrachat_200k": (  # SPIN's paper data: prompt, prompt_id, messages (multi-turn): the first exchange is kept
         lambda i: {
-            "prompt": f"Hello {i}",
+            "prompt": q(i),
             "prompt_id": f"pid{i}",
-            "messages": [user(f"Hello {i}"), assistant("Hi!"), user(q(i)), assistant(a(i))],
+            "messages": [user(q(i)), assistant(a(i)), user("And its river?"), assistant("The Long River.")],
         },
-        lambda i: {"prompt": f"Hello {i}", "prompt_id": f"pid{i}", "messages": [user(f"Hello {i}")]},
+        lambda i: {"prompt": q(i), "prompt_id": f"pid{i}", "messages": [user(q(i))]},
         {},
-        lambda i: [user(f"Hello {i}"), assistant("Hi!"), user(q(i))],
+        lambda i: [user(q(i))],
     ),
 }
 
@@ -263,6 +263,38 @@ def test_each_trl_format_becomes_spin_pairs_s3ft_targets_and_llm2llm_seeds_with_
     assert [select_target(r, "Own answer.", "no", None, None) for r in rows] == [("gold", a(0)), ("gold", a(2))]
     wrong = wrong_seed_examples(rows, {r["id"]: "no" for r in rows})
     assert [(r["messages"], r["reference"]) for r in wrong] == [(prompt(0), a(0)), (prompt(2), a(2))]
+
+
+def test_multi_turn_rows_keep_the_first_exchange_unless_data_sft_turns_is_all(tmp_path):
+    """SPIN's official spin/reformat.py keeps messages[0] (user) and messages[1] (assistant, the gold answer) of an
+    UltraChat conversation; data.sft_turns=all keeps the whole conversation before the last assistant turn."""
+    conversation = [SYSTEM, user("Hello"), assistant("Hi!"), user(q(0)), assistant(a(0))]
+    rows_in = [
+        {"id": "multi", "messages": conversation},
+        {"id": "no-reply-first", "messages": [user("Hello"), user(q(1)), assistant(a(1))]},  # falls back to 'all'
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows_in)
+    first, _ = load_dataset(path)
+    assert [(r["messages"], r["reference"]) for r in first] == [
+        ([SYSTEM, user("Hello")], "Hi!"),
+        ([user("Hello"), user(q(1))], a(1)),
+    ]
+    every, _ = load_dataset(path, sft_turns="all")
+    assert [(r["messages"], r["reference"]) for r in every] == [
+        ([SYSTEM, user("Hello"), assistant("Hi!"), user(q(0))], a(0)),
+        ([user("Hello"), user(q(1))], a(1)),
+    ]
+    with pytest.raises(ValueError, match="sft_turns must be one of"):
+        load_dataset(path, sft_turns="last")
+
+
+def test_data_sft_turns_is_a_checked_config_field(tmp_path):
+    from cluster.config import ConfigError, load_config
+
+    assert load_config(None, []).data.sft_turns == "first"
+    assert load_config(None, ["data.sft_turns=all"]).data.sft_turns == "all"
+    with pytest.raises(ConfigError, match="data.sft_turns"):
+        load_config(None, ["data.sft_turns=last"])
 
 
 def test_a_plain_text_row_is_reported_not_split_by_guess(tmp_path):

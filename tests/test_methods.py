@@ -1,8 +1,16 @@
 from actors.judge import load_prompt
 from cluster.data import meta, record
 from methods.aft import aggregation_messages, build_examples, propose_and_aggregate
-from methods.llm2llm import accumulate, instruction_wordings, repeat_rows, wrong_seed_examples
-from methods.s3ft import bucket_fractions, select_target
+from methods.llm2llm import (
+    accumulate,
+    instruction_wordings,
+    marked_answer,
+    official_verdict,
+    repeat_rows,
+    seed_verdicts,
+    wrong_seed_examples,
+)
+from methods.s3ft import bucket_fractions, keeps_reasoning, reasoning_verdicts, select_target, step_results
 from methods.spin import (
     beta_for,
     build_pairs,
@@ -72,6 +80,43 @@ def test_llm2llm_only_seed_examples_are_eligible():
     assert [r["id"] for r in accumulate(data, [teacher_made])] == ["a", "b", "a-aug0-0"]
 
 
+def test_llm2llm_wrong_answer_test_is_the_official_filter_for_marked_tasks():
+    """GSM8K/filter.py: the answer is read after the first '#'-run and a space; without that form it is wrong."""
+    gold = "She sells 16 - 3 - 4 = 9 eggs, for 9 * 2 = $18.\n#### 18"
+    assert official_verdict("9 eggs at $2 make 18 dollars.\n#### 18", gold) == "yes"
+    assert official_verdict("#### $18.00 in total", gold) == "yes"  # digits and points compared as a number
+    assert official_verdict("So she makes $18 a day.", gold) == "no"  # right number, no '#### n' form
+    assert official_verdict("#### 17\nWait: #### 18", gold) == "no"  # the first marked answer counts
+    assert official_verdict("### 18", gold) == "yes"  # any run of '#' then a space, as the code's r"#+ (.*)"
+    assert marked_answer("no marker here") is None and marked_answer("x\n## 1,000 apples\nmore") == "1,000 apples"
+    assert official_verdict("#### 1,000", "a\n#### 1000") == "yes"
+    seed = [ROWS[0], record("m", "Eggs?", gold, "18", "gsm8k"), record("s", "Film?", "positive", "positive")]
+    answers = {"a": "2", "m": "She makes $18 a day.", "s": "positive"}
+    judged = {"a": "yes", "m": "yes", "s": "yes"}  # the last-number verifier's verdicts
+    verdicts, unmarked = seed_verdicts(seed, answers, judged)
+    # 'a' has a bare gold '2' (not a '####' task): the judge's verdict stands; 'm' is wrong as officially
+    assert verdicts == {"a": "yes", "m": "no", "s": "yes"} and unmarked == 1
+    assert [r["id"] for r in wrong_seed_examples(seed, verdicts)] == ["m"]
+
+
+def test_s3ft_paraphrase_must_keep_the_gold_steps():
+    gold = "Janet sells 16 - 3 - 4 = 9 duck eggs a day.\nShe makes 9 * 2 = $18 every day.\n#### 18"
+    assert step_results(gold) == [9.0]  # the final answer (18) is not a step
+    assert not keeps_reasoning(gold, "The answer to the question is: 18", 0.5)  # the quality run's answer-only
+    assert keeps_reasoning(gold, "After eating 3 and baking 4 she has 9 eggs; at $2 each that is $18.", 0.5)
+    house = "80,000+50,000=$130,000 spent\n80,000*1.5=120,000 gained\nso 120,000+80,000=$200,000\n#### 70000"
+    assert step_results(house) == [130000.0, 120000.0, 200000.0]
+    assert keeps_reasoning(house, "Costs 130,000; worth 200,000 now; profit 70000.", 0.5)  # 2 of 3 steps
+    assert not keeps_reasoning(house, "It is worth 200,000, so the profit is 70000.", 0.5)  # 1 of 3
+    assert keeps_reasoning(house, "70000", 0.0) and keeps_reasoning("#### 4", "4", 0.5)  # no steps to keep
+    rows = [record("g", "Eggs?", gold, "18", "gsm8k"), record("c", "Film?", "positive", "positive", "classification")]
+    verdicts, answer_only = reasoning_verdicts(
+        rows, {"g": "The answer is 18.", "c": "positive"}, {"g": "yes", "c": "yes"}, 0.5
+    )
+    assert verdicts == {"g": "no", "c": "yes"} and answer_only == ["g"]
+    assert select_target(rows[0], "17", "no", "The answer is 18.", verdicts["g"]) == ("gold", gold)
+
+
 def test_llm2llm_matched_steps_control_repeats_the_seed_to_the_final_data_size():
     from actors.teacher import new_example
     from cluster.data import load_dataset, take
@@ -126,3 +171,19 @@ def test_propose_and_aggregate_layer_structure():
     assert out["a"]["answer"] == "a@2-3-0" and [len(x) for x in out["a"]["layers"]] == [5, 5, 1]
     # Every layer's requests have their own ids, so seeds that follow the id differ from layer to layer.
     assert ids[0].isdisjoint(ids[1]) and ids[1].isdisjoint(ids[2])
+
+
+def test_propose_and_aggregate_final_layer_samples_at_its_own_top_p():
+    """Official AFT (configs/default.yaml, net.MoA): proposals and intermediate aggregations at top_p 0.95, the
+    final layer at final_layer_top_p 1.0; a callback without a top_p argument is never given one."""
+    calls = []
+
+    def generate(requests, n, temperature, top_p=None):
+        calls.append((n, temperature, top_p))
+        return {r["id"]: [f"{r['id']}-{i}" for i in range(n)] for r in requests}
+
+    template = load_prompt("actors/prompts", "aggregate_system")
+    propose_and_aggregate(ROWS[:1], generate, template, 5, 2, 0.7, 0.7, final_top_p=1.0)
+    assert calls == [(5, 0.7, None), (5, 0.7, None), (1, 0.7, 1.0)]
+    three_args = lambda requests, n, temperature: {r["id"]: ["x"] * n for r in requests}  # noqa: E731
+    assert propose_and_aggregate(ROWS[:1], three_args, template, 2, 1, 0.7, 0.7)["a"]["answer"] == "x"

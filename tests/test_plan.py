@@ -109,7 +109,8 @@ def test_config_json_on_disk_wins_over_the_stated_numbers(tiny_model):
     stated = ArchitectureConfig(layers=99, hidden_size=1, intermediate_size=1, vocab_size=1, attention_heads=1)
     arch = model_architecture(tiny_model, ".cache/models", stated, "model.architecture")
     expected = json.loads((Path(tiny_model) / "config.json").read_text())
-    assert arch.layers == expected["num_hidden_layers"] != 99 and arch.source.endswith("config.json")
+    assert arch.layers == expected["num_hidden_layers"] != 99 and "config.json" in arch.source
+    assert arch.parameters == meta_count(Path(tiny_model))  # transformers' own count, not the stated numbers
 
 
 def test_parameter_count_from_the_shapes_matches_the_published_ones():
@@ -171,3 +172,82 @@ def test_gpu_profiles_plan_and_fit_every_method(profile, method):
     declared = load_profiles(ROOT / "configs/gpu-profiles.yaml")[profile]
     shape = [(g.name, g.count, g.gpus_per_node, g.cpus_per_node, dict(g.labels)) for g in config.cluster.node_groups]
     assert shape == [(g.name, g.count, g.gpus_per_node, g.cpus_per_node, dict(g.labels)) for g in declared]
+
+
+# Qwen3-0.6B's config.json: head_dim 128 while hidden / heads is 64; tied embeddings.
+QWEN3 = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "tie_word_embeddings": True,
+}
+# Mixtral-8x7B's: 8 experts of Mistral-7B's MLP per layer, 2 per token.
+MIXTRAL = {
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    **MISTRAL,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+}
+
+
+def meta_count(folder: Path) -> int:
+    """transformers' own parameter count of the model a config.json describes, built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+    return model.num_parameters()
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "published"),
+    [("qwen3", QWEN3, 0.596e9), ("mixtral", MIXTRAL, 46.7e9)],
+    ids=["qwen3", "mixtral"],
+)
+def test_plan_takes_exact_counts_and_shapes_from_config_json(tmp_path, name, config, published):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    arch = model_architecture(str(folder), str(tmp_path / "cache"), ArchitectureConfig(), "model.architecture")
+    assert arch.parameters == meta_count(folder) == pytest.approx(published, rel=0.003)
+    assert "transformers on meta" in arch.source
+    if name == "qwen3":
+        assert arch.head_dim == 128 != 1024 // 16 and arch.kv_dim == 8 * 128  # the KV cache follows head_dim
+        plan = make_plan(recipe(ROOT / "configs/recipes/s3ft.yaml", f"model.name={folder}"))
+        assert plan.fits and f"{folder} (0.60B parameters, from {folder}/config.json" in plan.text()
+    else:
+        # weights: every expert; activations and the vLLM forward pass: the 2 experts a token goes through
+        assert arch.experts == 8 and arch.mlp_width == 2 * 14336
+        dense = architecture_from_hf(MISTRAL, "x")
+        assert arch.parameters > 6 * dense.parameters  # the count that ignored experts gave about a sixth
+    # the numbers alone (no transformers class for the architecture) count the same layout within 0.1%
+    assert architecture_from_hf(config, "x").parameters == pytest.approx(arch.parameters, rel=0.001)
+
+
+def test_an_architecture_transformers_lacks_is_counted_from_its_numbers(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**QWEN3, "model_type": "not-in-transformers"}))
+    arch = model_architecture(str(tmp_path), str(tmp_path / "cache"), ArchitectureConfig(), "model.architecture")
+    assert "counted from its numbers" in arch.source and arch.head_dim == 128
+    assert arch.parameters == pytest.approx(0.596e9, rel=0.003)
+
+
+def test_recipe_numbers_carry_head_dim_and_experts():
+    stated = ArchitectureConfig(
+        layers=32, hidden_size=4096, intermediate_size=14336, vocab_size=32000, attention_heads=32, kv_heads=8,
+        experts=8, experts_per_token=2,
+    )
+    arch = architecture_from_section(stated, "model.architecture")
+    assert arch.parameters == pytest.approx(46.7e9, rel=0.003) and arch.mlp_width == 2 * 14336
+    gemma2 = ArchitectureConfig(
+        layers=26, hidden_size=2304, intermediate_size=9216, vocab_size=256000, attention_heads=8, kv_heads=4,
+        head_dim=256, tie_word_embeddings=True,
+    )
+    assert architecture_from_section(gemma2, "model.architecture").kv_dim == 4 * 256  # not 2304 / 8 = 288
