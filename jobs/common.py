@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from actors.chat import job_chat_templates
 from actors.engine import Sampling
 from actors.judge import Judge
 from actors.llm_actor import EnginePool
@@ -88,6 +89,11 @@ class Controller:
         # folder exists: a wrong model id, prompts folder or dataset is a config / data error naming its key,
         # not a failure minutes later inside an actor, with a half-made run folder left behind.
         self.model_paths = resolve_models(config)  # {config key: local folder}
+        # {config key: configured chat template or None}; each model's chat format is checked and logged once
+        try:
+            self.chat_templates = job_chat_templates(config, self.model_paths, PROJECT_ROOT)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         check_prompts_dir(config)
         self.data = prepare(config.data, config.run.seed, config.run.method)
         self.base_model = self.model_paths["model.name"]
@@ -100,7 +106,7 @@ class Controller:
         if not self.data.shards:
             where = connect(config.cluster)
         log.info("Ray: %s; run folder %s", where, self.run.dir)
-        self.pools = Pools(config, self.model_paths, self.run)
+        self.pools = Pools(config, self.model_paths, self.run, self.chat_templates)
 
     # -- data ------------------------------------------------------------------------------------------
 
@@ -246,6 +252,8 @@ class Controller:
             "training": training,
             "seed": self.config.run.seed,
             "trust_remote_code": self.config.model.trust_remote_code,
+            # what the generator renders with; saved with the checkpoint when configured
+            "chat_template": self.chat_templates["model.name"],
             **extra,
         }
         settings = {k: v for k, v in training.items() if not is_run_control(f"training.{k}")}
