@@ -64,7 +64,7 @@ class ChatFormat:
     template: str  # the Jinja template applied (the tokenizer's own, a configured one, or the plain format's)
     plain: bool  # True: the plain format (the tokenizer has no template)
     turn_end: str  # text the template renders right after the assistant's content
-    turn_end_ids: list[int]  # its tokens: the end of every training target and scored response
+    turn_end_ids: list[int]  # its tokens alone (eos in the plain format): what closes a target and a scored response
     stop: list[str] = field(default_factory=list)  # stop strings the generator needs beyond eos
     stop_token_ids: list[int] = field(default_factory=list)  # stop token ids beyond eos
     prompt_matches: bool = True  # the rendered exchange starts with the generation prompt (see chat_format)
@@ -104,6 +104,7 @@ def chat_format(tokenizer) -> ChatFormat:
 @functools.lru_cache(maxsize=32)
 def _chat_format(tokenizer, template: str, plain: bool, vocabulary: int) -> ChatFormat:
     """Cached per tokenizer, template and vocabulary size (tokens added later change the end of turn's ids)."""
+
     def render(messages: list[dict], generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
@@ -162,12 +163,34 @@ def load_chat_template(value: str | None, key: str, root: Path) -> str | None:
     return value
 
 
-def job_chat_templates(config, model_paths: dict[str, str], root: Path) -> dict[str, str | None]:
-    """{model key: configured template or None} for model.name, judge.model and teacher.model, checked on the
-    driver before Ray starts; logs each model's format once. A judge or teacher without its own
-    ``chat_template`` renders as the base model does when it is the base model (its ``model`` None), else with
-    its model's own template (a template belongs to a tokenizer: another model's special tokens mean nothing to
-    it). Raise ValueError naming the key."""
+@dataclass
+class JobChatFormats:
+    """The job's chat formats, checked on the driver: what each model key's actors and ranks are handed
+    (``templates``: the configured template, or None for the model's own / the plain format) and how each
+    renders (``described``), for the driver log and the run's summary."""
+
+    templates: dict[str, str | None]
+    described: dict[str, str]
+    paths: dict[str, str]
+
+    def log(self, run=None) -> None:
+        """Log each model's format once (keys that share a model and a template on one line); record them all
+        as the ``chat_format`` summary metric of ``run``."""
+        groups: dict[tuple[str, str | None], list[str]] = {}
+        for key, template in self.templates.items():
+            groups.setdefault((self.paths[key], template), []).append(key)
+        for (path, _), keys in groups.items():
+            log.info("chat format of %s (%s): %s", ", ".join(keys), path, self.described[keys[0]])
+        if run is not None:
+            run.metric("chat_format", dict(self.described))
+
+
+def job_chat_formats(config, model_paths: dict[str, str], root: Path) -> JobChatFormats:
+    """The chat formats of model.name, judge.model and teacher.model, checked on the driver before Ray starts
+    and before the run folder exists. A judge or teacher without its own ``chat_template`` renders as the base
+    model does when it is the base model (its ``model`` None), else with its model's own template: a template
+    belongs to a tokenizer, and another model's special tokens mean nothing to it. Raise ValueError naming the
+    key."""
     from transformers import AutoTokenizer
 
     base = load_chat_template(config.model.chat_template, "model.chat_template", root)
@@ -183,25 +206,24 @@ def job_chat_templates(config, model_paths: dict[str, str], root: Path) -> dict[
             templates[key], sources[key] = base, sources["model.name"]
         else:
             templates[key], sources[key] = None, None
-    described: dict[tuple[str, str | None], str] = {}
+    described: dict[str, str] = {}
+    known: dict[tuple[str, str | None], str] = {}
     for key, template in templates.items():
         path = model_paths[key]
-        if (path, template) in described:  # the same model rendered the same way: logged once
-            continue
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
-        source = sources[key] or ("the model's own" if tokenizer_template(tokenizer) else "the model has none")
-        try:
-            fmt = use_chat_template(tokenizer, template)
-        except ChatFormatError as err:
-            raise ValueError(f"{sources[key] or f'{key} ({path})'}: {err}") from None
-        described[(path, template)] = fmt.describe()
-        users = [k for k, t in templates.items() if model_paths[k] == path and t == template]
-        log.info("chat format of %s (%s): %s [%s]", ", ".join(users), path, fmt.describe(), source)
-        if not fmt.prompt_matches:
-            log.warning(
-                "%s: the template renders an answered exchange differently from its generation prompt; prompts "
-                "use the generation prompt and targets the content plus %r, as the generator sees them",
-                key,
-                fmt.turn_end,
-            )
-    return templates
+        if (path, template) not in known:  # each model and template checked once
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
+            source = sources[key] or ("the model's own" if tokenizer_template(tokenizer) else "the model has none")
+            try:
+                fmt = use_chat_template(tokenizer, template)
+            except ChatFormatError as err:
+                raise ValueError(f"{sources[key] or f'{key} ({path})'}: {err}") from None
+            known[(path, template)] = f"{fmt.describe()} [{source}]"
+            if not fmt.prompt_matches:
+                log.warning(
+                    "%s: the template renders an answered exchange differently from its generation prompt; "
+                    "prompts use the generation prompt and targets the content plus %r, as the generator sees them",
+                    key,
+                    fmt.turn_end,
+                )
+        described[key] = known[(path, template)]
+    return JobChatFormats(templates, described, dict(model_paths))

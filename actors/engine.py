@@ -62,8 +62,12 @@ def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
 
 def response_ids(tokenizer, text: str) -> list[int]:
     """A response as the trainer and scorer see it: its tokens, then what the chat format renders after the
-    assistant's content (``<|im_end|>\\n`` in ChatML, eos in the plain format)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + chat_format(tokenizer).turn_end_ids
+    assistant's content (``<|im_end|>\\n`` in ChatML, eos in the plain format). Tokenized with the content, as
+    the template's own rendering is: an end of turn in plain text can merge with the content's last characters."""
+    fmt = chat_format(tokenizer)
+    if fmt.plain:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + fmt.turn_end_ids
+    return tokenizer(text + fmt.turn_end, add_special_tokens=False)["input_ids"]
 
 
 def with_format_stops(sampling: Sampling, tokenizer) -> Sampling:

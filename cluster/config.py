@@ -208,11 +208,12 @@ class ModelConfig:
     trust_remote_code: bool = doc("Allow model repos to run their own code.", False)
     chat_template: str | None = doc(
         "Chat template for model.name and every model trained from it, for generation, scoring and training alike "
-        "(and for the judge and teacher when they are the base model): a Jinja string or a file (relative: to the project root), as vLLM's --chat-template and "
-        "TRL take it; saved with each trained checkpoint. None: the model's own; a model without one (a base "
-        "model) gets the plain format of the official SPIN code, '### Instruction: {prompt}\\n\\n### Response: "
-        "{answer}' + eos (actors/chat.py). Training targets end with what the template renders after the "
-        "assistant's content (e.g. '<|im_end|>\\n'), eos in the plain format.",
+        "(and for the judge and teacher when they are the base model): a file (relative: to the project root) or "
+        "the Jinja text (on the command line quoted as a YAML string), as vLLM's --chat-template and TRL take it; "
+        "saved with each trained checkpoint. None: the model's own; a model without one (a base model) gets the "
+        "plain format of the official SPIN code, '### Instruction: {prompt}\\n\\n### Response: {answer}' + eos "
+        "(actors/chat.py). Training targets end with what the template renders after the assistant's content "
+        "(e.g. '<|im_end|>\\n'), eos in the plain format.",
         None,
     )
     architecture: ArchitectureConfig = doc(

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from actors.chat import job_chat_templates
+from actors.chat import job_chat_formats
 from actors.engine import Sampling
 from actors.judge import Judge
 from actors.llm_actor import EnginePool
@@ -89,15 +89,16 @@ class Controller:
         # folder exists: a wrong model id, prompts folder or dataset is a config / data error naming its key,
         # not a failure minutes later inside an actor, with a half-made run folder left behind.
         self.model_paths = resolve_models(config)  # {config key: local folder}
-        # {config key: configured chat template or None}; each model's chat format is checked and logged once
-        try:
-            self.chat_templates = job_chat_templates(config, self.model_paths, PROJECT_ROOT)
+        try:  # each model's chat format (actors/chat.py), logged once the run folder's log exists
+            self.chat_formats = job_chat_formats(config, self.model_paths, PROJECT_ROOT)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        self.chat_templates = self.chat_formats.templates  # {config key: configured template or None}
         check_prompts_dir(config)
         self.data = prepare(config.data, config.run.seed, config.run.method)
         self.base_model = self.model_paths["model.name"]
         self.run = Run(config)
+        self.chat_formats.log(self.run)
         if self.data.shards:  # a streamed data.train is read on the cluster: Ray first
             where = connect(config.cluster)
             self.data = inputs.ingest(self.run, config.data, self.data)
