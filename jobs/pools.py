@@ -32,10 +32,22 @@ POOLS_AT_START = {
 }
 
 
+# The config key whose model (and chat template) a role's pool runs; every other role runs model.name's.
+ROLE_MODEL_KEY = {"judge": "judge.model", "teacher": "teacher.model"}
+
+
 class Pools:
-    def __init__(self, config: JobConfig, model_paths: dict[str, str], run: Run):
+    def __init__(
+        self,
+        config: JobConfig,
+        model_paths: dict[str, str],
+        run: Run,
+        chat_templates: dict[str, str | None] | None = None,
+    ):
         self.config = config
         self.model_paths = model_paths  # {config key: local folder}, resolved before Ray started
+        # {config key: configured chat template or None}, checked before Ray started (actors.chat.job_chat_templates)
+        self.chat_templates = chat_templates or {}
         self.run = run
         self.engines: dict[str, EnginePool] = {}
         self._trainer = None
@@ -59,6 +71,7 @@ class Pools:
                 seed=c.run.seed,
                 trust_remote_code=c.model.trust_remote_code,
                 shared_paths=self.shared_paths(path),
+                chat_template=self.chat_templates.get(ROLE_MODEL_KEY.get(role, "model.name")),
             )
             log.info("pool %s ready: %s", role, self.engines[role].info)
         return self.engines[role]

@@ -52,7 +52,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from actors.engine import Sampling, build_engine, render_prompt, resolve_dtype, row_seeds
+from actors.chat import chat_format
+from actors.engine import Sampling, build_engine, render_prompt, resolve_dtype, row_seeds, with_format_stops
 from actors.judge import load_prompt
 from cluster.config import PoolConfig, ServeConfig
 from methods.aft import propose_and_aggregate
@@ -269,6 +270,7 @@ def vllm_params(sampling: Sampling, output_kind):
         top_p=sampling.top_p,
         max_tokens=sampling.max_tokens,
         stop=sampling.stop or None,
+        stop_token_ids=sampling.stop_token_ids or None,
         seed=sampling.seed,
     )
 
@@ -406,9 +408,11 @@ class ChatServer:
 
     async def _sample(self, messages: list[dict], sampling: Sampling, usage: dict, what: str = "prompt") -> list[dict]:
         prompt, max_tokens = self._prompt(messages, sampling.max_tokens, what)
-        samples, (start, end) = await self.engine.sample(
-            prompt, Sampling(**{**asdict(sampling), "max_tokens": max_tokens})
-        )
+        # The model's chat format ends a turn where the generator must stop (actors/chat.py).
+        sampling = with_format_stops(Sampling(**{**asdict(sampling), "max_tokens": max_tokens}), self.tokenizer)
+        samples, (start, end) = await self.engine.sample(prompt, sampling)
+        chat = chat_format(self.tokenizer)
+        samples = [{**s, "text": chat.clean(s["text"])} for s in samples]
         usage["engine_start"] = min(start, usage.get("engine_start", start))
         usage["engine_end"] = max(end, usage.get("engine_end", end))
         usage["prompt_tokens"] += len(prompt)
@@ -483,7 +487,9 @@ class ChatServer:
 
         else:
             prompt, max_tokens = self._prompt(parsed.messages, parsed.sampling.max_tokens)
-            sampling = Sampling(**{**asdict(parsed.sampling), "max_tokens": max_tokens})
+            sampling = with_format_stops(
+                Sampling(**{**asdict(parsed.sampling), "max_tokens": max_tokens}), self.tokenizer
+            )
 
             def deltas():
                 return self.engine.stream(prompt, sampling)

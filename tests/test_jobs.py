@@ -205,6 +205,51 @@ def test_aft_propose_and_aggregate(local_cluster, tmp_path):
     assert len(state["phases"]["sft/propose-and-aggregate"]["result"]) == 4
 
 
+# The pools each method's tiny job places, and the overrides that also exercise per-model templates: LLM2LLM's
+# teacher is a model with a template of its own; S3FT's judge (the base model) is given one (judge.chat_template).
+BASE_MODEL_JOBS = {
+    "spin": ({"generator", "train"}, []),
+    "s3ft": ({"generator", "judge", "train"}, ["judge.chat_template={llama3}"]),
+    "llm2llm": ({"generator", "teacher", "train"}, ["teacher.model=tiny-random", "teacher.max_attempts=1"]),
+    "aft": ({"generator", "train"}, []),
+}
+
+
+def test_four_methods_on_a_model_without_a_chat_template(local_cluster, tmp_path):
+    """Each method's tiny job on tiny-random-base (tiny-random without a chat template, as a base model such as
+    Llama-2-7b-hf): it runs through, prompts and targets in the plain format, its generated texts cut where the
+    format ends a turn, each model's format logged once and recorded in the summary."""
+    from test_chat_template import LLAMA3_STYLE
+
+    from actors.chat import PLAIN_STOP
+
+    llama3 = tmp_path / "llama3.jinja"
+    llama3.write_text(LLAMA3_STYLE)
+    for method, (pools, extra) in BASE_MODEL_JOBS.items():
+        overrides = ["model.name=tiny-random-base", *(o.format(llama3=llama3) for o in extra)]
+        summary = submit(local_cluster, method, tmp_path / method, *overrides, pools=pools)
+        run = tmp_path / method / method / "tiny"
+        formats = summary["metrics"]["chat_format"]
+        plain = formats["model.name"]
+        assert plain.startswith("the plain format") and plain.endswith("[the model has none]")
+        log = (run / "driver.log").read_text()
+        assert log.count("chat format of model.name") == 1
+        if method == "s3ft":
+            assert formats["judge.model"].endswith("[judge.chat_template]") and "'<|eot_id|>'" in formats["judge.model"]
+        elif method == "llm2llm":
+            assert formats["teacher.model"] == "a chat template whose turn ends with '<|im_end|>\\n' [the model's own]"
+            assert formats["judge.model"] == formats["model.name"]
+        generated = [
+            row
+            for part in run.glob("phases/**/*.parquet")
+            if "samples" in pq.read_schema(part).names
+            for row in pq.read_table(part, columns=["samples"]).column("samples").to_pylist()
+        ]
+        texts = [text for samples in generated for text in samples]
+        assert texts, f"{method}: no generated rows"
+        assert all(PLAIN_STOP not in t and t == t.rstrip() for t in texts), method
+
+
 def test_failed_job_exits_nonzero_with_the_driver_error(local_cluster, tmp_path):
     result = submit_job(local_cluster, "spin", tmp_path, "training.lr=-1")
     assert result.returncode != 0

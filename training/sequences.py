@@ -1,8 +1,10 @@
 """Examples -> token sequences -> micro-batches, the same way on every rank.
 
 The prompt is rendered with ``render_prompt`` (the generator's own function) so the trainer sees exactly
-the tokens the generator saw; the response gets the end-of-turn token. Prompts longer than
-``max_prompt_length`` keep their last tokens, responses are cut to fit ``max_length``; both are counted.
+the tokens the generator saw; the response ends as the chat format ends the assistant's turn (``response_ids``:
+``<|im_end|>\n`` in ChatML, eos in the plain format of a model without a template, actors/chat.py). Prompts
+longer than ``max_prompt_length`` keep their last tokens, responses are cut to fit ``max_length``; both are
+counted.
 An AFT aggregation prompt is the exception: cutting its start would drop the aggregator instruction and the
 first proposals, so ``prompt_messages`` keeps the instruction and the query whole and cuts the proposals at
 their ends, sharing the budget equally (``methods.aft.share_budget``), or stops the phase when even a

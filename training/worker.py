@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from actors.chat import use_chat_template
 from cluster.storage import StorageError, check_storage
 from training import checkpoints
 from training.losses import sequence_logps, sft_loss, spin_loss
@@ -149,6 +150,7 @@ class PhaseRunner:
         gc.collect()
         torch.manual_seed(spec["seed"])
         tokenizer = AutoTokenizer.from_pretrained(spec["init_model"])
+        use_chat_template(tokenizer, spec.get("chat_template"))  # the generator's format (actors/chat.py)
         examples = _read_examples(spec["data"])
         report = TruncationReport()
         kind = spec["kind"]
