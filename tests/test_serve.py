@@ -64,7 +64,7 @@ def request(port: int, method: str, path: str, body=None, key: str | None = API_
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers=head, method=method)
     try:
         with urllib.request.urlopen(req, timeout=300) as response:
-            return response.status, json.loads(response.read())
+            return response.status, json.loads(response.read() or b"{}")  # /health answers 200 with no body
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"{}")
 
