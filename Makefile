@@ -22,7 +22,7 @@ $(STAMP): requirements/torch-cpu.lock requirements/cpu.lock pyproject.toml
 	# DeepSpeed compiles its CPU shm_comm op at first use (~80 s): build it once into the cache.
 	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	# Convert SmolLM2 from the shipped GGUF and build the tiny random model once (cached in .cache/models).
-	$(PY) -m cluster.models smollm2-135m-instruct tiny-random
+	$(PY) -m cluster.models smollm2-135m-instruct tiny-random tiny-random-base
 	rm -f .venv/.installed-* && touch $(STAMP)
 
 demo: venv
