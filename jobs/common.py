@@ -185,7 +185,12 @@ class Controller:
 
         # The outputs depend on the rows, the sampling settings, the iteration (a lineage column) and the weights the
         # generator holds now: the model is named by its key (the training phase that wrote it, or its content).
-        context = {"model": self.run.model_key(pool.model_path), "sampling": sampling.as_dict(), "iteration": iteration}
+        context = {
+            "model": self.run.model_key(pool.model_path),
+            "sampling": sampling.as_dict(),
+            "iteration": iteration,
+            "chat_templates": self.chat_templates,  # the resolved texts: a template file edited in place counts
+        }
         if isinstance(rows, Blocks):  # one block of prompts in the driver at a time
             generated = self.run.block_phase(
                 name, rows, lambda todo: [o for b in process(todo) for o in b], failed=failed, context=context
@@ -244,6 +249,7 @@ class Controller:
             "kind": self.config.judge.kind,
             "model": self.run.model_key(pool.model_path) if pool else None,
             "prompt": self.judge.equivalence_prompt if pool else None,
+            "chat_templates": self.chat_templates if pool else None,
         }
 
     def train(
@@ -287,6 +293,7 @@ class Controller:
             "training": settings,
             "world_size": self.config.pools.train.replicas,
             "seed": self.config.run.seed,
+            "chat_template": spec["chat_template"],
         }
         scratch = Path(spec["phase_dir"])  # checkpoints + reference log-probs: they belong to this key
         result = self.run.once(name, lambda: self._fit(spec, examples), key=key, scratch=scratch)
