@@ -68,6 +68,7 @@ RUN_CONTROL = (
     "training.allocator",
     "training.stall_timeout_s",
     "training.min_examples",
+    "training.keep_checkpoints",  # how many complete DeepSpeed tags are kept, not what they hold
 )
 
 

@@ -347,10 +347,10 @@ class PhaseRunner:
         dist.all_gather_object(gathered, mine)
         merged = {k: v for part in gathered for k, v in part.items()}
         if self.rank == 0:
+            from cluster.runfolder import write_atomic  # fsynced: a power loss leaves the old file or the whole new one
+
             self.phase_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(merged))
-            tmp.rename(path)
+            write_atomic(path, json.dumps(merged))
         dist.barrier()
         return merged
 
