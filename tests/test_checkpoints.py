@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
 
+from cluster.runfolder import write_atomic
 from training import checkpoints
 from training.checkpoints import COMPLETE, LATEST, Tag
 
@@ -78,8 +79,8 @@ def test_pruning_keeps_the_newest_complete_tags_and_drops_incomplete_ones(tmp_pa
 
 def test_durable_write_replaces_whole_and_leaves_no_temp_file(tmp_path):
     target = tmp_path / LATEST
-    checkpoints.write_durable(target, "step2")
-    checkpoints.write_durable(target, "step4")
+    write_atomic(target, "step2")
+    write_atomic(target, "step4")
     assert target.read_text() == "step4" and [p.name for p in tmp_path.iterdir()] == [LATEST]
 
 

@@ -19,11 +19,12 @@ The functions here only look at files: the collectives stay with the rank (``tra
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from cluster.runfolder import fsync_dir, fsync_file, write_atomic
 
 COMPLETE = "complete.json"
 LATEST = "latest"
@@ -38,31 +39,12 @@ def file_owner(name: str) -> int:
     return int(found.group(1)) if found else 0
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: Path, text: str) -> None:
-    """``path`` holds ``text`` whole or keeps what it held: temp file, fsync, rename, fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 def sync_own_files(tag_dir: Path, rank: int) -> dict[str, int]:
     """fsync the files of ``tag_dir`` this rank wrote; their names and sizes (what rank 0 records)."""
     files = {}
     for path in sorted(tag_dir.iterdir()):
         if path.is_file() and file_owner(path.name) == rank and path.name != COMPLETE:
-            fsync_path(path)
+            fsync_file(path)
             files[path.name] = path.stat().st_size
     return files
 
@@ -76,10 +58,10 @@ class Tag:
 def mark_complete(ckpt_dir: Path, tag: str, world_size: int, micro_step: int, files: dict[str, int]) -> None:
     """Rank 0, once every rank has synced its files: the tag's marker, then ``latest``."""
     tag_dir = ckpt_dir / tag
-    fsync_path(tag_dir)  # the files' names, written by every rank
+    fsync_dir(tag_dir)  # the files' names, written by every rank
     marker = {"tag": tag, "world_size": world_size, "micro_step": micro_step, "files": files}
-    write_durable(tag_dir / COMPLETE, json.dumps(marker, sort_keys=True))
-    write_durable(ckpt_dir / LATEST, tag)
+    write_atomic(tag_dir / COMPLETE, json.dumps(marker, sort_keys=True))
+    write_atomic(ckpt_dir / LATEST, tag)
 
 
 def check_tag(tag_dir: Path, world_size: int) -> Tag | str:
