@@ -1,9 +1,47 @@
 """Cluster side of the project: config, Ray connection, pools, models, data, run folder and tracking."""
 
 import os
+import re
+import warnings
 
-# Ray Train V2's PlacementGroupCleaner asks the State API (served by the dashboard) whether the train
-# controller lives, every second; with the embedded default's dashboard off each ask fails with a warning
-# that floods the driver's output. Ray reads this variable when it is imported, and every entry point
-# imports this package before ray; a user's own value wins.
-os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "Failed to query Ray Train Controller actor state")
+# Known-harmless library output: lines every run prints that ask nothing of the user (each a consequence of a
+# setting made here on purpose, or a library's chatter about its own internals). Ray leaves worker lines that match
+# one out of the driver's console (RAY_DEDUP_LOGS_SKIP_REGEX: Ray reads it when it is imported, and every entry
+# point imports this package before ray; a user's own value wins); cluster.connect still writes every worker line
+# to driver.log. Performance hints (vLLM's LD_PRELOAD advice) and everything else stay on the console.
+HARMLESS_OUTPUT = (
+    # Ray Train V2's PlacementGroupCleaner asks the State API (served by the dashboard) whether the train
+    # controller lives, every second; with the embedded default's dashboard off each ask fails with a warning.
+    "Failed to query Ray Train Controller actor state",
+    # DeepSpeed's collectives in the Ray Train ranks call torch.distributed names torch renamed (FutureWarning,
+    # once per rank and collective); vLLM's Triton shim touches another.
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|reduce_op)` is deprecated",
+    # torch's notice at each vLLM CPU worker start that it binds memory to the NUMA node of its cores.
+    "Warning: NUMA binding: Using MEMBIND policy",
+    # vLLM at each engine build, about settings this project makes on purpose (engine.enforce_eager,
+    # engine.enable_chunked_prefill, the in-process engine core, its thread binding) or the CPU build (no Triton).
+    "The global random seed is set to .* VLLM_ENABLE_V1_MULTIPROCESSING is set to False",
+    "This model does not officially support disabling chunked prefill",
+    "Enforce eager set, disabling torch.compile",
+    "Inductor compilation was disabled by user settings",
+    "Triton is not installed. triton-cpu is expected",
+    "Triton is installed, but doesn't include CPU backend",
+    "Model Runner V2 requires Triton",
+    "Reset SSM cache type to float32",
+    "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding",
+)
+HARMLESS = re.compile("|".join(f"({pattern})" for pattern in HARMLESS_OUTPUT))
+os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", HARMLESS.pattern)
+
+_format_warning = warnings.formatwarning
+
+
+def _harmless_on_one_line(message, category, filename, lineno, line=None) -> str:
+    """Python prints a warning and then its source line; a known-harmless one is printed on one line, so that
+    Ray's filter leaves all of it off the console (not an orphaned ``  return func(*args, **kwargs)``)."""
+    if HARMLESS.search(str(message)):
+        return f"{filename}:{lineno}: {category.__name__}: {message}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _harmless_on_one_line

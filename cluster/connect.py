@@ -117,6 +117,35 @@ def private_token_file() -> Path:
     return path
 
 
+class _LogFilesOnly(logging.Handler):
+    """Hands a record to the root logger's file handlers only (driver.log): Ray already printed the line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                handler.handle(record)
+
+
+WORKER_OUTPUT = logging.getLogger("selfimprove.worker_output")
+WORKER_OUTPUT.propagate = False
+WORKER_OUTPUT.addHandler(_LogFilesOnly())
+
+
+def tee_worker_output() -> None:
+    """Write every line Ray forwards from our workers to the driver's log files (driver.log), the lines its
+    console leaves out (cluster.HARMLESS_OUTPUT) included: the console is the readable view, the file the full one.
+    Ray 2.60 has no public hook for this: its driver-side dispatcher of worker output takes extra handlers."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+    def write(batch: dict) -> None:
+        who = f"({batch.get('actor_name') or batch.get('task_name') or 'worker'} pid={batch.get('pid')})"
+        for line in batch.get("lines", []):
+            WORKER_OUTPUT.info("%s %s", who, line)
+
+    global_worker_stdstream_dispatcher.remove_handler("selfimprove_driver_log")
+    global_worker_stdstream_dispatcher.add_handler("selfimprove_driver_log", write)
+
+
 def connect(config: ClusterConfig) -> str:
     """Connect to Ray once per process; return a description of where we are."""
     global _joined_cluster
@@ -129,6 +158,7 @@ def connect(config: ClusterConfig) -> str:
         # The job's own runtime_env (working_dir, pip) stays in charge; actors add worker_env() themselves.
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
+        tee_worker_output()
         return f"joined {address}"
     # Before anything starts: only cluster.auth_mode may turn auth off (ConfigError when the environment would).
     mode = embedded_auth_mode(config, os.environ)
@@ -167,4 +197,5 @@ def connect(config: ClusterConfig) -> str:
         log_to_driver=True,
         _system_config={"worker_niceness": config.worker_niceness, "enable_metrics_collection": config.dashboard},
     )
+    tee_worker_output()
     return f"embedded local Ray ({config.num_cpus:g} logical CPUs, temp {temp_dir})"
