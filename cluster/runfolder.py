@@ -68,6 +68,7 @@ RUN_CONTROL = (
     "training.allocator",
     "training.stall_timeout_s",
     "training.min_examples",
+    "evaluation.lm_eval.",  # each lm-eval phase is keyed by its tasks and settings: benchmarks can be added later
 )
 
 
