@@ -120,7 +120,7 @@ def engine_lm(engine: Any, batch_size: int, max_gen_toks: int, seed: int):
             for _, context, continuation in requests:
                 whole = (context + continuation)[-room:]
                 sequences.append(whole)
-                starts.append(len(whole) - len(continuation))
+                starts.append(max(1, len(whole) - len(continuation)))  # the first token has no log-prob
             results: list[tuple[float, bool]] = []
             for i in range(0, len(sequences), self.batch_size):
                 batch = self._score(sequences[i : i + self.batch_size], starts[i : i + self.batch_size])
@@ -187,6 +187,12 @@ def engine_lm(engine: Any, batch_size: int, max_gen_toks: int, seed: int):
     return EngineLM()
 
 
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def task_manager(include_path: str | None):
     """lm-eval's tasks, the offline ones shipped here (``TASKS_DIR``) and those of ``include_path``."""
     from lm_eval.tasks import TaskManager
@@ -230,7 +236,12 @@ def run_harness(engine: Any, spec: dict) -> dict:
 
         from actors.engine import resolve_dtype  # 'auto' as the engine resolves it, on this node
 
-        model = HFLM(pretrained=spec["model_path"], dtype=resolve_dtype(spec["dtype"]), batch_size=spec["batch_size"])
+        model = HFLM(
+            pretrained=spec["model_path"],
+            dtype=resolve_dtype(spec["dtype"]),
+            batch_size=spec["batch_size"],
+            device=_device(),  # HFLM's default is cuda, which a CPU node lacks
+        )
     limit = spec["limit"]
     manager = task_manager(spec["include_path"])
     # lm-eval takes one few-shot count per call: one call per count (the leaderboard's 25-shot ARC, 10-shot

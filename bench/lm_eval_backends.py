@@ -76,7 +76,7 @@ def main() -> None:
         else:
             from lm_eval.models.huggingface import HFLM
 
-            model = HFLM(pretrained=args.model, dtype=args.dtype, batch_size=16)
+            model = HFLM(pretrained=args.model, dtype=args.dtype, batch_size=16, device="cpu")
         build_s = time.perf_counter() - start
         for task, limit in jobs:
             start = time.perf_counter()

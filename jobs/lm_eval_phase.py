@@ -24,6 +24,7 @@ cluster, in one generator replica (actors.lm_eval_runner).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -93,14 +94,13 @@ def _data_problem(cfg: dict, yaml_path: Path | None) -> str | None:
         files = _files((cfg.get("dataset_kwargs") or {}).get("data_files"))
         if not files:
             return f"dataset_path {path} needs dataset_kwargs.data_files"
-        missing = [f for f in files if not any(Path().glob(f)) and not Path(f).expanduser().exists()]
+        missing = [f for f in files if not glob.glob(os.path.expanduser(f))]  # a path or a pattern, as datasets takes
         return f"data file(s) {', '.join(missing)} do not exist" if missing else None
     if Path(str(path)).expanduser().exists():
         return None
     if _offline() and not _in_local_cache(str(path)):
         return (
             f"hub dataset {path} is not in the local cache and the hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)"
-            "; use a *_local task or a task YAML reading local files (evaluation.lm_eval.include_path)"
         )
     return None
 
@@ -160,7 +160,12 @@ def check(config: JobConfig) -> None:
                 problems.append(f"{name}{f' ({leaf})' if leaf != name else ''}: {reason}")
     if problems:
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise ConfigError(f"evaluation.lm_eval.tasks: {'; '.join(problems[:5])}{more}")
+        hint = (
+            " (offline: use a *_local task, or a task YAML over local files in evaluation.lm_eval.include_path)"
+            if any("hub dataset" in p for p in problems)
+            else ""
+        )
+        raise ConfigError(f"evaluation.lm_eval.tasks: {'; '.join(problems[:5])}{more}{hint}")
 
 
 # -- the phase -----------------------------------------------------------------------------------------
@@ -321,7 +326,8 @@ def record(ctl: Controller, label: str, result: dict) -> None:
 
         rows = table_rows(run.state["metrics"])
         columns = ["model", "iteration", "task", "metric", "value", "stderr", "n"]
-        run.wandb.log({"lm_eval/results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
+        table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+        run.wandb.log({"lm_eval/results": table}, step=run.step)  # the run's own step, as Run.table logs
 
 
 def table_rows(metrics: dict) -> list[dict]:

@@ -163,7 +163,7 @@ def hf_reference(model: str, task: str, folder: Path) -> list[list[float]]:
     from actors.lm_eval_runner import task_manager
 
     out = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=model, dtype="float32", batch_size=4),
+        model=HFLM(pretrained=model, dtype="float32", batch_size=4, device="cpu"),
         tasks=[task],
         task_manager=task_manager(str(folder)),
         log_samples=True,
