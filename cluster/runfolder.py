@@ -69,6 +69,7 @@ RUN_CONTROL = (
     "training.stall_timeout_s",
     "training.min_examples",
     "training.keep_checkpoints",  # how many complete DeepSpeed tags are kept, not what they hold
+    "evaluation.lm_eval.",  # each lm-eval phase is keyed by its tasks and settings: benchmarks can be added later
 )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from actors.judge import load_prompt
 from cluster.data import meta
+from jobs import lm_eval_phase
 from jobs.common import Controller, main
 from methods.aft import build_examples, off_policy_proposals, propose_and_aggregate
 
@@ -88,6 +89,7 @@ def aft(ctl: Controller) -> None:
             ctl.run.metric("aft/win_rate_vs_sft", wins / len(decided))
         ctl.run.metric("aft/pairwise_unknown", len(outcome) - len(decided))
     ctl.run.metric("final_model", model)
+    lm_eval_phase.final(ctl, model)  # evaluation.lm_eval: standard benchmarks on the final model
 
 
 def evaluate_propose_and_aggregate(

@@ -17,6 +17,7 @@ last student's data size: the same optimizer steps without the teacher's example
 from __future__ import annotations
 
 from cluster.data import split_prompt, take
+from jobs import lm_eval_phase
 from jobs.common import Controller, main
 from methods.llm2llm import accumulate, instruction_wordings, repeat_rows, seed_verdicts, wrong_seed_examples
 
@@ -69,6 +70,7 @@ def llm2llm(ctl: Controller) -> None:
         data = accumulate(data, new)
         ctl.run.metric(f"iter{t}/data_size", len(data))
     ctl.run.metric("final_model", model)
+    lm_eval_phase.final(ctl, model)  # evaluation.lm_eval: standard benchmarks on the final model
     if c.llm2llm.matched_steps_control:
         control = repeat_rows(seed, len(data))
         ctl.run.metric("control/data_size", len(control))

@@ -2,8 +2,9 @@
 
 Writes ``RUN_DIR/report.html`` (or FILE) and its PNG charts into the sibling folder of the same name
 (``RUN_DIR/report/``): eval accuracy per stage with 95% CIs, phase timings, S3FT buckets, LLM2LLM augmentation
-counts, pool idle times, all metrics and the first rows of the answer and training-data phases. An unfinished
-run (no ``summary.json``) is reported from ``state.json``; missing or unreadable pieces are skipped, never fatal.
+counts, pool idle times, lm-evaluation-harness results per model (value ± stderr), all metrics and the first
+rows of the answer and training-data phases. An unfinished run (no ``summary.json``) is reported from
+``state.json``; missing or unreadable pieces are skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -237,6 +238,22 @@ def _cell(value: Any) -> str:
     return html.escape(text if len(text) <= MAX_CELL_CHARS else text[:MAX_CELL_CHARS] + "…")
 
 
+def benchmark_table(metrics: dict) -> list[dict]:
+    """lm-evaluation-harness results (``<model>/lm_eval`` metrics, jobs.lm_eval_phase): one row per task and
+    metric, one column per model, each cell ``value ± stderr``, the documents scored in ``n``."""
+    models = [k.removesuffix("/lm_eval") for k, v in metrics.items() if k.endswith("/lm_eval") and isinstance(v, dict)]
+    rows: dict[tuple[str, str], dict] = {}
+    for model in models:
+        for task, values in (metrics[f"{model}/lm_eval"].get("tasks") or {}).items():
+            for metric, v in values.items():
+                if not isinstance(v, dict) or v.get("value") is None:
+                    continue
+                row = rows.setdefault((task, metric), {"task": task, "metric": metric, "n": values.get("n")})
+                stderr = f" ± {v['stderr']:.4f}" if isinstance(v.get("stderr"), (int, float)) else ""
+                row[model] = f"{v['value']:.4f}{stderr}"
+    return list(rows.values())
+
+
 def render_html(run: dict, charts: dict[str, Path | None], out: Path) -> str:
     s, finished = run["summary"], run["finished"]
     failed = finished and s.get("status") == "failed"  # the driver ended on an error: summary.json says which
@@ -263,6 +280,9 @@ def render_html(run: dict, charts: dict[str, Path | None], out: Path) -> str:
             parts.append(f'<h2>{html.escape(title)}</h2><img src="{html.escape(src)}" alt="{html.escape(title)}">')
         elif title in ("Eval accuracy", "Phase timings"):
             parts.append(f'<h2>{html.escape(title)}</h2><p class="empty">nothing recorded yet</p>')
+    benchmarks = benchmark_table(s.get("metrics") or {})
+    if benchmarks:
+        parts += ["<h2>Standard benchmarks (lm-evaluation-harness)</h2>", html_table(benchmarks)]
     metrics = [{"metric": k, "value": v} for k, v in (s.get("metrics") or {}).items()]
     parts += ["<h2>Metrics</h2>", html_table(metrics), "<h2>Sample rows</h2>"]
     for name, rows in run["samples"].items():

@@ -11,6 +11,7 @@ one SFT pass on those targets; compare with plain SFT on gold answers, in-domain
 from __future__ import annotations
 
 from actors.teacher import paraphrase_messages
+from jobs import lm_eval_phase
 from jobs.common import Controller, main
 from methods.s3ft import bucket_fractions, reasoning_verdicts, select_target
 
@@ -73,6 +74,7 @@ def s3ft(ctl: Controller) -> None:
         ctl.evaluate("sft/eval", eval_rows, sft)
         evaluate_general("sft/general", general_rows, sft)
     ctl.run.metric("final_model", model)
+    lm_eval_phase.final(ctl, model)  # evaluation.lm_eval: standard benchmarks on the final model
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jobs import lm_eval_phase
 from jobs.common import Controller, main
 
 
@@ -13,6 +14,7 @@ def smoke(ctl: Controller, roles: tuple[str, ...] = ("generator", "judge", "teac
         for row in rows:
             print(f"[{role}] {row['id']}: {outputs[row['id']]['response'][:200]!r}")
     ctl.run.metric("answers", len(rows))
+    lm_eval_phase.final(ctl, ctl.base_model)  # evaluation.lm_eval: standard benchmarks on the model
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ targets then run block by block (``ctl.per_block``), and the driver never holds 
 from __future__ import annotations
 
 from cluster.config import phase_training
+from jobs import lm_eval_phase
 from jobs.common import Controller, main
 from methods.spin import (
     beta_for,
@@ -69,6 +70,7 @@ def spin(ctl: Controller) -> None:
             scores = heldout_scores(ctl, t + 1, eval_rows, model, previous=scores, beta=beta_for(t, c.spin.beta))
         previous_pairs = pairs
     ctl.run.metric("final_model", model)
+    lm_eval_phase.final(ctl, model)  # evaluation.lm_eval: standard benchmarks on the final model
 
 
 def heldout_scores(
