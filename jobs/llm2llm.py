@@ -16,9 +16,10 @@ last student's data size: the same optimizer steps without the teacher's example
 
 from __future__ import annotations
 
+from actors.judge import load_prompt
 from cluster.data import split_prompt, take
 from jobs import lm_eval_phase
-from jobs.common import Controller, main
+from jobs.common import REQUIRED_PROMPTS, Controller, main
 from methods.llm2llm import accumulate, instruction_wordings, repeat_rows, seed_verdicts, wrong_seed_examples
 
 
@@ -64,6 +65,8 @@ def llm2llm(ctl: Controller) -> None:
             "teacher": ctl.run.model_key(ctl.model_paths["teacher.model"]),
             "known": existing_questions,
             "asked": asked,
+            # the prompt files' text (a prompt edited in place under the same folder is another way of asking)
+            "prompts": {n: load_prompt(c.judge.prompts_dir, n) for n in sorted(REQUIRED_PROMPTS["llm2llm"])},
         }
         new = ctl.run.row_phase(f"iter{t}/augment", wrong, augment, key="seed_id", failed=failed, context=context)
         ctl.run.metric(f"iter{t}/new_examples", len(new))
