@@ -8,7 +8,7 @@ import warnings
 # setting made here on purpose, or a library's chatter about its own internals). Ray leaves worker lines that match
 # one out of the driver's console (RAY_DEDUP_LOGS_SKIP_REGEX: Ray reads it when it is imported, and every entry
 # point imports this package before ray; a user's own value wins); cluster.connect still writes every worker line
-# to driver.log. Performance hints (vLLM's LD_PRELOAD advice) and everything else stay on the console.
+# to driver.log. Warnings that ask something of the user (vLLM's LD_PRELOAD performance advice) stay on the console.
 HARMLESS_OUTPUT = (
     # Ray Train V2's PlacementGroupCleaner asks the State API (served by the dashboard) whether the train
     # controller lives, every second; with the embedded default's dashboard off each ask fails with a warning.
@@ -29,6 +29,10 @@ HARMLESS_OUTPUT = (
     "Model Runner V2 requires Triton",
     "Reset SSM cache type to float32",
     "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding",
+    # vLLM's INFO lines (its own format: "INFO 12-01 22:59:18 [file.py:286] ...", ~25 per engine build, 4 per
+    # reload) and its weight-loading progress bar: driver.log has them; its WARNING and ERROR lines stay visible.
+    r"INFO \d\d-\d\d \d\d:\d\d:\d\d \[[\w.]+:\d+\]",
+    "Loading safetensors checkpoint shards:",
 )
 HARMLESS = re.compile("|".join(f"({pattern})" for pattern in HARMLESS_OUTPUT))
 os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", HARMLESS.pattern)
