@@ -36,7 +36,7 @@ def _scores(out: dict) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--limit", type=int, default=100, help="documents of the log-likelihood task")
     p.add_argument("--gen-limit", type=int, default=8, help="documents of the generation task")
