@@ -318,6 +318,7 @@ class RunLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None  # why this driver no longer holds the lease (the new holder), once it does not
+        self._noticed = False  # the main thread has seen the loss itself: the heartbeat must not interrupt it too
 
     @property
     def path(self) -> Path:
@@ -424,6 +425,8 @@ class RunLease:
                     else f"the lease file {self._file(self.generation)} is gone"
                 )
         if self.lost is not None:
+            if threading.current_thread() is threading.main_thread():
+                self._noticed = True
             raise LeaseLostError(f"{self.lost}; this driver stops without writing anything more")
 
     def owned(self) -> bool:
@@ -439,7 +442,9 @@ class RunLease:
         while not self._stop.wait(self.timeout_s / 4):
             if not self.owned():
                 log.error("%s", self.lost)
-                _thread.interrupt_main()  # the driver stops now, not at its next state write
+                if not self._noticed:  # once: a second interrupt would land in the driver's own clean-up
+                    self._noticed = True
+                    _thread.interrupt_main()  # the driver stops now, not at its next state write
                 return
             try:
                 write_atomic(self._file(self.generation), json.dumps(self._record()))
