@@ -120,17 +120,6 @@ def write_atomic(path: Path, text: str) -> None:
 # -- fingerprints ------------------------------------------------------------------------------------------
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
 def is_run_control(key: str) -> bool:
     return any(key == c or (c.endswith(".") and key.startswith(c)) for c in RUN_CONTROL)
 
@@ -145,23 +134,25 @@ def config_fields(config: Any, prefix: str = "") -> dict[str, Any]:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             flat.update(config_fields(value, dotted + "."))
         else:
-            flat[dotted] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else _plain(value)
+            flat[dotted] = _plain(value)
     return flat
 
 
 def _plain(value: Any) -> Any:
+    """A field's value as JSON-able data (a list of sections, such as cluster.node_groups, as plain dicts)."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
     if isinstance(value, list):
-        return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else _plain(v) for v in value]
+        return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
 
 
 def config_fingerprint(config: Any) -> dict[str, Any]:
-    """The config values that decide what phases produce (JSON-normalised, so a reload compares equal). Takes the
-    typed config (one value per field) or, for old callers, a plain dict (flattened through nested dicts)."""
-    fields = config_fields(config) if dataclasses.is_dataclass(config) else flatten(config)
-    values = {k: v for k, v in fields.items() if not is_run_control(k)}
+    """The config values that decide what phases produce (JSON-normalised, so a reload compares equal), one per
+    field of the typed config."""
+    values = {k: v for k, v in config_fields(config).items() if not is_run_control(k)}
     return json.loads(json.dumps(values, default=str))
 
 
