@@ -545,7 +545,7 @@ class Run:
         self._finish(name, time.perf_counter() - start, result, phase, parts)
         return result
 
-    def phase_key(self, name: str) -> str | None:
+    def key_of(self, name: str) -> str | None:
         """The key a finished phase ran under (what downstream phases name it by)."""
         phase = self.state["phases"].get(name)
         return None if phase is None else phase.get("key", phase.get("inputs"))

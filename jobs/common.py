@@ -298,7 +298,7 @@ class Controller:
         }
         scratch = Path(spec["phase_dir"])  # checkpoints + reference log-probs: they belong to this key
         result = self.run.once(name, lambda: self._fit(spec, examples), key=key, scratch=scratch)
-        self.run.register_model(result["output"], self.run.phase_key(name))
+        self.run.register_model(result["output"], self.run.key_of(name))
         # W&B lineage: the examples (made from ``uses``), then model in + examples -> model out.
         example_files = list(examples.folders) if streamed else [self.run.phase_file(f"{name}-data")]
         self.run.record_lineage(name, f"{kind}-data", uses or [], example_files, label=f"{name}-data")
