@@ -101,8 +101,42 @@ def test_spin_two_iterations(local_cluster, spin_job):
     assert m["iter2/heldout/gold_logprob_per_token"] < 0
 
 
+# S3FT, LLM2LLM and AFT run on tiny-random-base: tiny-random without a chat template, as a base model such as
+# Llama-2-7b-hf (SPIN's plain format runs in tests/test_phase_keys.py). The overrides also exercise per-model
+# templates: S3FT's judge (the base model) is given one (judge.chat_template); LLM2LLM's teacher has its own.
+BASE_MODEL = "model.name=tiny-random-base"
+
+
+def assert_plain_format(summary: dict, run: Path) -> None:
+    """A job on tiny-random-base ran in the plain format: each model's format logged once and recorded in the
+    summary, and every generated text cut where the format ends a turn."""
+    from actors.chat import PLAIN_STOP
+
+    formats = summary["metrics"]["chat_format"]
+    plain = formats["model.name"]
+    assert plain.startswith("the plain format") and plain.endswith("[the model has none]")
+    assert (run / "driver.log").read_text().count("chat format of model.name") == 1
+    generated = [
+        row
+        for part in run.glob("phases/**/*.parquet")
+        if "samples" in pq.read_schema(part).names
+        for row in pq.read_table(part, columns=["samples"]).column("samples").to_pylist()
+    ]
+    texts = [text for samples in generated for text in samples]
+    assert texts, "no generated rows"
+    assert all(PLAIN_STOP not in t and t == t.rstrip() for t in texts)
+
+
 def test_s3ft_buckets_and_baseline(local_cluster, tmp_path):
-    summary = submit(local_cluster, "s3ft", tmp_path, pools={"generator", "judge", "train"})
+    from test_chat_template import LLAMA3_STYLE
+
+    llama3 = tmp_path / "llama3.jinja"
+    llama3.write_text(LLAMA3_STYLE)
+    overrides = [BASE_MODEL, f"judge.chat_template={llama3}"]
+    summary = submit(local_cluster, "s3ft", tmp_path, *overrides, pools={"generator", "judge", "train"})
+    assert_plain_format(summary, tmp_path / "s3ft/tiny")
+    judge_format = summary["metrics"]["chat_format"]["judge.model"]
+    assert judge_format.endswith("[judge.chat_template]") and "'<|eot_id|>'" in judge_format
     m = summary["metrics"]
     assert sum(m[f"buckets/{b}"] for b in ("own", "paraphrase", "gold")) == pytest.approx(1.0)
     targets = pq.read_table(tmp_path / "s3ft/tiny/phases/s3ft-data.parquet").to_pylist()
@@ -120,7 +154,7 @@ def test_s3ft_buckets_and_baseline(local_cluster, tmp_path):
     assert m["base/general/n"] == 4
     state = json.loads((tmp_path / "s3ft/tiny/state.json").read_text())
     scored = state["phases"]["base/general-loglik"]["result"]
-    expected = loglik_verdicts("arc_easy", 4)
+    expected = loglik_verdicts("tiny-random-base", "arc_easy", 4)
     assert {k: v["verdict"] for k, v in scored.items()} == {k: v for k, (v, _) in expected.items()}
     for key, (_, gold_logprob) in expected.items():
         assert scored[key]["gold_logprob_per_char"] == pytest.approx(gold_logprob, abs=1e-3)
@@ -129,14 +163,14 @@ def test_s3ft_buckets_and_baseline(local_cluster, tmp_path):
     assert m["sft/general/gold_logprob_per_char"] != m["base/general/gold_logprob_per_char"]  # SFT moved it
 
 
-def loglik_verdicts(dataset: str, n: int) -> dict[str, tuple[str, float]]:
-    """Independent acc_norm decisions of the tiny model, with the gold answer's log-prob per char: every candidate
-    scored by a float32 transformers forward."""
+def loglik_verdicts(model: str, dataset: str, n: int) -> dict[str, tuple[str, float]]:
+    """Independent acc_norm decisions of ``model`` (its chat format, or the plain one), with the gold answer's
+    log-prob per char: every candidate scored by a float32 transformers forward."""
     from actors.engine import HFEngine, render_prompt, response_ids
     from cluster.data import likelihood_question, load_dataset, take
     from cluster.models import resolve_model
 
-    engine = HFEngine(resolve_model("tiny-random"), dtype="float32")
+    engine = HFEngine(resolve_model(model), dtype="float32")
     verdicts = {}
     for row in take(load_dataset(dataset)[0], n, 0):
         messages, candidates, gold = likelihood_question(row)
@@ -148,9 +182,14 @@ def loglik_verdicts(dataset: str, n: int) -> dict[str, tuple[str, float]]:
 
 
 def test_llm2llm_restarts_from_base_and_accumulates(local_cluster, tmp_path):
-    overrides = ["teacher.max_attempts=1", "llm2llm.matched_steps_control=true"]
+    overrides = [BASE_MODEL, "teacher.model=tiny-random", "teacher.max_attempts=1"]
+    overrides.append("llm2llm.matched_steps_control=true")
     summary = submit(local_cluster, "llm2llm", tmp_path, *overrides, pools={"generator", "teacher", "train"})
     run = tmp_path / "llm2llm" / "tiny"
+    assert_plain_format(summary, run)
+    formats = summary["metrics"]["chat_format"]
+    assert formats["teacher.model"] == "a chat template whose turn ends with '<|im_end|>\\n' [the model's own]"
+    assert formats["judge.model"] == formats["model.name"]
     state = json.loads((run / "state.json").read_text())
     assert {"iter0/student", "iter1/student", "iter0/augment"} <= set(state["phases"])
     seed_ids = set(ids(run / "phases/iter0/student-data.parquet"))
@@ -184,8 +223,9 @@ def assert_report_has(run: Path, chart: str, sample_phase: str) -> None:
 
 
 def test_aft_propose_and_aggregate(local_cluster, tmp_path):
-    summary = submit(local_cluster, "aft", tmp_path, pools={"generator", "train"})
+    summary = submit(local_cluster, "aft", tmp_path, BASE_MODEL, pools={"generator", "train"})
     run = tmp_path / "aft" / "tiny"
+    assert_plain_format(summary, run)
     examples = pq.read_table(run / "phases/aft-data.parquet").to_pylist()
     kinds = [e["kind"] for e in examples]
     assert kinds.count("propose") == 6 and kinds.count("aggregate") == 6
@@ -203,51 +243,6 @@ def test_aft_propose_and_aggregate(local_cluster, tmp_path):
     # the SFT model on the same queries, greedy and with propose-and-aggregate (aft.baseline_sft)
     assert {"sft/eval/accuracy", "sft/propose_aggregate/accuracy", "sft/layer1/accuracy"} <= set(summary["metrics"])
     assert len(state["phases"]["sft/propose-and-aggregate"]["result"]) == 4
-
-
-# The pools each method's tiny job places, and the overrides that also exercise per-model templates: LLM2LLM's
-# teacher is a model with a template of its own; S3FT's judge (the base model) is given one (judge.chat_template).
-BASE_MODEL_JOBS = {
-    "spin": ({"generator", "train"}, []),
-    "s3ft": ({"generator", "judge", "train"}, ["judge.chat_template={llama3}"]),
-    "llm2llm": ({"generator", "teacher", "train"}, ["teacher.model=tiny-random", "teacher.max_attempts=1"]),
-    "aft": ({"generator", "train"}, []),
-}
-
-
-def test_four_methods_on_a_model_without_a_chat_template(local_cluster, tmp_path):
-    """Each method's tiny job on tiny-random-base (tiny-random without a chat template, as a base model such as
-    Llama-2-7b-hf): it runs through, prompts and targets in the plain format, its generated texts cut where the
-    format ends a turn, each model's format logged once and recorded in the summary."""
-    from test_chat_template import LLAMA3_STYLE
-
-    from actors.chat import PLAIN_STOP
-
-    llama3 = tmp_path / "llama3.jinja"
-    llama3.write_text(LLAMA3_STYLE)
-    for method, (pools, extra) in BASE_MODEL_JOBS.items():
-        overrides = ["model.name=tiny-random-base", *(o.format(llama3=llama3) for o in extra)]
-        summary = submit(local_cluster, method, tmp_path / method, *overrides, pools=pools)
-        run = tmp_path / method / method / "tiny"
-        formats = summary["metrics"]["chat_format"]
-        plain = formats["model.name"]
-        assert plain.startswith("the plain format") and plain.endswith("[the model has none]")
-        log = (run / "driver.log").read_text()
-        assert log.count("chat format of model.name") == 1
-        if method == "s3ft":
-            assert formats["judge.model"].endswith("[judge.chat_template]") and "'<|eot_id|>'" in formats["judge.model"]
-        elif method == "llm2llm":
-            assert formats["teacher.model"] == "a chat template whose turn ends with '<|im_end|>\\n' [the model's own]"
-            assert formats["judge.model"] == formats["model.name"]
-        generated = [
-            row
-            for part in run.glob("phases/**/*.parquet")
-            if "samples" in pq.read_schema(part).names
-            for row in pq.read_table(part, columns=["samples"]).column("samples").to_pylist()
-        ]
-        texts = [text for samples in generated for text in samples]
-        assert texts, f"{method}: no generated rows"
-        assert all(PLAIN_STOP not in t and t == t.rstrip() for t in texts), method
 
 
 def test_failed_job_exits_nonzero_with_the_driver_error(local_cluster, tmp_path):

@@ -176,78 +176,46 @@ def hf_reference(model: str, task: str, folder: Path) -> list[list[float]]:
 
 
 @pytest.mark.slow
-def test_a_tiny_job_benchmarks_its_model_and_reuses_the_result(tmp_path, tiny_model):
+def test_a_tiny_job_benchmarks_every_model_reuses_the_result_and_draws_curves(tmp_path, tiny_model):
+    """One tiny job (two evaluations of the model, named as a method's iterations are; checkpoints: every) then
+    the same command again, another benchmark list, and an unknown task."""
+    from test_wandb import read_records
+
     folder = write_task(tmp_path / "tasks")
     lm = [
         "evaluation.lm_eval.tasks=[reviews_jsonl, sst2_local]",
         f"evaluation.lm_eval.include_path={folder}",
         "evaluation.lm_eval.limit=6",
         "evaluation.lm_eval.batch_size=4",
+        "evaluation.lm_eval.checkpoints=every",
     ]
-    smoke = GENERATOR_ONLY
-    done = run_job(smoke, tmp_path, *lm)
+    done = run_job(EVERY_ITERATION, tmp_path, *lm)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "smoke" / "lm"
     summary = json.loads((run / "summary.json").read_text())
-    result = summary["metrics"]["final/lm_eval"]
+    metrics = summary["metrics"]
+    assert {"iter0/lm_eval", "iter1/lm_eval"} <= metrics.keys() and "final/lm_eval" not in metrics
+    result = metrics["iter0/lm_eval"]
     assert result["model"] == tiny_model
     for task in ("reviews_jsonl", "sst2_local"):
         row = result["tasks"][task]
         assert row["n"] == 6 and 0.0 <= row["acc"]["value"] <= 1.0 and row["acc"]["stderr"] > 0
-        assert summary["metrics"][f"final/lm_eval/{task}/acc"] == round(row["acc"]["value"], 4)
-        assert summary["metrics"][f"final/lm_eval/{task}/acc_stderr"] == round(row["acc"]["stderr"], 4)
+        assert metrics[f"iter0/lm_eval/{task}/acc"] == round(row["acc"]["value"], 4)
+        assert metrics[f"iter0/lm_eval/{task}/acc_stderr"] == round(row["acc"]["stderr"], 4)
+        # The same model twice: the same scores under each iteration's name.
+        assert metrics[f"iter0/lm_eval/{task}/acc"] == metrics[f"iter1/lm_eval/{task}/acc"]
     # lm-eval's own files in the run folder; the per-document scores agree with lm-eval's HF backend.
-    written = json.loads((run / "lm_eval/final/results.json").read_text())
+    assert (run / "lm_eval/iter1/results.json").exists()
+    written = json.loads((run / "lm_eval/iter0/results.json").read_text())
     assert written["results"]["reviews_jsonl"]["acc,none"] == result["tasks"]["reviews_jsonl"]["acc"]["value"]
     samples = [
-        json.loads(line) for line in (run / "lm_eval/final/samples_reviews_jsonl.jsonl").read_text().splitlines()
+        json.loads(line) for line in (run / "lm_eval/iter0/samples_reviews_jsonl.jsonl").read_text().splitlines()
     ]
     engine = [[float(r[0][0]) for r in s["resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])]
     reference = hf_reference(tiny_model, "reviews_jsonl", folder)
     assert len(engine) == len(reference) == 6
     assert max(abs(a - b) for x, y in zip(engine, reference) for a, b in zip(x, y)) < 1e-3, (engine, reference)
-    state = json.loads((run / "state.json").read_text())
-    first_key = state["phases"]["final/lm_eval"]["key"]
-
-    # The same command again: the finished phase is reused, not run again.
-    again = run_job(smoke, tmp_path, *lm)
-    assert again.returncode == 0, again.stderr[-3000:]
-    log = (run / "driver.log").read_text()
-    assert log.count("lm-eval ['reviews_jsonl', 'sst2_local'] on") == 1
-    # Another benchmark list on the finished run (evaluation.lm_eval.* is run-control): the phase runs again.
-    more = run_job(smoke, tmp_path, *lm[1:], "evaluation.lm_eval.tasks=[reviews_jsonl]")
-    assert more.returncode == 0, more.stderr[-3000:]
-    assert "phase final/lm_eval runs again: changed: settings" in (run / "driver.log").read_text()
-    state = json.loads((run / "state.json").read_text())
-    assert state["phases"]["final/lm_eval"]["key"] != first_key
-
-    # A task lm-eval does not know stops the job before Ray starts and before its run folder exists.
-    missing = run_job(smoke, tmp_path, *lm[1:], "evaluation.lm_eval.tasks=[reviews_jsonl, mmlu_nowhere]", run_id="bad")
-    assert missing.returncode == 2
-    assert "config error: evaluation.lm_eval.tasks: 'mmlu_nowhere' is not a task" in missing.stderr
-    assert not (tmp_path / "smoke" / "bad").exists() and "Ray:" not in missing.stderr
-
-
-@pytest.mark.slow
-def test_every_evaluated_model_gets_its_benchmarks_as_curves_over_iterations(tmp_path):
-    from test_wandb import read_records
-
-    folder = write_task(tmp_path / "tasks")
-    done = run_job(
-        EVERY_ITERATION,
-        tmp_path,
-        "evaluation.lm_eval.tasks=[reviews_jsonl]",
-        f"evaluation.lm_eval.include_path={folder}",
-        "evaluation.lm_eval.checkpoints=every",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = tmp_path / "smoke" / "lm"
-    metrics = json.loads((run / "summary.json").read_text())["metrics"]
-    assert {"iter0/lm_eval", "iter1/lm_eval"} <= metrics.keys() and "final/lm_eval" not in metrics
-    # The same model twice: the same scores under each iteration's name.
-    assert metrics["iter0/lm_eval/reviews_jsonl/acc"] == metrics["iter1/lm_eval/reviews_jsonl/acc"]
-    assert (run / "lm_eval/iter0/results.json").exists() and (run / "lm_eval/iter1/results.json").exists()
-    # W&B: one curve on the iteration axis, and the results table.
+    # W&B: one curve on the iteration axis, and the results table; the HTML report shows them.
     (wandb_file,) = run.glob("wandb/offline-run-*-s1/run-*.wandb")
     records = read_records(str(wandb_file))
     logged = [
@@ -278,3 +246,25 @@ def test_every_evaluated_model_gets_its_benchmarks_as_curves_over_iterations(tmp
     assert report.returncode == 0, report.stderr
     html = (run / "report.html").read_text()
     assert "lm-evaluation-harness" in html and "reviews_jsonl" in html
+    first_key = json.loads((run / "state.json").read_text())["phases"]["iter0/lm_eval"]["key"]
+
+    # The same command again: the finished phases are reused, not run again.
+    again = run_job(EVERY_ITERATION, tmp_path, *lm)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (run / "driver.log").read_text()
+    assert log.count("lm-eval ['reviews_jsonl', 'sst2_local'] on") == 2  # iter0 and iter1, each once
+    # Another benchmark list on the finished run (evaluation.lm_eval.* is run-control): the phases run again.
+    fewer = [*lm[1:], "evaluation.lm_eval.tasks=[reviews_jsonl]"]
+    more = run_job(EVERY_ITERATION, tmp_path, *fewer)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "phase iter0/lm_eval runs again: changed: settings" in (run / "driver.log").read_text()
+    state = json.loads((run / "state.json").read_text())
+    assert state["phases"]["iter0/lm_eval"]["key"] != first_key
+
+    # A task lm-eval does not know stops the job before Ray starts and before its run folder exists.
+    missing = run_job(
+        GENERATOR_ONLY, tmp_path, *lm[1:], "evaluation.lm_eval.tasks=[reviews_jsonl, mmlu_nowhere]", run_id="bad"
+    )
+    assert missing.returncode == 2
+    assert "config error: evaluation.lm_eval.tasks: 'mmlu_nowhere' is not a task" in missing.stderr
+    assert not (tmp_path / "smoke" / "bad").exists() and "Ray:" not in missing.stderr

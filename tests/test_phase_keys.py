@@ -219,6 +219,7 @@ def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_p
         sys.executable, "-m", "jobs.spin", "--config", "configs/spin-tiny.yaml", f"run.dir={tmp_path / 'runs'}",
         "tracking.mode=disabled", f"data.train={train}", f"data.eval={held_out}", "data.n_train=0", "data.n_eval=0",
         "data.task=gsm8k", "spin.iterations=1", "spin.sft_first=true", "spin.sft_lr=1e-3",
+        "model.name=tiny-random-base",  # SPIN's own plain format (a base model without a chat template)
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = tmp_path / "runs/spin/tiny"
@@ -229,6 +230,9 @@ def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_p
         return json.loads((run / "state.json").read_text())
 
     first = session()
+    from test_jobs import assert_plain_format
+
+    assert_plain_format(json.loads((run / "summary.json").read_text()), run)
     _gsm8k_rows(train, 8, 4, "t")  # edited in place: the same path and ids, other gold answers
     second = session()
     dependent = ["sft", "iter0/eval-answers", "iter0/generate", "iter0/spin", "iter1/eval-answers"]
