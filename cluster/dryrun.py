@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from cluster.blocks import Blocks, part_name
 from cluster.config import JobConfig
 from cluster.runfolder import (
+    RunLease,
     canonical,
     changed_keys,
     config_fingerprint,
@@ -156,6 +157,11 @@ class PlannedRun(Run):
                     f"{self.dir} was started with another config; changed: {'; '.join(changed)}. The rerun stops "
                     "there; with run.fresh=true every phase runs (the folder is cleared first)"
                 )
+        # Only looked at: a live holder means the verdicts describe the state as of now, and a rerun is refused.
+        self.lease = RunLease(self.dir, config.run.lease_timeout_s)  # never acquired: check() passes, writes nothing
+        holder = self.lease.holder() if self.dir.is_dir() else None
+        live = holder is not None and self.lease.stale_reason(holder) is None
+        self.holder = f"host {holder.get('host')}, pid {holder.get('pid')}" if live else None
         self.resumed = bool(self.state["phases"])
         self.wandb = self.lineage = None
         self.step = 0
@@ -326,6 +332,8 @@ def format_report(run: PlannedRun, verdicts: list[Verdict], stopped: NeedsOutput
     lines = [f"dry run of {run.config.run.method} in {run.dir}: {len(run.state['phases'])} phases finished"]
     if run.config.run.fresh:
         lines.append("run.fresh=true: the folder is cleared first, every phase runs")
+    if run.holder is not None:
+        lines.append(f"a driver holds this folder now ({run.holder}): a rerun is refused until it ends; as of now:")
     width = max([len(v.phase) for v in verdicts] + [5])
     lines += [f"  {v.action:<5}  {v.phase:<{width}}  {v.reason}".rstrip() for v in verdicts]
     if stopped is not None:
