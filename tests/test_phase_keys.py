@@ -278,6 +278,7 @@ def dry_run(command: list[str], *overrides: str) -> dict[str, tuple[str, str]]:
         main(method, algorithm, [*command[3:], *overrides, "--dry-run"])
     assert done.value.code == 0, out.getvalue()
     assert not ray.is_initialized()
+    print(out.getvalue())  # the report, in the test's output (pytest -s)
     lines = out.getvalue().splitlines()
     verdicts = {}
     for line in lines[1:-1]:
