@@ -20,6 +20,7 @@ import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,9 +109,12 @@ def _job_defaults(method: str) -> JobConfig:
     return defaults
 
 
-def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
+def parse_job_args(
+    method: str, argv: list[str] | None = None, dry_run: Callable[[JobConfig], int] | None = None
+) -> JobConfig:
     """Parse a job's command line into its validated config; ``--print-config`` prints it and exits 0, a
-    config error prints ``config error: <key>: <reason>`` and exits 2."""
+    config error prints ``config error: <key>: <reason>`` and exits 2. ``dry_run``: what ``--dry-run`` calls with
+    the config (the job's walk over its phases, ``jobs.common.dry_run``); its return is the exit status."""
     parser = argparse.ArgumentParser(
         prog=f"python -m jobs.{method}",
         description=(
@@ -140,11 +144,18 @@ def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
         help="place the pools on cluster.node_groups and estimate each GPU's memory (training and vLLM), print it "
         "and exit: 0 if it fits, 2 and the reasons if not (offline; nothing is started)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="for each phase, say whether a rerun in this run folder would reuse it or run it, and why (never ran, "
+        "half done, which inputs of its key changed, or an upstream phase runs again), and exit (the folder is "
+        "only read: no Ray, no vLLM, no training)",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value (values parsed as YAML)")
     args = parser.parse_args(argv)
     try:
         config = load_config(resolve_config_path(args.config), [f"run.method={method}", *args.overrides])
-        if not (args.print_config or args.check_data or args.plan):  # a job that will start Ray: before anything
+        if not (args.print_config or args.check_data or args.plan or args.dry_run):  # a job that will start Ray
             embedded_auth_mode(config.cluster, os.environ)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
@@ -158,6 +169,11 @@ def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
         from cluster.plan import print_plan
 
         raise SystemExit(print_plan(config))
+    if args.dry_run:
+        if dry_run is None:
+            print(f"--dry-run: python -m jobs.{method} has no phases to walk", file=sys.stderr)
+            raise SystemExit(2)
+        raise SystemExit(dry_run(config))
     return config
 
 

@@ -5,12 +5,17 @@ Design note: this is the only place that calls ``ray.init``. Under ``ray job sub
 Ray (``address="local"``) bound to loopback, with its own temp dir and an explicit auth mode, so it never
 attaches to, or is killed with, anybody else's Ray on the machine.
 
-The embedded Ray is private: its GCS and raylets listen on every interface whatever ``_node_ip_address`` says
-(measured), so anyone who can reach the machine could join it and run code. Ray 2.60 token auth is therefore
-on by default (``cluster.auth_mode: token``): each driver session writes a fresh random token to a file only
-its user can read (0600 in a 0700 folder) and points ``RAY_AUTH_TOKEN_PATH`` at it; the GCS, raylets and
-workers inherit the variable from the driver, and a client without the token is refused. Only the config key
-turns it off: RAY_AUTH_MODE=disabled inherited from a shell or a container image, without
+The embedded Ray is private, on two counts. (1) Loopback only: Ray 2.60 binds each server (GCS, raylet, object
+manager, core workers, agents) to the node's IP address, and ``ray.init`` turns ``_node_ip_address="127.0.0.1"``
+into the machine's external address (``services.resolve_ip_for_localhost``) unless Ray's multi-node switch is
+off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, ``ray_constants.ENABLE_RAY_CLUSTER``): that switch is set for
+``ray.init`` and the processes it starts, so the node's address stays 127.0.0.1 and nothing of it listens on
+another interface (``tests/test_cluster.py`` checks every listening socket of the processes it started). A
+cluster we join (``RAY_ADDRESS``, ``ray job submit``, KubeRay) is unchanged. (2) Token auth, on by default
+(``cluster.auth_mode: token``), against other users of the same machine: each driver session writes a fresh
+random token to a file only its user can read (0600 in a 0700 folder) and points ``RAY_AUTH_TOKEN_PATH`` at it;
+the GCS, raylets and workers inherit the variable from the driver, and a client without the token is refused.
+Only the config key turns it off: RAY_AUTH_MODE=disabled inherited from a shell or a container image, without
 ``cluster.auth_mode: disabled``, stops the job before Ray starts (``config.embedded_auth_mode``).
 """
 
@@ -22,6 +27,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -43,6 +49,9 @@ CACHE_ROOT = (
     else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfimprove"
 )
 
+
+# Ray's multi-node switch: "0" makes Ray's own address lookup answer loopback (ray._private.services).
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 EMBEDDED_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
@@ -146,6 +155,26 @@ def tee_worker_output() -> None:
     global_worker_stdstream_dispatcher.add_handler("selfimprove_driver_log", write)
 
 
+@contextmanager
+def loopback_only():
+    """While the embedded Ray starts: its node address stays 127.0.0.1 (``ray.init`` would turn it into the external
+    address), here and in the processes it starts (they inherit the variable and resolve their own address
+    through it). Restored afterwards: this process's later clients (``ray job submit`` of a test) are unchanged."""
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(LOOPBACK_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(LOOPBACK_SWITCH, None)
+        else:
+            os.environ[LOOPBACK_SWITCH] = saved_env
+
+
 def connect(config: ClusterConfig) -> str:
     """Connect to Ray once per process; return a description of where we are."""
     global _joined_cluster
@@ -185,17 +214,19 @@ def connect(config: ClusterConfig) -> str:
     if config.dashboard:  # the dashboard's Train page lists runs only when the train controller records them
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     temp_dir = Path(tempfile.gettempdir()) / f"selfimprove-ray-{os.getpid()}"
-    ray.init(
-        address="local",
-        num_cpus=config.num_cpus,
-        resources=dict(config.resources) or None,
-        include_dashboard=config.dashboard,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=str(temp_dir),
-        object_store_memory=int(config.object_store_gib * 1024**3),
-        runtime_env={"env_vars": worker_env()},
-        log_to_driver=True,
-        _system_config={"worker_niceness": config.worker_niceness, "enable_metrics_collection": config.dashboard},
-    )
+    with loopback_only():
+        ray.init(
+            address="local",
+            num_cpus=config.num_cpus,
+            resources=dict(config.resources) or None,
+            include_dashboard=config.dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            _temp_dir=str(temp_dir),
+            object_store_memory=int(config.object_store_gib * 1024**3),
+            runtime_env={"env_vars": worker_env()},
+            log_to_driver=True,
+            _system_config={"worker_niceness": config.worker_niceness, "enable_metrics_collection": config.dashboard},
+        )
     tee_worker_output()
     return f"embedded local Ray ({config.num_cpus:g} logical CPUs, temp {temp_dir})"

@@ -25,6 +25,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from cluster.blocks import Blocks, part_name
 from cluster.data import URI, DataError, JobData, LoadReport, Overlap, normalize, prompt_key, shard_rows
+from cluster.dryrun import is_pending
 from cluster.formats import BadRow
 
 if TYPE_CHECKING:
@@ -127,6 +128,8 @@ def ingest(run: Run, c: DataConfig, data: JobData) -> JobData:
         return {"kept": report.kept, "malformed": report.malformed, "rows": len(Blocks.of(folder))}
 
     result = run.once(PHASE, read, key={"shards": shard_stamps(data.shards), "eval": [r["id"] for r in data.eval]})
+    if is_pending(result):  # a dry run (cluster.dryrun): the snapshot would be read again, its rows are not known
+        return replace(data, train=result)
     saved = json.loads(report_path.read_text())
     overlap = Overlap(saved["overlap"]["by_id"], [tuple(p) for p in saved["overlap"]["by_text"]])
     log.info(

@@ -58,6 +58,7 @@ from cluster.lineage import Lineage, iteration_metric
 from cluster.runfolder import (
     RunFolderError,
     RunLease,
+    canonical,
     changed_keys,
     check_inside,
     clear_folder,
@@ -92,6 +93,38 @@ def read_parquet(path: Path) -> list[dict]:
 
 INPUT_DIGEST = "input_digest"  # lineage column: the content digest of the input row an output row came from
 KEY_FILE = ".phase-key"  # in a phase's parts or scratch folder: the key its files were made under
+
+
+def row_phase_key(rows: list[dict], context: dict[str, Any] | None) -> tuple[dict[str, str], str, dict[str, Any]]:
+    """A row phase's key material: ({row id: content digest}, the key of its context alone (what its parts
+    belong to), the key's components). One function, so a run and its dry run (cluster.dryrun) key alike."""
+    digests = {r["id"]: row_digest(r) for r in rows}
+    context = context or {}
+    return digests, phase_key(**context)[0], {"rows": sorted(digests.values()), **context}
+
+
+def block_phase_key(
+    inputs: Blocks, aligned: tuple[Blocks, ...], settings: Any, context: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A streamed phase's key components: its input blocks and aligned phases by content, settings, context."""
+    return {
+        "inputs": inputs.fingerprint(),
+        "aligned": [a.fingerprint() for a in aligned],
+        "settings": settings,
+        **(context or {}),
+    }
+
+
+KEY_VALUE_LIMIT = 2000  # characters of canonical JSON: a component longer than this is kept by its hash only
+
+
+def key_values(components: dict[str, Any]) -> dict[str, Any]:
+    """The components small enough to keep by value beside the key (settings, model keys; not row lists)."""
+    kept: dict[str, Any] = {}
+    for name, value in components.items():
+        text = canonical(value)
+        kept[name] = json.loads(text) if len(text) <= KEY_VALUE_LIMIT else None
+    return kept
 
 
 def model_digest(folder: Path) -> str:
@@ -313,9 +346,23 @@ class Run:
             return None
 
     def _finish(
-        self, name: str, wall_s: float, result: Any = None, key: str | None = None, parts: dict | None = None
+        self,
+        name: str,
+        wall_s: float,
+        result: Any = None,
+        key: str | None = None,
+        parts: dict | None = None,
+        components: dict | None = None,
     ) -> None:
-        self.state["phases"][name] = {"wall_s": wall_s, "result": result, "key": key, "key_parts": parts}
+        self.state["phases"][name] = {
+            "wall_s": wall_s,
+            "result": result,
+            "key": key,
+            "key_parts": parts,
+            # the small components by value: a dry run (cluster.dryrun) names the setting that changed, not only
+            # the component
+            "key_values": key_values(components or {}),
+        }
         self.state["started"].pop(name, None)
         self.phase_times[name] = wall_s
         self.finished_now.add(name)
@@ -367,10 +414,8 @@ class Run:
         of input rows whose content is unchanged (each output row carries its input's ``input_digest``).
         """
         final = self.dir / "phases" / f"{name}.parquet"
-        digests = {r["id"]: row_digest(r) for r in rows}
-        context = context or {}
-        context_key, _ = phase_key(**context)
-        phase, parts_key = phase_key(rows=sorted(digests.values()), **context)
+        digests, context_key, components = row_phase_key(rows, context)
+        phase, parts_key = phase_key(**components)
         if self.done(name, phase, parts_key):
             done_rows = self._read_or_set_aside(final)
             if done_rows is not None:
@@ -411,7 +456,7 @@ class Run:
         self.lease.check()
         write_parquet(final, produced)
         shutil.rmtree(parts_dir, ignore_errors=True)
-        self._finish(name, time.perf_counter() - start, result, phase, parts_key)
+        self._finish(name, time.perf_counter() - start, result, phase, parts_key, components)
         return produced
 
     def block_phase(
@@ -435,12 +480,8 @@ class Run:
         half-done phase whose key changed starts over. A rerun of an unfinished phase skips the blocks done, and
         within a block keeps the outputs written and processes only the rest (the failed rows, on a retry)."""
         folder = self.dir / "phases" / name
-        phase, parts_key = phase_key(
-            inputs=inputs.fingerprint(),
-            aligned=[a.fingerprint() for a in aligned],
-            settings=settings,
-            **(context or {}),
-        )
+        components = block_phase_key(inputs, aligned, settings, context)
+        phase, parts_key = phase_key(**components)
         output = Blocks.of(folder)
         if self.done(name, phase, parts_key) and (folder / KEY_FILE).exists():
             return output
@@ -493,7 +534,7 @@ class Run:
             log.info("phase %s: %d blocks from an interrupted run kept", name, resumed)
         self.account(name, reasons, rows_in)
         result = {"rows_in": rows_in, "rows_out": rows_out, "failed": len(reasons), "blocks": len(inputs.parts())}
-        self._finish(name, time.perf_counter() - start, result, phase, parts_key)
+        self._finish(name, time.perf_counter() - start, result, phase, parts_key, components)
         return output
 
     def failed_path(self, name: str) -> Path:
@@ -542,7 +583,7 @@ class Run:
         self._save_state()
         start = time.perf_counter()
         result = fn()
-        self._finish(name, time.perf_counter() - start, result, phase, parts)
+        self._finish(name, time.perf_counter() - start, result, phase, parts, key)
         return result
 
     def key_of(self, name: str) -> str | None:

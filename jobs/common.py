@@ -10,6 +10,8 @@ on to them, so a driver still reads ``ctl.evaluate(...)``, ``ctl.pool(...)``, ``
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import sys
@@ -26,11 +28,12 @@ from cluster.cli import parse_job_args
 from cluster.config import ConfigError, JobConfig, SamplingConfig, phase_training
 from cluster.connect import PROJECT_ROOT, connect, joined_cluster
 from cluster.data import DataError, prepare
+from cluster.dryrun import NeedsOutput, PlannedRun, format_report, is_pending
 from cluster.models import resolve_models
 from cluster.runfolder import LeaseLostError, RunFolderError, is_run_control
 from cluster.tracking import Run
 from jobs import evaluation, inputs, lm_eval_phase
-from jobs.pools import POOLS_AT_START, Pools
+from jobs.pools import POOLS_AT_START, PlannedPools, Pools
 
 log = logging.getLogger("selfimprove")
 
@@ -88,7 +91,9 @@ def _generated_row(out: dict, iteration: int, model: str, settings: str) -> dict
 
 
 class Controller:
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, planned: bool = False):
+        """``planned``: a dry run (``--dry-run``, cluster.dryrun): the run folder is only read, no Ray is started and
+        no pool placed; each phase records whether a rerun would reuse it or run it, and why."""
         self.config = config
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         # Everything the user pointed at is resolved and checked first, before Ray starts and before the run
@@ -104,6 +109,12 @@ class Controller:
         lm_eval_phase.check(config)  # every benchmark task exists and its data is here
         self.data = prepare(config.data, config.run.seed, config.run.method)
         self.base_model = self.model_paths["model.name"]
+        if planned:
+            self.run = PlannedRun(config)
+            if self.data.shards:  # its snapshot, when the folder has one under the same key
+                self.data = inputs.ingest(self.run, config.data, self.data)
+            self.pools = PlannedPools(config, self.model_paths, self.run, self.chat_templates)
+            return
         self.run = Run(config)
         self.chat_formats.log(self.run)
         if self.data.shards:  # a streamed data.train is read on the cluster: Ray first
@@ -197,7 +208,8 @@ class Controller:
                 name, rows, lambda todo: [o for b in process(todo) for o in b], failed=failed, context=context
             )
         else:
-            generated = {o["id"]: o for o in self.run.row_phase(name, rows, process, failed=failed, context=context)}
+            out = self.run.row_phase(name, rows, process, failed=failed, context=context)
+            generated = out if is_pending(out) else {o["id"]: o for o in out}  # pending: a dry run's phase that runs
         self.run.record_lineage(name, "generate", [pool.model_path, self.source(rows)], [self.run.phase_file(name)])
         return generated
 
@@ -225,6 +237,8 @@ class Controller:
         self.pools.judge_pool_for(rows)
         failed: list[dict] = []
         # The judged item is the row *and* the answer: an answer that changed (another model) is another input.
+        if is_pending(responses):  # a dry run, the answers from a phase that runs: the verdicts run too
+            return self.run.row_phase(name, responses, lambda todo: iter(()), context={"judge": self.judge_key(rows)})
         items = [{"id": r["id"], "row": r, "response": responses[r["id"]]} for r in rows if r["id"] in responses]
 
         def process(todo: list[dict]):
@@ -232,6 +246,8 @@ class Controller:
             yield [{"id": k, "verdict": v, "judge": self.config.judge.kind} for k, v in verdicts.items()]
 
         out = self.run.row_phase(name, items, process, failed=failed, context={"judge": self.judge_key(rows)})
+        if is_pending(out):
+            return out
         judge_model = [self.judge.pool.model_path] if self.judge.pool is not None else []
         self.run.record_lineage(
             name, "judge", [*(uses or [self.source(rows)]), *judge_model], [self.run.phase_file(name)]
@@ -298,6 +314,8 @@ class Controller:
         }
         scratch = Path(spec["phase_dir"])  # checkpoints + reference log-probs: they belong to this key
         result = self.run.once(name, lambda: self._fit(spec, examples), key=key, scratch=scratch)
+        if is_pending(result):  # a dry run: the model this phase would train
+            return result
         self.run.register_model(result["output"], self.run.key_of(name))
         # W&B lineage: the examples (made from ``uses``), then model in + examples -> model out.
         example_files = list(examples.folders) if streamed else [self.run.phase_file(f"{name}-data")]
@@ -362,8 +380,30 @@ class Controller:
             self.pools.shutdown()
 
 
+def dry_run(algorithm: Callable[[Controller], None], config: JobConfig) -> int:
+    """``--dry-run``: walk the job's phases over its run folder without running any (cluster.dryrun); print each
+    phase's verdict. 0, or 3 when the rerun would stop on a changed config."""
+    try:
+        controller = Controller(config, planned=True)
+    except (ConfigError, DataError, RunFolderError) as err:
+        print(f"{type(err).__name__.removesuffix('Error').lower()} error: {err}", file=sys.stderr)
+        return 2 if not isinstance(err, RunFolderError) else 3
+    run = controller.run
+    if run.stop_reason is not None:
+        print(f"run folder error: {run.stop_reason}", file=sys.stderr)
+        return 3
+    stopped = None
+    with contextlib.redirect_stdout(io.StringIO()):  # what the job prints of reused outputs is not the plan
+        try:
+            algorithm(controller)
+        except NeedsOutput as need:
+            stopped = need
+    print(format_report(run, run.report(stopped), stopped))
+    return 0
+
+
 def main(method: str, algorithm: Callable[[Controller], None], argv: list[str] | None = None) -> dict:
-    config = parse_args(method, argv)
+    config = parse_job_args(method, argv, dry_run=lambda config: dry_run(algorithm, config))
     try:
         controller = Controller(config)
     except (ConfigError, DataError) as err:  # found before Ray started: no run folder was made

@@ -15,6 +15,7 @@ import math
 from typing import TYPE_CHECKING
 
 from cluster.data import likelihood_question, reworded
+from cluster.dryrun import is_pending
 from cluster.tracking import Run
 
 if TYPE_CHECKING:  # the controller calls in here; this module only uses its phases
@@ -104,10 +105,12 @@ def evaluate_greedy(ctl: Controller, name: str, rows: list[dict], model_path: st
     run = ctl.run
     ctl.use_generator_weights(model_path)
     outputs = ctl.generate(f"{name}-answers", rows, ctl.sampling(ctl.config.evaluation))
-    answers = {k: v["response"] for k, v in outputs.items()}
+    answers = outputs if is_pending(outputs) else {k: v["response"] for k, v in outputs.items()}
     verdicts = ctl.judge_equivalence(
         f"{name}-verdicts", rows, answers, uses=[ctl.source(rows), run.phase_file(f"{name}-answers")]
     )
+    if is_pending(verdicts):  # a dry run (cluster.dryrun): the accuracy is known once they have run
+        return verdicts
     # A row never answered (or never judged) is a failed row, reported as such, not a wrong answer.
     run.metric(f"{name}/failed", len(rows) - len(verdicts))
     run.metric(f"{name}/unknown", sum(v == "unknown" for v in verdicts.values()))
@@ -165,6 +168,8 @@ def evaluate_loglik(ctl: Controller, name: str, rows: list[dict], model_path: st
 
     key = {"requests": requests, "gold": [g for _, (_, _, g) in scorable], "model": ctl.run.model_key(model_path)}
     scored = ctl.run.once(f"{name}-loglik", score, key=key)
+    if is_pending(scored):  # a dry run: a phase that would run
+        return scored
     verdicts = {k: v["verdict"] for k, v in scored.items()}
     ctl.run.metric(f"{name}/failed", len(scorable) - len(verdicts))
     accuracy, (low, high) = record_accuracy(ctl.run, name, verdicts, len(verdicts))

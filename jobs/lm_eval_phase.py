@@ -38,6 +38,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.lm_eval_runner import TASKS_DIR, run_harness, task_manager
 from cluster.config import ConfigError, JobConfig
+from cluster.dryrun import is_pending
 from cluster.lineage import iteration_metric
 from cluster.runfolder import write_atomic
 from cluster.tracking import PhaseFailedError
@@ -299,7 +300,8 @@ def run_benchmarks(ctl: Controller, label: str, model: str) -> dict:
         }
 
     result = ctl.run.once(name, benchmark, key=key)
-    record(ctl, label, result)
+    if not is_pending(result):  # pending: a dry run's phase that would run (cluster.dryrun)
+        record(ctl, label, result)
     return result
 
 

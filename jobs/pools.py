@@ -53,14 +53,19 @@ class Pools:
         self._trainer = None
         self._judge: Judge | None = None
 
+    def model_path(self, role: str, model: str | None) -> str:
+        """The local folder a role's pool loads: ``model`` (a config's ref) or model.name's."""
+        c = self.config
+        base = self.model_paths["model.name"]
+        # Resolved before Ray started (resolve_models); a ref no config key names is resolved now.
+        known = {c.model.name: base, c.judge.model: self.model_paths["judge.model"]}
+        known[c.teacher.model] = self.model_paths["teacher.model"]
+        return (known.get(model) or resolve_model(model, c.model.cache_dir, role)) if model else base
+
     def pool(self, role: str, model: str | None = None) -> EnginePool:
         if role not in self.engines:
             c = self.config
-            base = self.model_paths["model.name"]
-            # Resolved before Ray started (resolve_models); a ref no config key names is resolved now.
-            known = {c.model.name: base, c.judge.model: self.model_paths["judge.model"]}
-            known[c.teacher.model] = self.model_paths["teacher.model"]
-            path = (known.get(model) or resolve_model(model, c.model.cache_dir, role)) if model else base
+            path = self.model_path(role, model)
             self.engines[role] = EnginePool(
                 role,
                 path,
@@ -185,3 +190,22 @@ class Pools:
     def shutdown(self) -> None:
         for pool in self.engines.values():
             pool.shutdown()
+
+
+class PlannedPool:
+    """A dry run's stand-in for a role's pool (cluster.dryrun): only which model it would hold, nothing placed."""
+
+    def __init__(self, role: str, model_path: str):
+        self.role, self.model_path = role, model_path
+
+
+class PlannedPools(Pools):
+    """``Pools`` of a dry run: a phase's key reads which model each pool holds; no replica is started."""
+
+    def pool(self, role: str, model: str | None = None) -> PlannedPool:
+        if role not in self.engines:
+            self.engines[role] = PlannedPool(role, self.model_path(role, model))
+        return self.engines[role]
+
+    def use_generator_weights(self, model_path: str) -> None:
+        self.generator.model_path = model_path  # a pending model (one a phase would train) too

@@ -117,6 +117,23 @@ def submitted(state: dict, method: str, run_dir: Path, *overrides: str) -> Path:
     return run_dir / method / "tiny"
 
 
+def job_command(state: dict, method: str, run_dir: Path, *overrides: str, pin: bool = True) -> list[str]:
+    """The command line of ``jobs.<method>``'s tiny job as submit_job runs it (and a dry run rereads it)."""
+    from cluster import local
+
+    return [
+        "python",
+        "-m",
+        f"jobs.{method}",
+        "--config",
+        f"configs/{method}-tiny.yaml",
+        f"run.dir={run_dir}",
+        f"model.cache_dir={MULTINODE_ROOT / '.cache/models'}",
+        *(local.pin_overrides(state) if pin else []),
+        *overrides,
+    ]
+
+
 def submit_job(
     state: dict, method: str, run_dir: Path, *overrides: str, pin: bool = True, wait: bool = True, entrypoint=None
 ):
@@ -128,17 +145,7 @@ def submit_job(
         "excludes": [".venv", ".cache", "runs", ".git", "**/__pycache__"],
         "env_vars": {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"},
     }
-    command = entrypoint or [
-        "python",
-        "-m",
-        f"jobs.{method}",
-        "--config",
-        f"configs/{method}-tiny.yaml",
-        f"run.dir={run_dir}",
-        f"model.cache_dir={MULTINODE_ROOT / '.cache/models'}",
-        *(local.pin_overrides(state) if pin else []),
-        *overrides,
-    ]
+    command = entrypoint or job_command(state, method, run_dir, *overrides, pin=pin)
     cmd = [
         str(local.BIN / "ray"),
         "job",

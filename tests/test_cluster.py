@@ -86,8 +86,43 @@ def external_address() -> str:
             return "127.0.0.1"
 
 
+def test_embedded_ray_listens_on_loopback_only(ray_session):
+    """Every listening socket of the processes the embedded Ray started (GCS, raylet, agents, workers) is bound to
+    loopback: another machine cannot reach it at all (cluster.connect.loopback_only)."""
+    import ipaddress
+
+    import psutil
+
+    @ray.remote
+    def pid() -> int:
+        return os.getpid()
+
+    worker = ray.get(pid.remote())  # a worker runs: its own servers count too
+    ours = psutil.Process().children(recursive=True)
+    assert worker in {p.pid for p in ours}
+    listening = []
+    for proc in ours:
+        try:
+            name = proc.name()
+            sockets = proc.net_connections("inet")
+            listening += [(name, c.laddr.ip, c.laddr.port) for c in sockets if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:  # a worker that ended since
+            pass
+    names = {n for n, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, listening
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)  # gRPC's IPv4 sockets show as ::ffff:127.0.0.1 (not is_loopback in 3.11)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+    wide = [s for s in listening if not loopback(s[1])]
+    assert not wide, f"listening beyond loopback: {wide}"
+    gcs = ray.get_runtime_context().gcs_address
+    assert gcs.startswith("127.0.0.1:"), gcs
+
+
 def test_embedded_ray_refuses_clients_without_its_token(ray_session, tmp_path):
-    """The embedded Ray's GCS listens on every interface: without the session's token nobody may join."""
+    """The embedded Ray listens on loopback only, and there (another user of this machine) nobody may join without
+    the session's token."""
     import subprocess
     import sys
 
@@ -99,7 +134,7 @@ def test_embedded_ray_refuses_clients_without_its_token(ray_session, tmp_path):
     assert os.stat(token_path).st_mode & 0o777 == 0o600 and os.stat(os.path.dirname(token_path)).st_mode & 0o077 == 0
     token = open(token_path).read().strip()
     port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
-    gcs = f"{external_address()}:{port}"
+    gcs = f"127.0.0.1:{port}"
 
     def list_nodes(metadata: tuple) -> grpc.StatusCode:
         with grpc.insecure_channel(gcs) as channel:
@@ -114,11 +149,18 @@ def test_embedded_ray_refuses_clients_without_its_token(ray_session, tmp_path):
     assert list_nodes(()) == grpc.StatusCode.UNAUTHENTICATED
     assert list_nodes((("authorization", "Bearer " + "0" * 64),)) == grpc.StatusCode.UNAUTHENTICATED
     assert list_nodes((("authorization", f"Bearer {token}"),)) == grpc.StatusCode.OK
+    if external_address() != "127.0.0.1":  # from the machine's other address: nothing answers at all
+        outside = f"{external_address()}:{port}"
+        with grpc.insecure_channel(outside) as channel:
+            with pytest.raises(grpc.FutureTimeoutError):
+                grpc.channel_ready_future(channel).result(timeout=5)
 
     # A Ray client in another process, with no token of its own (fresh HOME: no ~/.ray/auth_token either).
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(tmp_path), RAY_AUTH_MODE="disabled")
+    # A client on this machine, as any must be now: Ray's own address lookup answers loopback (else the client looks
+    # for its node at the external address, where this Ray has none, and waits).
+    env.update(HOME=str(tmp_path), RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     code = f"import ray; ray.init(address={gcs!r}); print('JOINED', ray.cluster_resources())"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "JOINED" not in result.stdout, result.stdout[-2000:]
     assert "auth" in (result.stdout + result.stderr).lower(), result.stderr[-2000:]

@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from conftest import GENERATOR_ONLY, submit_job, submitted
+from conftest import GENERATOR_ONLY, job_command, submit_job, submitted
+from test_phase_keys import dry_run
 from test_wandb import read_records
 
 from cluster import local
@@ -54,6 +55,14 @@ def placed_as_labelled(cluster: dict, run: Path, pools: set[str]) -> dict:
     assert config["placement"] == placement
     assert "placement" in {u.key for r in records if r.HasField("summary") for u in r.summary.update}
     return summary
+
+
+def assert_dry_run_reuses_everything(cluster: dict, method: str, run_dir: Path, *overrides: str) -> None:
+    """``--dry-run`` of the finished job with the command line it was submitted with: every phase it finished is
+    reused (the walk computes each key as the job did, from the folder alone, with no Ray)."""
+    state = json.loads((run_dir / method / "tiny" / "state.json").read_text())
+    verdicts = dry_run(job_command(cluster, method, run_dir, *overrides))
+    assert verdicts == {phase: ("reuse", "") for phase in state["phases"]}
 
 
 def ids(path: Path) -> list[str]:
@@ -161,6 +170,7 @@ def test_s3ft_buckets_and_baseline(local_cluster, tmp_path):
     mean = sum(lp for _, lp in expected.values()) / 4
     assert m["base/general/gold_logprob_per_char"] == pytest.approx(mean, abs=1e-3)
     assert m["sft/general/gold_logprob_per_char"] != m["base/general/gold_logprob_per_char"]  # SFT moved it
+    assert_dry_run_reuses_everything(local_cluster, "s3ft", tmp_path)
 
 
 def loglik_verdicts(model: str, dataset: str, n: int) -> dict[str, tuple[str, float]]:
@@ -209,6 +219,7 @@ def test_llm2llm_restarts_from_base_and_accumulates(local_cluster, tmp_path):
     assert len(control) == len(last) == m["control/data_size"] and {i.split("#")[0] for i in control} == seed_ids
     assert m["control/student/steps"] == m["iter1/student/steps"] and "control/eval/accuracy" in m
     assert m["iter1/instruction_wordings"] == 1  # the teacher's examples sit in their seed's instruction
+    assert_dry_run_reuses_everything(local_cluster, "llm2llm", tmp_path, *overrides)
 
 
 def assert_report_has(run: Path, chart: str, sample_phase: str) -> None:
@@ -243,6 +254,7 @@ def test_aft_propose_and_aggregate(local_cluster, tmp_path):
     # the SFT model on the same queries, greedy and with propose-and-aggregate (aft.baseline_sft)
     assert {"sft/eval/accuracy", "sft/propose_aggregate/accuracy", "sft/layer1/accuracy"} <= set(summary["metrics"])
     assert len(state["phases"]["sft/propose-and-aggregate"]["result"]) == 4
+    assert_dry_run_reuses_everything(local_cluster, "aft", tmp_path)
 
 
 def test_failed_job_exits_nonzero_with_the_driver_error(local_cluster, tmp_path):

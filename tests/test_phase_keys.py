@@ -233,7 +233,22 @@ def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_p
     from test_jobs import assert_plain_format
 
     assert_plain_format(json.loads((run / "summary.json").read_text()), run)
+    # --dry-run over the finished folder (in this process: it must start no Ray): every phase is reused; with
+    # another world size the training phases and what they feed run; another folder runs everything.
+    assert set(dry_run(command)) == set(first["phases"]) and set(dry_run(command).values()) == {("reuse", "")}
+    replicas = dry_run(command, "pools.train.replicas=1")
+    assert replicas["sft"] == ("run", "key changed: world_size: 2 -> 1 (pools.train.replicas)")
+    assert replicas["iter0/eval-answers"] == ("run", "upstream sft runs again")
+    assert replicas["iter1/eval-verdicts"][0] == "run"  # not reached: the walk stops where a pending output is read
+    fresh = dry_run(command, "run.id=another")
+    assert fresh["sft"] == ("run", "never ran") and {a for a, _ in fresh.values()} == {"run"}
     _gsm8k_rows(train, 8, 4, "t")  # edited in place: the same path and ids, other gold answers
+    edited = dry_run(command)
+    assert edited["sft"][0] == "run" and edited["sft"][1].startswith("key changed: examples"), edited["sft"]
+    assert edited["iter0/eval-answers"] == ("run", "upstream sft runs again")
+    assert edited["iter0/eval-verdicts"] == ("run", "upstream iter0/eval-answers runs again")
+    assert set(edited) == set(first["phases"]) and {a for a, _ in edited.values()} == {"run"}
+    assert json.loads((run / "state.json").read_text()) == first  # the dry runs wrote nothing
     second = session()
     dependent = ["sft", "iter0/eval-answers", "iter0/generate", "iter0/spin", "iter1/eval-answers"]
     for phase in dependent:
@@ -248,3 +263,31 @@ def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_p
     verdicts = pq.read_table(run / "phases/iter1/eval-verdicts.parquet").to_pylist()
     accuracy = sum(v["verdict"] == "yes" for v in verdicts) / len(verdicts)
     assert second["metrics"]["iter1/eval/accuracy"] == accuracy
+
+
+def dry_run(command: list[str], *overrides: str) -> dict[str, tuple[str, str]]:
+    """``--dry-run`` of a job command line, in this process: {phase: (reuse | run, reason)}. It must not start Ray."""
+    import contextlib
+    import importlib
+    import io
+
+    import ray
+
+    from jobs.common import main
+
+    method = command[2].removeprefix("jobs.")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+        algorithm = getattr(importlib.import_module(f"jobs.{method}"), method)
+        main(method, algorithm, [*command[3:], *overrides, "--dry-run"])
+    assert done.value.code == 0, out.getvalue()
+    assert not ray.is_initialized()
+    print(out.getvalue())  # the report, in the test's output (pytest -s)
+    lines = out.getvalue().splitlines()
+    verdicts = {}
+    for line in lines[1:-1]:
+        action, _, rest = line.strip().partition("  ")
+        if action in ("reuse", "run"):
+            phase, _, reason = rest.strip().partition("  ")
+            verdicts[phase] = (action, reason.strip())
+    return verdicts
