@@ -215,10 +215,17 @@ BASE_MODEL_JOBS = {
 }
 
 
+# LoRA adapters (training.peft) in every training phase of those jobs; SPIN's iterations adapt fewer modules
+# (training.preference.peft), so the per-phase section is exercised too.
+LORA_JOB = ["training.peft.enabled=true", "training.peft.r=4", "training.peft.lora_alpha=8", "training.lr=1e-2"]
+SPIN_TARGETS = ["q_proj", "v_proj"]
+
+
 def test_four_methods_on_a_model_without_a_chat_template(local_cluster, tmp_path):
     """Each method's tiny job on tiny-random-base (tiny-random without a chat template, as a base model such as
-    Llama-2-7b-hf): it runs through, prompts and targets in the plain format, its generated texts cut where the
-    format ends a turn, each model's format logged once and recorded in the summary."""
+    Llama-2-7b-hf), with LoRA adapters: it runs through, prompts and targets in the plain format, its generated texts
+    cut where the format ends a turn, each model's format logged once and recorded in the summary; every trained
+    model is a merged folder with its PEFT adapter inside (assert_lora_models)."""
     from test_chat_template import LLAMA3_STYLE
 
     from actors.chat import PLAIN_STOP
@@ -226,9 +233,12 @@ def test_four_methods_on_a_model_without_a_chat_template(local_cluster, tmp_path
     llama3 = tmp_path / "llama3.jinja"
     llama3.write_text(LLAMA3_STYLE)
     for method, (pools, extra) in BASE_MODEL_JOBS.items():
-        overrides = ["model.name=tiny-random-base", *(o.format(llama3=llama3) for o in extra)]
+        targets = f"training.preference.peft.target_modules=[{','.join(SPIN_TARGETS)}]"
+        lora = [*LORA_JOB, *([targets] if method == "spin" else [])]
+        overrides = ["model.name=tiny-random-base", *(o.format(llama3=llama3) for o in extra), *lora]
         summary = submit(local_cluster, method, tmp_path / method, *overrides, pools=pools)
         run = tmp_path / method / method / "tiny"
+        assert_lora_models(method, run, summary)
         formats = summary["metrics"]["chat_format"]
         plain = formats["model.name"]
         assert plain.startswith("the plain format") and plain.endswith("[the model has none]")
@@ -248,6 +258,40 @@ def test_four_methods_on_a_model_without_a_chat_template(local_cluster, tmp_path
         texts = [text for samples in generated for text in samples]
         assert texts, f"{method}: no generated rows"
         assert all(PLAIN_STOP not in t and t == t.rstrip() for t in texts), method
+
+
+def assert_lora_models(method: str, run: Path, summary: dict) -> None:
+    """Every training phase of a LoRA job wrote a merged HF folder with its adapter inside, loadable with
+    PeftModel.from_pretrained on the folder it was trained on; SPIN's iteration t+1 trained on model t's merged
+    folder; the summary has each phase's trainable and total parameters; W&B's artifacts name base and adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapters = sorted(run.glob("models/**/adapter/adapter_config.json"))
+    assert adapters, f"{method}: no adapter folder"
+    metrics = summary["metrics"]
+    for config_file in adapters:
+        model_dir, adapter = config_file.parent.parent, config_file.parent
+        phase = str(model_dir.relative_to(run / "models"))
+        settings = json.loads(config_file.read_text())
+        base = settings["base_model_name_or_path"]
+        trainable, total = metrics[f"{phase}/parameters"]["trainable"], metrics[f"{phase}/parameters"]["total"]
+        assert 0 < trainable < 0.01 * total, (phase, trainable, total)
+        if method == "spin":
+            assert sorted(settings["target_modules"]) == SPIN_TARGETS, phase
+            if phase == "iter1/spin":  # iteration 1 continues from iteration 0's merged model, with a fresh adapter
+                assert Path(base) == (run / "models/iter0/spin").resolve(), base
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
+        assert (model_dir / "config.json").exists() and not (model_dir / "adapter_model.safetensors").exists()
+    artifacts = {}
+    for wandb_file in glob.glob(str(run / "wandb/offline-run-*/run-*.wandb")):
+        for r in read_records(wandb_file):
+            if r.HasField("artifact") and not r.artifact.use_after_commit:
+                artifacts[r.artifact.name] = json.loads(r.artifact.metadata or "{}")
+    last = adapters[-1].parent.parent.relative_to(run / "models")
+    name = f"{method}-tiny-model-{str(last).replace('/', '-')}"
+    assert artifacts[name]["merged"] and artifacts[name]["adapter_artifact"] == f"{name}-adapter", artifacts[name]
+    assert artifacts[f"{name}-adapter"]["base_model"] == artifacts[name]["base_model"] and artifacts[name]["r"] == 4
 
 
 def test_failed_job_exits_nonzero_with_the_driver_error(local_cluster, tmp_path):
