@@ -6,8 +6,8 @@ and reload that into a running engine in place (``VLLMEngine.load_weights``); (b
 with ``enable_lora`` and ``max_lora_rank`` 16 serves the base weights and applies the adapter per request
 (``LoRARequest``; one per iteration). Each is a bare engine in its own process bound to both cores, bfloat16 as
 the generator runs here. Reported: the seconds a new adapter costs before it generates (a: merge + reload; b: the
-first request's extra time over the same request once the adapter is loaded), generation tok/s (16 prompts x 4
-samples x 64 tokens, greedy, after a warm-up), and whether the two give the same greedy tokens. ``--model`` takes
+first request's extra time over the same request once the adapter is loaded), generation tok/s (64 MT-Bench prompts
+x 64 tokens, greedy, after a warm-up), and whether the two give the same greedy tokens. ``--model`` takes
 any model reference (``tiny-random``: a quick check that it runs). Last line: one JSON object.
 """
 
@@ -24,7 +24,7 @@ if not __package__:  # run as `python bench/x.py`: Python put bench/ on sys.path
 
 from bench.common import BARE_VLLM_ENV, bench_prompts, emit, in_subprocess, parse_cli, print_table  # noqa: E402
 
-RANK, N_SAMPLES, MAX_TOKENS = 16, 4, 64
+RANK, N_PROMPTS, MAX_TOKENS = 16, 64, 64
 
 
 def make_adapter(model: str, folder: str, queue) -> None:
@@ -52,14 +52,14 @@ def make_adapter(model: str, folder: str, queue) -> None:
 def _prompts(tokenizer) -> list[list[int]]:
     from actors.engine import render_prompt
 
-    return [render_prompt(tokenizer, r["messages"]) for r in bench_prompts()]
+    return [render_prompt(tokenizer, r["messages"]) for r in bench_prompts(N_PROMPTS)]
 
 
 def _generate(llm, prompts, lora_request=None) -> tuple[list[list[int]], int, float]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(n=N_SAMPLES, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)  # greedy: one sample each
     start = time.perf_counter()
     outputs = llm.generate(
         [TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora_request, use_tqdm=False
