@@ -444,10 +444,11 @@ class PhaseRunner:
             time.sleep(float(seconds))
 
     def _after_checkpoint(self, spec: dict) -> None:
-        """Test hook: die right after a given checkpoint (simulates a crash mid-phase)."""
-        crash = os.environ.get("SELFIMPROVE_CRASH_AFTER_CHECKPOINT")
+        """Test hook: die right after the first checkpoint of the named phases (comma-separated; simulates a crash
+        mid-phase)."""
+        crash = os.environ.get("SELFIMPROVE_CRASH_AFTER_CHECKPOINT", "")
         marker = self.phase_dir / "crashed-once"
-        if crash == spec["name"] and self.rank == 0 and not marker.exists():
+        if spec["name"] in crash.split(",") and self.rank == 0 and not marker.exists():
             marker.touch()
             os._exit(1)
 
