@@ -9,7 +9,10 @@ the same precisions. All (a) cases are phases of one Ray Train ``fit()`` (as in 
 ``ratio_best`` the fastest (a) case with the fastest (b) case; ``startup_s`` is (a)'s fixed cost before its
 first step. MFU = model FLOP/s / peak, model FLOPs per trained token = 6 N + 12 L d T (PaLM's count: N
 parameters, L layers, width d, T the mean sequence length, attention included); peak = the best of repeated
-2048^3 matmuls on both cores in that dtype, measured in the same run.
+2048^3 matmuls on both cores in that dtype, measured in the same run. (c) LoRA (training.peft: r 16, alpha 32, every
+linear layer) as more phases of the same ``fit()``, fp32, under each ``--lora-stages`` stage: steady tok/s and rank
+0's peak RSS during the steps beside full fine-tuning's at the same stage (``lora`` in the JSON). ``--model`` takes
+any model reference (``tiny-random`` for a quick check that it runs).
 Last line: one JSON object.
 """
 
@@ -71,8 +74,12 @@ def steady(steps: list[tuple[float, float]]) -> float:
     return sum(t for t, _ in kept) / sum(s for _, s in kept)
 
 
-def ray_cases(model: str, rows: list[dict], root: Path, cases: list[tuple[int, bool]]) -> tuple[dict, float]:
-    """Steady tok/s and optimizer steps of each (ZeRO stage, bf16) case, run as phases of one fit(); start-up s."""
+LORA = {"enabled": True, "r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "target_modules": ["all-linear"]}
+
+
+def ray_cases(model: str, rows: list[dict], root: Path, cases: list[tuple[int, bool, bool]]) -> tuple[dict, float]:
+    """(steady tok/s, optimizer steps, rank 0's peak RSS MiB in the steps) of each (ZeRO stage, bf16, LoRA) case,
+    run as phases of one fit(); start-up s."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -94,17 +101,18 @@ def ray_cases(model: str, rows: list[dict], root: Path, cases: list[tuple[int, b
         config, on_metrics=lambda m: steps.append((m["tokens_per_s"] * m["step_time_s"], m["step_time_s"]))
     )
     results, startup = {}, 0.0
-    for stage, bf16 in cases:
+    for stage, bf16, lora in cases:
         steps.clear()
         base = asdict(config.training)
         training = {
             **base,
             "micro_batch_size": GLOBAL_BATCH // 2,
-            "lr": 1e-5,
+            "lr": 1e-4 if lora else 1e-5,
             "max_length": 512,
             "deepspeed": {**base["deepspeed"], "zero_stage": stage, "bf16": bf16},
+            "peft": {**LORA, "modules_to_save": []} if lora else base["peft"],
         }
-        name = f"zero{stage}-{'bf16' if bf16 else 'fp32'}"
+        name = f"zero{stage}-{'bf16' if bf16 else 'fp32'}{'-lora' if lora else ''}"
         result = service.train(
             {
                 "name": name,
@@ -119,8 +127,11 @@ def ray_cases(model: str, rows: list[dict], root: Path, cases: list[tuple[int, b
         )
         if not startup:  # the first phase pays the worker group, process group and model load
             startup = time.perf_counter() - start - sum(s for _, s in steps)
-        results[(stage, bf16)] = (steady(steps), result["steps"])
-        print(f"{name}: rank 0 peak RSS {result['train_peak_rss_mib']:.0f} MiB, linear layers: {result['linear_impl']}")
+        results[(stage, bf16, lora)] = (steady(steps), result["steps"], result["train_peak_rss_mib"])
+        print(
+            f"{name}: rank 0 peak RSS {result['train_peak_rss_mib']:.0f} MiB, linear layers: {result['linear_impl']}, "
+            f"trainable parameters {result['trainable_parameters']:,} of {result['total_parameters']:,}"
+        )
     service.shutdown()
     ray.shutdown()
     return results, startup
@@ -172,6 +183,12 @@ def options(parser) -> None:
         "--stages", default="3,2,0", help="ZeRO stages to run, comma-separated (0 = plain data parallel)"
     )
     parser.add_argument("--no-bf16", action="store_true", help="fp32 only, even where the CPU runs bf16 natively")
+    parser.add_argument(
+        "--lora-stages", default="2", help="ZeRO stages of the LoRA cases, fp32, comma-separated ('' = none)"
+    )
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="model reference (tiny-random: a quick check that it runs)"
+    )
 
 
 def main(args) -> None:
@@ -183,13 +200,21 @@ def main(args) -> None:
     from training.service import allocator_env
     from training.worker import native_bf16
 
-    model = resolve_model("smollm2-135m-instruct")
+    model = resolve_model(args.model)
     rows = examples(args.examples)
     stages = [int(s) for s in args.stages.split(",")]
+    lora_stages = [int(s) for s in args.lora_stages.split(",") if s.strip()]
     precisions = [False, True] if native_bf16() and not args.no_bf16 else [False]
-    cases = [(stage, bf16) for bf16 in precisions for stage in stages]
+    cases = [(stage, bf16, False) for bf16 in precisions for stage in stages]
+    cases += [(stage, False, False) for stage in lora_stages if stage not in stages]  # full weights beside each
+    cases += [(stage, False, True) for stage in lora_stages]
     with tempfile.TemporaryDirectory() as tmp:
-        ray_results, startup_s = ray_cases(model, rows, Path(tmp), cases)
+        all_results, startup_s = ray_cases(model, rows, Path(tmp), cases)
+    ray_results = {(s, b): (tok_s, n) for (s, b, lora), (tok_s, n, _) in all_results.items() if not lora}
+    lora_results = {
+        stage: {"full": all_results[(stage, False, False)], "lora": all_results[(stage, False, True)]}
+        for stage in lora_stages
+    }
     # The plain process gets the same allocator the ranks get (training.allocator), so only Ray + DeepSpeed differ.
     os.environ.update(allocator_env(load_config(None, []).training.allocator))
     single = {bf16: in_subprocess(single_process, model, rows, bf16) for bf16 in precisions}
@@ -214,8 +239,14 @@ def main(args) -> None:
         (f"plain PyTorch, 1 process x 2 threads, {'bf16' if bf16 else 'fp32'}", n, tok_s, mfu(tok_s, bf16), 1.0)
         for bf16, (tok_s, n, _) in single.items()
     ]
+    # MFU of a LoRA row: no weight gradients of the frozen base, so 6 N overstates its work; shown as "-"
+    table += [
+        (f"Ray Train + ZeRO-{stage}, LoRA r 16 all-linear, fp32", steps, tok_s, "-", tok_s / single[False][0])
+        for stage, pair in lora_results.items()
+        for tok_s, steps, _ in [pair["lora"]]
+    ]
     print_table(
-        f"SFT on SmolLM2-135M-Instruct, {len(rows)} GSM8K examples, global batch 8, AdamW",
+        f"SFT on {Path(model).name}, {len(rows)} GSM8K examples, global batch 8, AdamW",
         table,
         ("case", "optimizer steps", "steady tok/s", "MFU", "vs plain PyTorch, same precision"),
     )
@@ -224,6 +255,12 @@ def main(args) -> None:
         + ", ".join(f"peak {'bf16' if b else 'fp32'} {g:.1f} GFLOP/s" for b, g in peak.items())
     )
     print(f"fixed start-up cost of (a) before its first step: {startup_s:.1f} s")
+    for stage, pair in lora_results.items():
+        (full_tok_s, _, full_rss), (lora_tok_s, _, lora_rss) = pair["full"], pair["lora"]
+        print(
+            f"ZeRO-{stage} fp32, LoRA vs full weights: {lora_tok_s:.0f} vs {full_tok_s:.0f} tok/s "
+            f"({lora_tok_s / full_tok_s:.2f}x), rank 0 peak RSS {lora_rss:.0f} vs {full_rss:.0f} MiB"
+        )
     reference = (3, False) if (3, False) in ray_results else next(iter(ray_results))
     zero3_tok_s, single_tok_s = ray_results[reference][0], single[False][0]
     best_stage, best_bf16 = max(ray_results, key=lambda case: ray_results[case][0])
@@ -250,6 +287,16 @@ def main(args) -> None:
             if {(3, True), (3, False)} <= ray_results.keys()
             else None,
             "ratio_best": round(max(t for t, _ in ray_results.values()) / max(s[0] for s in single.values()), 3),
+            "lora": {
+                f"zero{stage}_fp32": {
+                    "lora_tok_s": round(pair["lora"][0], 1),
+                    "full_tok_s": round(pair["full"][0], 1),
+                    "speedup": round(pair["lora"][0] / pair["full"][0], 3),
+                    "lora_peak_rss_mib": round(pair["lora"][2]),
+                    "full_peak_rss_mib": round(pair["full"][2]),
+                }
+                for stage, pair in lora_results.items()
+            },
         }
     )
 

@@ -519,6 +519,41 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class PeftConfig:
+    """A LoRA adapter instead of full weights (peft's LoraConfig fields; training/adapters.py). Each phase trains a
+    fresh adapter on its starting model and writes the merged model (what generation, evaluation and the next phase
+    load) with the adapter folder beside it (<model>/adapter, loadable with PeftModel.from_pretrained)."""
+
+    enabled: bool = doc("Train a LoRA adapter; off: full fine-tuning of every weight.", False)
+    r: int = doc("LoRA rank (peft LoraConfig.r).", 8, bounds=">= 1")
+    lora_alpha: float = doc("LoRA scaling numerator: the update is (lora_alpha / r) * B @ A.", 16.0, bounds="> 0")
+    lora_dropout: float = doc("Dropout on the adapter's input in training.", 0.0, bounds="[0, 1)")
+    target_modules: list[str] = doc(
+        "Modules that get an adapter: names matched as suffixes of the model's module names (q_proj, v_proj, ...), "
+        "or ['all-linear'] (every linear layer but the output head, as peft and QLoRA take it). A name the model "
+        "has no module for stops the job before Ray starts, listing the model's layer names.",
+        factory=lambda: ["all-linear"],
+    )
+    modules_to_save: list[str] = doc(
+        "Modules trained in full and saved with the adapter (peft modules_to_save, e.g. [lm_head] for a new token).",
+        factory=list,
+    )
+
+
+@dataclass
+class PhasePeftConfig:
+    """training.peft for one kind of phase: a field left None keeps training.peft's (enabled: false turns adapters
+    off for these phases only)."""
+
+    enabled: bool | None = doc("Adapters for these phases; None: training.peft.enabled.", None)
+    r: int | None = doc("LoRA rank; None: training.peft.r.", None, bounds=">= 1")
+    lora_alpha: float | None = doc("LoRA alpha; None: training.peft.lora_alpha.", None, bounds="> 0")
+    lora_dropout: float | None = doc("LoRA dropout; None: training.peft.lora_dropout.", None, bounds="[0, 1)")
+    target_modules: list[str] | None = doc("Adapter targets; None: training.peft.target_modules.", None)
+    modules_to_save: list[str] | None = doc("Fully trained modules; None: training.peft.modules_to_save.", None)
+
+
+@dataclass
 class PhaseTrainingConfig:
     """Settings of one kind of training phase (as TRL's SFTConfig and DPOConfig are separate): a field left
     None keeps training.<field>. ``phase_training`` resolves them; the spec each phase sends to the ranks carries
@@ -534,6 +569,7 @@ class PhaseTrainingConfig:
     grad_accum: int | None = doc("Micro steps per optimizer step; None: training.grad_accum.", None, bounds=">= 1")
     max_length: int | None = doc("Longest sequence; None: training.max_length.", None, bounds=">= 8")
     max_prompt_length: int | None = doc("Longest prompt; None: training.max_prompt_length.", None, bounds=">= 1")
+    peft: PhasePeftConfig = doc("Adapter settings of these phases over training.peft.", factory=PhasePeftConfig)
 
 
 @dataclass
@@ -603,6 +639,7 @@ class TrainingConfig:
         "jemalloc",
     )
     deepspeed: DeepSpeedConfig = doc("DeepSpeed section.", factory=DeepSpeedConfig)
+    peft: PeftConfig = doc("LoRA adapters (peft) instead of full fine-tuning; off by default.", factory=PeftConfig)
     sft: PhaseTrainingConfig = doc(
         "Overrides for SFT phases (SPIN's SFT start, S3FT, LLM2LLM's students, AFT and the SFT baselines).",
         factory=PhaseTrainingConfig,
@@ -1090,6 +1127,17 @@ def validate(c: JobConfig) -> None:
             f"training.{phase}.max_prompt_length",
             f"{resolved['max_prompt_length']} must be in (0, {resolved['max_length']}) (its phases' max_length)",
         )
+        peft = resolved["peft"]
+        targets = peft_key(c, phase, "target_modules")
+        _require(not peft["enabled"] or bool(peft["target_modules"]), targets, "needs at least one module name")
+        _require(
+            "all-linear" not in peft["target_modules"] or len(peft["target_modules"]) == 1,
+            targets,
+            f"'all-linear' stands alone (it already names every linear layer), got {peft['target_modules']}",
+        )
+        for field_name in ("target_modules", "modules_to_save"):
+            for i, name in enumerate(peft[field_name]):
+                _require(bool(name.strip()), f"{peft_key(c, phase, field_name)}[{i}]", "an empty module name")
 
 
 def embedded_auth_mode(cluster: ClusterConfig, environ: typing.Mapping[str, str]) -> str | None:
@@ -1121,13 +1169,21 @@ def to_dict(config: JobConfig) -> dict:
 TRAINING_PHASES = ("sft", "preference")
 
 
+def peft_key(config: JobConfig, phase: str, field_name: str) -> str:
+    """The dotted key a phase's resolved ``peft.<field_name>`` came from: its own section's, else training.peft's."""
+    own = getattr(getattr(config.training, phase).peft, field_name)
+    return f"training.{phase}.peft.{field_name}" if own is not None else f"training.peft.{field_name}"
+
+
 def phase_training(config: JobConfig, phase: Literal["sft", "preference"], **overrides: Any) -> dict:
     """The training settings a phase of this kind runs with: ``training``, then the fields of ``training.<phase>``
     that are set, then ``overrides`` that are not None (SPIN's per-iteration lr). The sft / preference
     sub-sections themselves are left out: a rank needs only the resolved values."""
     settings = to_dict(config)["training"]
     sections = {name: settings.pop(name) for name in TRAINING_PHASES}
+    peft = sections[phase].pop("peft")
     settings.update({k: v for k, v in sections[phase].items() if v is not None})
+    settings["peft"] = {**settings["peft"], **{k: v for k, v in peft.items() if v is not None}}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings
 

@@ -9,7 +9,9 @@ An input or output is named by its path alone, so a phase finished in an earlier
 long gone) is used by the same name and content again: ``phases/<name>.parquet`` is the dataset artifact
 ``<job>-<name>``, ``models/<name>/`` the model artifact ``<job>-model-<name>``, any other folder (the base model)
 ``model-<folder name>``. Files above ``LARGE_BYTES`` are logged as ``file://`` references (W&B records their
-paths and checksums, not a copy), smaller ones are copied into the artifact.
+paths and checksums, not a copy), smaller ones are copied into the artifact. A LoRA phase's model folder holds
+the merged model and its adapter (``<model>/adapter``, training.adapters): both are logged, and each artifact's
+metadata names the base model it was trained on and the adapter (``adapter_metadata``).
 
 Offline (the default) ``Run.use_artifact`` refuses to run; what it does for an artifact object online is log it
 with ``use_after_commit``, which ``wandb sync`` replays as a use. Offline runs record exactly that.
@@ -17,6 +19,7 @@ with ``use_after_commit``, which ``wandb sync`` replays as a use. Offline runs r
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -24,6 +27,7 @@ from pathlib import Path
 log = logging.getLogger("selfimprove")
 
 LARGE_BYTES = 64 * 1024**2  # above this an artifact references its files instead of copying them
+ADAPTER_DIR = "adapter"  # a LoRA phase's PEFT folder inside its (merged) model folder (training.adapters)
 ITERATION_KEY = re.compile(r"^iter(\d+)/(.+)$")
 
 
@@ -61,6 +65,28 @@ def artifact_for(path: str | Path, run_dir: Path, job: str) -> tuple[str, str]:
     return safe_name(f"{job}-{name}"), "dataset"
 
 
+def adapter_metadata(path: Path, run_dir: Path, job: str) -> dict:
+    """For a PEFT adapter folder, or a merged model folder with one inside: the base model it was trained on (path
+    and artifact name), the adapter (path and artifact name) and its LoRA settings; {} for any other path."""
+    adapter = path / ADAPTER_DIR if (path / ADAPTER_DIR / "adapter_config.json").is_file() else path
+    try:
+        settings = json.loads((adapter / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    base = settings.get("base_model_name_or_path")
+    meta = {
+        "merged": adapter != path,
+        "adapter": str(adapter),
+        "adapter_artifact": artifact_for(adapter, run_dir, job)[0],
+        "base_model": base,
+        "base_model_artifact": artifact_for(base, run_dir, job)[0] if base and Path(base).is_dir() else None,
+        **{k: settings.get(k) for k in ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules")},
+    }
+    if isinstance(meta["target_modules"], (set, list)):
+        meta["target_modules"] = sorted(meta["target_modules"])
+    return meta
+
+
 def tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -78,7 +104,8 @@ class Lineage:
 
         path = Path(path).resolve()
         name, kind = artifact_for(path, self.run_dir, self.job)
-        artifact = wandb.Artifact(name, type=kind, metadata={"path": str(path)})
+        metadata = {"path": str(path), **(adapter_metadata(path, self.run_dir, self.job) if path.is_dir() else {})}
+        artifact = wandb.Artifact(name, type=kind, metadata=metadata)
         if tree_size(path) > LARGE_BYTES:
             artifact.add_reference(path.as_uri(), name=None if path.is_dir() else path.name)
         elif path.is_dir():

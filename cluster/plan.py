@@ -26,6 +26,12 @@ Memory model, per GPU (B = bytes of a bf16/fp16 value, 2; fp32 runs use 4):
   micro_batch_size x max_length, doubled for preference phases (a pair is two sequences), capped by
   ``max_tokens_per_batch``: the worst case, every sequence padded to max_length.
 - Logits of the micro step: tokens x vocab x (B + 4 + 4): the logits, their fp32 copy and the log-softmax.
+- LoRA (``training.peft``): the base parameters are frozen, B·P/W under ZeRO-3 and B·P whole below it, with no
+  gradient, master weight or optimizer state; the adapter's A parameters (r x (in + out) per adapted linear layer,
+  ``adapter_parameters``; a modules_to_save entry adds its module in full) carry all of those, as above. The
+  gradient buckets hold at most A values. Activations as for full weights (backward still runs through every
+  frozen layer to reach the adapters below it), plus, with lora_dropout, the dropped copy of each adapted layer's
+  input per token (B x its input width; one layer's worth under gradient checkpointing).
 - Plus 1.5 GiB for the CUDA context and NCCL, and 10% for allocator fragmentation.
 - vLLM, per GPU of a replica with tensor parallelism T: weights B·P/T; a forward pass over the batched tokens
   (max(8192, max_model_len)) of B·(2·I + 4·h)/T per token (I as above), sampler logits max_num_seqs x vocab x 4,
@@ -263,23 +269,56 @@ def _value_bytes(bf16: bool | str) -> int:
     return 2 if bf16 not in (False, "false", "off", None) else 4
 
 
+# The linear layers of one transformer layer (Llama / Mistral / Qwen / Mixtral names): (input, output width, copies)
+def _linear_layers(arch: Architecture) -> dict[str, tuple[int, int, int]]:
+    h, q, kv, inter, experts = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size, max(arch.experts, 1)
+    layers = {"q_proj": (h, q, 1), "k_proj": (h, kv, 1), "v_proj": (h, kv, 1), "o_proj": (q, h, 1)}
+    layers |= {"gate_proj": (h, inter, experts), "up_proj": (h, inter, experts), "down_proj": (inter, h, experts)}
+    return layers
+
+
+def adapter_parameters(arch: Architecture, peft: dict) -> tuple[float, float, list[str]]:
+    """(adapter parameters, input width summed over the adapted layers of one transformer layer, target names the
+    estimate does not know): r x (in + out) per adapted linear layer, every layer of the model; modules_to_save
+    lm_head / embed_tokens add vocab x hidden each."""
+    layers = _linear_layers(arch)
+    targets = list(layers) if peft["target_modules"] == ["all-linear"] else peft["target_modules"]
+    known = [t for t in targets if t in layers]
+    per_layer = sum(peft["r"] * (layers[t][0] + layers[t][1]) * layers[t][2] for t in known)
+    inputs = sum(layers[t][0] * layers[t][2] for t in known)
+    saved = sum(arch.embedding_parameters for m in peft["modules_to_save"] if m in ("lm_head", "embed_tokens"))
+    unknown = [t for t in targets if t not in layers] + [
+        m for m in peft["modules_to_save"] if m not in ("lm_head", "embed_tokens")
+    ]
+    return arch.layers * per_layer + saved, float(arch.layers * inputs), unknown
+
+
 def training_estimate(arch: Architecture, settings: dict, world_size: int, phase: str, gpu_bytes: float) -> GpuEstimate:
     """One rank's GPU in a training phase with the resolved ``settings`` (``phase_training``)."""
     ds = settings["deepspeed"]
     b = _value_bytes(ds["bf16"])
     stage = int(ds["zero_stage"])
     p = arch.parameters
+    peft = settings.get("peft") or {}
+    lora = bool(peft.get("enabled"))
+    notes = []
+    if lora:  # frozen base: only its weights; the adapter (trainable) carries gradients and optimizer state
+        trained, adapted_inputs, unknown = adapter_parameters(arch, peft)
+        notes.append(f"LoRA r={peft['r']}: {trained / 1e6:.1f}M trainable parameters of {(p + trained) / 1e9:.2f}B")
+        if unknown:
+            notes.append(f"not counted (names the estimate does not know): {', '.join(unknown)}")
+    else:
+        trained = p
     state_split = world_size if stage >= 1 else 1
     optimizer_per_param = 8 if settings["optimizer"] == "adamw" else 4
-    items = [
-        ("parameters", b * p / (world_size if stage == 3 else 1)),
-        ("gradients", b * p / (world_size if stage >= 2 else 1)),
-    ]
+    items = [("frozen base" if lora else "parameters", b * p / (world_size if stage == 3 else 1))]
+    if lora:
+        items.append(("adapter", b * trained / (world_size if stage == 3 else 1)))
+    items.append(("gradients", b * trained / (world_size if stage >= 2 else 1)))
     offloaded = bool(ds.get("offload_optimizer"))
-    states = ([("fp32 master", 4 * p / state_split)] if b == 2 else []) + [
-        (f"{settings['optimizer']} state", optimizer_per_param * p / state_split)
+    states = ([("fp32 master", 4 * trained / state_split)] if b == 2 else []) + [
+        (f"{settings['optimizer']} state", optimizer_per_param * trained / state_split)
     ]
-    notes = []
     if offloaded:
         notes.append(f"optimizer on CPU: {sum(v for _, v in states) / GIB:.1f} GiB of host memory per rank")
     else:
@@ -287,8 +326,8 @@ def training_estimate(arch: Architecture, settings: dict, world_size: int, phase
     if stage == 3:
         items.append(("gathered parameters", b * min(p, MAX_LIVE_PARAMETERS)))
     elif stage >= 1:
-        items.append(("allgather bucket", b * min(p, BUCKET_SIZE)))
-    items.append(("reduce bucket", b * min(p, BUCKET_SIZE)))
+        items.append(("allgather bucket", b * min(trained, BUCKET_SIZE)))
+    items.append(("reduce bucket", b * min(trained, BUCKET_SIZE)))
     per_item = settings["max_length"] * (2 if phase == "preference" else 1)
     tokens = settings["micro_batch_size"] * per_item
     if settings.get("max_tokens_per_batch"):
@@ -299,6 +338,8 @@ def training_estimate(arch: Architecture, settings: dict, world_size: int, phase
         activations = tokens * (arch.layers * b * h + full_layer)
     else:
         activations = tokens * arch.layers * full_layer
+    if lora and peft.get("lora_dropout"):  # kept for every layer, or for the one being recomputed
+        activations += tokens * b * adapted_inputs / (arch.layers if settings.get("gradient_checkpointing") else 1)
     items.append(("activations", activations))
     items.append(("logits", tokens * arch.vocab_size * (b + 4 + 4)))
     items.append(("CUDA context", CUDA_CONTEXT))
@@ -307,6 +348,7 @@ def training_estimate(arch: Architecture, settings: dict, world_size: int, phase
     title = (
         f"{phase} phase, ZeRO-{stage} over {world_size} ranks, micro-batch {settings['micro_batch_size']} {unit} x "
         f"{settings['max_length']} tokens{', gradient checkpointing' if settings.get('gradient_checkpointing') else ''}"
+        f"{', LoRA' if lora else ''}"
     )
     estimate = GpuEstimate(title, items, gpu_bytes, notes)
     if estimate.total > gpu_bytes:

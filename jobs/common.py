@@ -25,7 +25,7 @@ from actors.llm_actor import EnginePool
 from actors.teacher import Teacher
 from cluster.blocks import Blocks
 from cluster.cli import parse_job_args
-from cluster.config import ConfigError, JobConfig, SamplingConfig, phase_training
+from cluster.config import TRAINING_PHASES, ConfigError, JobConfig, SamplingConfig, peft_key, phase_training
 from cluster.connect import PROJECT_ROOT, connect, joined_cluster
 from cluster.data import DataError, prepare
 from cluster.dryrun import NeedsOutput, PlannedRun, format_report, is_pending
@@ -34,6 +34,7 @@ from cluster.runfolder import LeaseLostError, RunFolderError, is_run_control
 from cluster.tracking import Run
 from jobs import evaluation, inputs, lm_eval_phase
 from jobs.pools import POOLS_AT_START, PlannedPools, Pools
+from training import adapters
 
 log = logging.getLogger("selfimprove")
 
@@ -73,6 +74,22 @@ def check_prompts_dir(config: JobConfig) -> Path:
     return folder
 
 
+def check_adapter_targets(config: JobConfig, model_path: str) -> None:
+    """Every module the phases' adapters name (training.peft, training.<phase>.peft) exists in the model: checked on
+    the model built from its config.json on the meta device, before Ray starts. Every trained model has the base
+    model's modules, so the base model decides for all phases."""
+    phases = {}
+    for phase in TRAINING_PHASES:
+        peft = phase_training(config, phase)["peft"]
+        if peft["enabled"]:
+            keys = {f: peft_key(config, phase, f) for f in ("target_modules", "modules_to_save")}
+            phases[phase] = (peft, keys)
+    try:
+        adapters.check_targets(model_path, phases, config.model.trust_remote_code)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _generated_row(out: dict, iteration: int, model: str, settings: str) -> dict:
     """One generation output with its lineage: the first sample as the response, every sample in 'samples'."""
     first = out["samples"][0]
@@ -106,6 +123,7 @@ class Controller:
             raise ConfigError(str(err)) from None
         self.chat_templates = self.chat_formats.templates  # {config key: configured template or None}
         check_prompts_dir(config)
+        check_adapter_targets(config, self.model_paths["model.name"])
         lm_eval_phase.check(config)  # every benchmark task exists and its data is here
         self.data = prepare(config.data, config.run.seed, config.run.method)
         self.base_model = self.model_paths["model.name"]
@@ -299,6 +317,8 @@ class Controller:
             **extra,
         }
         settings = {k: v for k, v in training.items() if not is_run_control(f"training.{k}")}
+        if not settings.get("peft", {}).get("enabled"):
+            settings.pop("peft", None)  # full weights: keyed as before adapters existed (old run folders resume)
         # The key names the starting model by its key (not its path: models/sft retrained on other data is another
         # model), the examples by content, and every plan-shaping setting: the world size sets the global batch and
         # the micro-batch plan a half-done phase's step count is mapped onto.
@@ -320,7 +340,11 @@ class Controller:
         # W&B lineage: the examples (made from ``uses``), then model in + examples -> model out.
         example_files = list(examples.folders) if streamed else [self.run.phase_file(f"{name}-data")]
         self.run.record_lineage(name, f"{kind}-data", uses or [], example_files, label=f"{name}-data")
-        self.run.record_lineage(name, "train", [init_model, *example_files], [result["output"]])
+        # an adapter phase writes the merged model and its adapter: both are artifacts naming the base model
+        outputs = [result["output"], *([result["adapter"]] if result.get("adapter") else [])]
+        self.run.record_lineage(name, "train", [init_model, *example_files], outputs)
+        if "trainable_parameters" in result:  # (a phase finished before the count existed has none)
+            self.run.metric(f"{name}/parameters", {k: result[f"{k}_parameters"] for k in ("trainable", "total")})
         self.run.metric(f"{name}/steps", result["steps"])  # optimizer steps (LLM2LLM's matched-steps control)
         self.run.metric(f"{name}/train_tokens_per_s", round(result["train_tokens_per_s"], 1))
         # sequences whose prompt or response was cut to fit, and AFT proposals cut to share the prompt budget

@@ -192,11 +192,12 @@ def loglik_verdicts(model: str, dataset: str, n: int) -> dict[str, tuple[str, fl
 
 
 def test_llm2llm_restarts_from_base_and_accumulates(local_cluster, tmp_path):
-    overrides = [BASE_MODEL, "teacher.model=tiny-random", "teacher.max_attempts=1"]
+    overrides = [BASE_MODEL, *LORA_JOB, "teacher.model=tiny-random", "teacher.max_attempts=1"]
     overrides.append("llm2llm.matched_steps_control=true")
     summary = submit(local_cluster, "llm2llm", tmp_path, *overrides, pools={"generator", "teacher", "train"})
     run = tmp_path / "llm2llm" / "tiny"
     assert_plain_format(summary, run)
+    assert_lora_models("llm2llm", run, summary)
     formats = summary["metrics"]["chat_format"]
     assert formats["teacher.model"] == "a chat template whose turn ends with '<|im_end|>\\n' [the model's own]"
     assert formats["judge.model"] == formats["model.name"]
@@ -234,9 +235,10 @@ def assert_report_has(run: Path, chart: str, sample_phase: str) -> None:
 
 
 def test_aft_propose_and_aggregate(local_cluster, tmp_path):
-    summary = submit(local_cluster, "aft", tmp_path, BASE_MODEL, pools={"generator", "train"})
+    summary = submit(local_cluster, "aft", tmp_path, BASE_MODEL, *LORA_JOB, pools={"generator", "train"})
     run = tmp_path / "aft" / "tiny"
     assert_plain_format(summary, run)
+    assert_lora_models("aft", run, summary)
     examples = pq.read_table(run / "phases/aft-data.parquet").to_pylist()
     kinds = [e["kind"] for e in examples]
     assert kinds.count("propose") == 6 and kinds.count("aggregate") == 6
@@ -255,6 +257,48 @@ def test_aft_propose_and_aggregate(local_cluster, tmp_path):
     assert {"sft/eval/accuracy", "sft/propose_aggregate/accuracy", "sft/layer1/accuracy"} <= set(summary["metrics"])
     assert len(state["phases"]["sft/propose-and-aggregate"]["result"]) == 4
     assert_dry_run_reuses_everything(local_cluster, "aft", tmp_path)
+
+
+# LoRA adapters (training.peft) in every training phase of the LLM2LLM and AFT tiny jobs, and of SPIN's in
+# tests/test_phase_keys.py, whose iterations adapt fewer modules (training.preference.peft: the per-phase section).
+LORA_JOB = ["training.peft.enabled=true", "training.peft.r=4", "training.peft.lora_alpha=8", "training.lr=1e-2"]
+SPIN_TARGETS = ["q_proj", "v_proj"]
+
+
+def assert_lora_models(method: str, run: Path, summary: dict, wandb: bool = True) -> None:
+    """Every training phase of a LoRA job wrote a merged HF folder with its adapter inside, loadable with
+    PeftModel.from_pretrained on the folder it was trained on; SPIN's iteration t+1 trained on model t's merged
+    folder; the summary has each phase's trainable and total parameters; W&B's artifacts name base and adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapters = sorted(run.glob("models/**/adapter/adapter_config.json"))
+    assert adapters, f"{method}: no adapter folder"
+    metrics = summary["metrics"]
+    for config_file in adapters:
+        model_dir, adapter = config_file.parent.parent, config_file.parent
+        phase = str(model_dir.relative_to(run / "models"))
+        settings = json.loads(config_file.read_text())
+        base = settings["base_model_name_or_path"]
+        trainable, total = metrics[f"{phase}/parameters"]["trainable"], metrics[f"{phase}/parameters"]["total"]
+        assert 0 < trainable < 0.01 * total, (phase, trainable, total)
+        if method == "spin" and phase.endswith("/spin"):  # training.preference.peft's modules; SFT's are all-linear
+            assert sorted(settings["target_modules"]) == SPIN_TARGETS, phase
+            if phase == "iter1/spin":  # iteration 1 continues from iteration 0's merged model, with a fresh adapter
+                assert Path(base) == (run / "models/iter0/spin").resolve(), base
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
+        assert (model_dir / "config.json").exists() and not (model_dir / "adapter_model.safetensors").exists()
+    if not wandb:
+        return
+    artifacts = {}
+    for wandb_file in glob.glob(str(run / "wandb/offline-run-*/run-*.wandb")):
+        for r in read_records(wandb_file):
+            if r.HasField("artifact") and not r.artifact.use_after_commit:
+                artifacts[r.artifact.name] = json.loads(r.artifact.metadata or "{}")
+    last = adapters[-1].parent.parent.relative_to(run / "models")
+    name = f"{method}-tiny-model-{str(last).replace('/', '-')}"
+    assert artifacts[name]["merged"] and artifacts[name]["adapter_artifact"] == f"{name}-adapter", artifacts[name]
+    assert artifacts[f"{name}-adapter"]["base_model"] == artifacts[name]["base_model"] and artifacts[name]["r"] == 4
 
 
 def test_failed_job_exits_nonzero_with_the_driver_error(local_cluster, tmp_path):

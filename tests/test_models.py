@@ -134,6 +134,20 @@ def test_a_missing_input_stops_with_exit_2_before_ray_or_the_run_folder(tmp_path
     assert ray.is_initialized() == ray_was_up  # and Ray was not started for it
 
 
+def test_an_adapter_target_the_model_lacks_stops_with_exit_2_naming_the_key_and_the_models_layers(tmp_path, capsys):
+    # training.peft on for every phase, SPIN's iterations naming a module the tiny Llama does not have (a fused
+    # projection of another architecture): found on the meta-device model before Ray or the run folder.
+    ray_was_up = ray.is_initialized()
+    with pytest.raises(SystemExit) as exit_info:
+        run_spin(tmp_path, "training.peft.enabled=true", "training.preference.peft.target_modules=[q_proj,qkv_proj]")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "config error: training.preference.peft.target_modules: the model " in err and "no module 'qkv_proj'" in err
+    layers = "down_proj, embed_tokens, gate_proj, input_layernorm, k_proj, lm_head, norm, o_proj, "
+    assert f"its layer names: {layers}post_attention_layernorm, q_proj, up_proj, v_proj (or 'all-linear')" in err
+    assert not (tmp_path / "spin").exists() and ray.is_initialized() == ray_was_up
+
+
 @ray.remote
 class EnvProbe:
     def hf_env(self) -> dict:

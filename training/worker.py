@@ -6,7 +6,9 @@ lives for the whole job: each rank pulls phase specs from a ``PhaseQueue`` actor
 starting model (already partitioned, ``HfDeepSpeedConfig``), trains it with DeepSpeed ZeRO-3 on the
 process group Ray Train made (gloo on CPU, NCCL on GPU), writes a consolidated HF folder, and waits for
 the next spec. A phase interrupted mid-way resumes from its newest complete DeepSpeed checkpoint
-(``training.checkpoints``: a tag counts once every rank's files are on disk).
+(``training.checkpoints``: a tag counts once every rank's files are on disk). With ``training.peft.enabled`` the
+rank trains a fresh LoRA adapter on the starting model instead and writes the merged model with its adapter folder
+(``training.adapters``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from actors.chat import use_chat_template
 from cluster.storage import StorageError, check_storage
-from training import checkpoints
+from training import adapters, checkpoints
 from training.losses import sequence_logps, sft_loss, spin_loss
 from training.sequences import TruncationReport, build_sequence, collate, deal, micro_batches, prompt_messages
 
@@ -144,6 +146,8 @@ class PhaseRunner:
         from transformers.integrations import HfDeepSpeedConfig
 
         spec, t = self.spec, self.t
+        peft = t.get("peft") or {}
+        self.adapter = bool(peft.get("enabled"))
         started = time.perf_counter()
         # The previous phase's DeepSpeed engine lives on in reference cycles until a collection: drop it before
         # this phase loads its own model, or a long-lived rank holds two models' state.
@@ -190,6 +194,8 @@ class PhaseRunner:
             # Non-reentrant: recomputes each layer in backward under ZeRO-3's parameter gathers (the reentrant
             # variant needs inputs that require grad and misses parameters gathered inside the layer).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.adapter:  # a fresh adapter: the wrapped model is the starting model until the first step
+            model = adapters.wrap(model, peft, t["gradient_checkpointing"])
 
         epochs = [self._plan(lengths, e) for e in range(t["epochs"])]
         micro_per_epoch = len(epochs[0])
@@ -205,6 +211,7 @@ class PhaseRunner:
         )
         local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
         total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        trainable_parameters, total_parameters = adapters.parameter_counts(engine.module)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
         self.beat(0, "reference" if kind == "spin" else "loaded")
@@ -284,6 +291,10 @@ class PhaseRunner:
             "linear_impl": getattr(torch.nn.functional.linear, "__module__", None) or "torch",
             "examples": len(items),
             "local_param_fraction": local / total,
+            # what the optimizer updated (the adapter and modules_to_save with training.peft) out of the whole model
+            "trainable_parameters": trainable_parameters,
+            "total_parameters": total_parameters,
+            "adapter": str(Path(out) / adapters.ADAPTER_DIR) if self.adapter else None,
             "allocator": loaded_allocator(),
             # this rank's resident memory (rank 0's result reaches the driver): peak during the optimizer steps,
             # and what it held when they started (model, optimizer state, the process itself)
@@ -365,7 +376,18 @@ class PhaseRunner:
             (tag_dir / checkpoints.COMPLETE).unlink(missing_ok=True)
         self._die_while_saving_hook(engine, tag)
         # DeepSpeed's own barrier (after its makedirs) keeps the unlink above ahead of every rank's writes.
-        engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"micro_step": micro_step}, save_latest=False)
+        # An adapter phase leaves the frozen base out: it is the starting model, loaded again at a resume.
+        engine.save_checkpoint(
+            str(self.ckpt_dir),
+            tag=tag,
+            client_state={"micro_step": micro_step},
+            save_latest=False,
+            exclude_frozen_parameters=self.adapter,
+        )
+        if self.adapter:  # every tag is also a PEFT folder (<tag>/adapter), beside what a resume reads
+            state = self._trainable_state(engine)
+            if self.rank == 0:
+                adapters.save_adapter(engine.module, state, tag_dir / adapters.ADAPTER_DIR)
         mine = checkpoints.sync_own_files(tag_dir, self.rank)
         every: list[dict] = [None] * self.world_size  # type: ignore[list-item]
         dist.all_gather_object(every, mine)  # returns on rank 0 only once every rank synced its files
@@ -391,7 +413,8 @@ class PhaseRunner:
         dist.barrier()
         if newest is None:
             return 0, None, unusable
-        _, client = engine.load_checkpoint(str(self.ckpt_dir), tag=newest.name)
+        # strict only for full weights: an adapter phase's tags hold the trainable tensors alone
+        _, client = engine.load_checkpoint(str(self.ckpt_dir), tag=newest.name, load_module_strict=not self.adapter)
         return int(client["micro_step"]), newest.name, unusable
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -421,10 +444,11 @@ class PhaseRunner:
             time.sleep(float(seconds))
 
     def _after_checkpoint(self, spec: dict) -> None:
-        """Test hook: die right after a given checkpoint (simulates a crash mid-phase)."""
-        crash = os.environ.get("SELFIMPROVE_CRASH_AFTER_CHECKPOINT")
+        """Test hook: die right after the first checkpoint of the named phases (comma-separated; simulates a crash
+        mid-phase)."""
+        crash = os.environ.get("SELFIMPROVE_CRASH_AFTER_CHECKPOINT", "")
         marker = self.phase_dir / "crashed-once"
-        if crash == spec["name"] and self.rank == 0 and not marker.exists():
+        if spec["name"] in crash.split(",") and self.rank == 0 and not marker.exists():
             marker.touch()
             os._exit(1)
 
@@ -447,6 +471,8 @@ class PhaseRunner:
         gather); rank 0 writes an HF folder atomically."""
         import torch.distributed as dist
 
+        if self.adapter:
+            return self._save_adapter_and_merge(engine, model, tokenizer, output)
         if uses_bf16(self.t["deepspeed"]["bf16"]):
             state = fp32_master_state_dict(engine)
         elif self.t["deepspeed"]["zero_stage"] == 3:
@@ -464,11 +490,40 @@ class PhaseRunner:
         dist.barrier()
         return output
 
+    def _trainable_state(self, engine) -> dict[str, torch.Tensor]:
+        """The trainable tensors whole (a collective under ZeRO-3 and bf16: every rank calls it); a bf16 phase's
+        are its fp32 master weights, as full fine-tuning saves them."""
+        if uses_bf16(self.t["deepspeed"]["bf16"]):
+            return fp32_master_state_dict(engine, trainable_only=True)
+        if self.t["deepspeed"]["zero_stage"] == 3:
+            return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+        return {n: p.detach() for n, p in engine.module.named_parameters() if p.requires_grad}
 
-def fp32_master_state_dict(engine) -> dict[str, torch.Tensor]:
+    def _save_adapter_and_merge(self, engine, model, tokenizer, output: str) -> str:
+        """Rank 0 writes the adapter folder and the merged model next to it, into a temp folder renamed whole."""
+        import torch.distributed as dist
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        state = self._trainable_state(engine)
+        if self.rank == 0:
+            out = Path(output)
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            adapters.save_adapter(model, state, tmp / adapters.ADAPTER_DIR)
+            unset_hf_deepspeed_config()  # the merge loads the base whole, not partitioned across the ranks
+            trust = self.spec.get("trust_remote_code", False)
+            adapters.merge(self.spec["init_model"], tmp / adapters.ADAPTER_DIR, tmp, tokenizer, trust)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        dist.barrier()
+        return output
+
+
+def fp32_master_state_dict(engine, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The optimizer's fp32 master weights of a bf16 phase, gathered whole (a collective: every rank calls it).
     Saving the bf16 module weights instead would round away every update smaller than bf16's resolution (~0.4%
-    of a weight): at SPIN's lr of 1e-7..1e-6 most of a phase's change, lost before the next phase starts from it."""
+    of a weight): at SPIN's lr of 1e-7..1e-6 most of a phase's change, lost before the next phase starts from it.
+    ``trainable_only``: the trainable parameters alone (an adapter phase: the frozen base has no master)."""
     from deepspeed.utils import safe_get_full_fp32_param
     from torch._utils import _unflatten_dense_tensors
 
@@ -484,6 +539,8 @@ def fp32_master_state_dict(engine) -> dict[str, torch.Tensor]:
     # keep_vars gives the Parameter objects, so a tied weight's names share one master
     state, gathered = {}, {}
     for name, value in engine.module.state_dict(keep_vars=True).items():
+        if trainable_only and not (isinstance(value, torch.nn.Parameter) and value.requires_grad):
+            continue
         if not isinstance(value, torch.nn.Parameter):
             state[name] = value.detach().float() if value.is_floating_point() else value.detach()
             continue
@@ -513,6 +570,8 @@ def phase_metrics(spec: dict, result: dict) -> dict:
         "train_tokens": result["train_tokens"],
         "train_tokens_per_s": result["train_tokens_per_s"],
         "wall_s": result["wall_s"],
+        "trainable_parameters": result["trainable_parameters"],
+        "total_parameters": result["total_parameters"],
     }
 
 
