@@ -323,6 +323,8 @@ def compare(ctl: Controller, newer: dict, older: dict) -> dict:
                 messages = judge_messages(prompts, prompt, q, a[:turn], b[:turn], reference)
                 requests.append({"id": f"{qid}-{turn}-{order}", "messages": messages})
 
+    user_prompts = {r["id"]: r["messages"][-1]["content"] for r in requests}
+
     def judge() -> list[dict]:
         lost: list[dict] = []
         sampling = Sampling(temperature=0.0, max_tokens=mt.judge_max_tokens, seed=c.run.seed)
@@ -349,6 +351,7 @@ def compare(ctl: Controller, newer: dict, older: dict) -> dict:
                         "order": order,
                         "assistant_a": newer["label"] if order == "first" else older["label"],
                         "judge_prompt": game["prompt"],
+                        "prompt": user_prompts.get(key),  # what the judge read, as FastChat keeps it
                         "judgment": text,
                         "verdict": row[order],
                         "failure": reasons.get(key),
