@@ -159,6 +159,20 @@ def parse_preference(text: str) -> str:
     return values.pop() if len(values) == 1 else UNKNOWN
 
 
+_FASTCHAT_VERDICT = re.compile(r"\[\[([ABC])\]\]")
+
+
+def parse_fastchat_verdict(text: str) -> str:
+    """FastChat's pairwise verdict format: '[[A]]', '[[B]]' or '[[C]]' (a tie) anywhere in the judgment -> 'A', 'B'
+    or 'tie'. None of them, or two different ones, is unknown: FastChat would read '[[A]] ... [[B]]' as A (it
+    looks for A, then B, then C), which lets a judge that quotes the format decide by where it quoted it."""
+    found = set(_FASTCHAT_VERDICT.findall(text))
+    if len(found) != 1:
+        return UNKNOWN
+    verdict = found.pop()
+    return "tie" if verdict == "C" else verdict
+
+
 def combine_orders(first: str, swapped: str) -> str:
     """A-vs-B asked as (A, B) and (B, A): agreement wins, disagreement or a tie is a tie."""
     if UNKNOWN in (first, swapped):

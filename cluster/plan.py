@@ -419,11 +419,13 @@ def training_phases(config: JobConfig) -> list[str]:
 
 
 def method_pools(config: JobConfig) -> dict[str, PoolConfig]:
-    """The pools the job places: its own, less the judge when judge.kind is 'rule' (never placed then)."""
+    """The pools the job places: its own, less the judge when judge.kind is 'rule' (never placed then, unless
+    evaluation.mt_bench needs it for its pairwise verdicts)."""
     names = list(METHOD_POOLS.get(config.run.method, METHOD_POOLS["smoke"]))
     if config.run.method == "s3ft" and config.s3ft.paraphrase_by == "teacher":
         names.insert(2, "teacher")
-    if config.judge.kind == "rule" and config.run.method not in ("smoke", "bench"):
+    pairwise = config.evaluation.mt_bench.enabled
+    if config.judge.kind == "rule" and config.run.method not in ("smoke", "bench") and not pairwise:
         names.remove("judge")
     return {name: getattr(config.pools, name) for name in names}
 

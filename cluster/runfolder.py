@@ -70,6 +70,7 @@ RUN_CONTROL = (
     "training.min_examples",
     "training.keep_checkpoints",  # how many complete DeepSpeed tags are kept, not what they hold
     "evaluation.lm_eval.",  # each lm-eval phase is keyed by its tasks and settings: benchmarks can be added later
+    "evaluation.mt_bench.",  # its answer and judging phases are keyed by their settings: it can be added later
 )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from actors.judge import load_prompt
 from cluster.data import meta
-from jobs import lm_eval_phase
+from jobs import lm_eval_phase, mt_bench_phase
 from jobs.common import Controller, main
 from methods.aft import build_examples, off_policy_proposals, propose_and_aggregate
 
@@ -59,6 +59,7 @@ def aft(ctl: Controller) -> None:
 
     if not a.eval_propose_aggregate:
         ctl.run.metric("final_model", model)
+        mt_bench_phase.final(ctl, model)  # evaluation.mt_bench: the final model against the earlier one
         return
     answers = evaluate_propose_and_aggregate(ctl, "aft", eval_rows, model, template, _recorded(ctl, "aft/single"))
     if a.baseline_sft:  # the paper's comparison: the SFT model on the same queries, with the same inference
@@ -90,6 +91,7 @@ def aft(ctl: Controller) -> None:
         ctl.run.metric("aft/pairwise_unknown", len(outcome) - len(decided))
     ctl.run.metric("final_model", model)
     lm_eval_phase.final(ctl, model)  # evaluation.lm_eval: standard benchmarks on the final model
+    mt_bench_phase.final(ctl, model)  # evaluation.mt_bench: the final model against the earlier one
 
 
 def evaluate_propose_and_aggregate(

@@ -32,7 +32,7 @@ from cluster.dryrun import NeedsOutput, PlannedRun, format_report, is_pending
 from cluster.models import resolve_models
 from cluster.runfolder import LeaseLostError, RunFolderError, is_run_control
 from cluster.tracking import Run
-from jobs import evaluation, inputs, lm_eval_phase
+from jobs import evaluation, inputs, lm_eval_phase, mt_bench_phase
 from jobs.pools import POOLS_AT_START, PlannedPools, Pools
 from training import adapters
 
@@ -125,6 +125,7 @@ class Controller:
         check_prompts_dir(config)
         check_adapter_targets(config, self.model_paths["model.name"])
         lm_eval_phase.check(config)  # every benchmark task exists and its data is here
+        mt_bench_phase.check(config)  # MT-Bench's questions and FastChat's judge prompts are here
         self.data = prepare(config.data, config.run.seed, config.run.method)
         self.base_model = self.model_paths["model.name"]
         if planned:
@@ -384,6 +385,7 @@ class Controller:
     def evaluate(self, name: str, rows: list[dict], model_path: str) -> float:
         accuracy = evaluation.evaluate(self, name, rows, model_path)
         lm_eval_phase.after_evaluation(self, name, model_path)  # evaluation.lm_eval.checkpoints: every: now
+        mt_bench_phase.after_evaluation(self, name, model_path)  # evaluation.mt_bench: answers, pairs
         return accuracy
 
     def evaluate_loglik(self, name: str, rows: list[dict], model_path: str) -> float:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from actors.judge import load_prompt
 from cluster.data import split_prompt, take
-from jobs import lm_eval_phase
+from jobs import lm_eval_phase, mt_bench_phase
 from jobs.common import REQUIRED_PROMPTS, Controller, main
 from methods.llm2llm import accumulate, instruction_wordings, repeat_rows, seed_verdicts, wrong_seed_examples
 
@@ -74,6 +74,7 @@ def llm2llm(ctl: Controller) -> None:
         ctl.run.metric(f"iter{t}/data_size", len(data))
     ctl.run.metric("final_model", model)
     lm_eval_phase.final(ctl, model)  # evaluation.lm_eval: standard benchmarks on the final model
+    mt_bench_phase.final(ctl, model)  # evaluation.mt_bench: the final model against the earlier one
     if c.llm2llm.matched_steps_control:
         control = repeat_rows(seed, len(data))
         ctl.run.metric("control/data_size", len(control))

@@ -254,6 +254,33 @@ def benchmark_table(metrics: dict) -> list[dict]:
     return list(rows.values())
 
 
+def mt_bench_table(metrics: dict) -> list[dict]:
+    """MT-Bench pairwise comparisons (``<model>/mt_bench`` metrics, jobs.mt_bench_phase): one row per pair, the
+    newer model's win rate (ties half) with its 95% bootstrap interval and the games behind it, unreadable
+    verdicts and failed judgments included."""
+    rows = []
+    for key, v in metrics.items():
+        if not (key.endswith("/mt_bench") and isinstance(v, dict) and "vs" in v):
+            continue
+        rate = "n/a (no decided game)" if v.get("win_rate") is None else f"{v['win_rate']:.3f}"
+        if v.get("ci95"):
+            rate += f" [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+        rows.append(
+            {
+                "model": v.get("label"),
+                "vs": v.get("vs"),
+                "win rate [95% CI]": rate,
+                "win / tie / lose": f"{v.get('win')} / {v.get('tie')} / {v.get('lose')}",
+                "inconsistent (ties)": v.get("inconsistent"),
+                "unparseable": v.get("unparseable"),
+                "failed": v.get("failed"),
+                "games": v.get("games"),
+                "turns": v.get("turns"),
+            }
+        )
+    return rows
+
+
 def render_html(run: dict, charts: dict[str, Path | None], out: Path) -> str:
     s, finished = run["summary"], run["finished"]
     failed = finished and s.get("status") == "failed"  # the driver ended on an error: summary.json says which
@@ -283,6 +310,9 @@ def render_html(run: dict, charts: dict[str, Path | None], out: Path) -> str:
     benchmarks = benchmark_table(s.get("metrics") or {})
     if benchmarks:
         parts += ["<h2>Standard benchmarks (lm-evaluation-harness)</h2>", html_table(benchmarks)]
+    pairs = mt_bench_table(s.get("metrics") or {})
+    if pairs:
+        parts += ["<h2>MT-Bench pairwise (FastChat judge prompts, both orders)</h2>", html_table(pairs)]
     metrics = [{"metric": k, "value": v} for k, v in (s.get("metrics") or {}).items()]
     parts += ["<h2>Metrics</h2>", html_table(metrics), "<h2>Sample rows</h2>"]
     for name, rows in run["samples"].items():

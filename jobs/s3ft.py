@@ -11,7 +11,7 @@ one SFT pass on those targets; compare with plain SFT on gold answers, in-domain
 from __future__ import annotations
 
 from actors.teacher import paraphrase_messages
-from jobs import lm_eval_phase
+from jobs import lm_eval_phase, mt_bench_phase
 from jobs.common import Controller, main
 from methods.s3ft import bucket_fractions, reasoning_verdicts, select_target
 
@@ -75,6 +75,7 @@ def s3ft(ctl: Controller) -> None:
         evaluate_general("sft/general", general_rows, sft)
     ctl.run.metric("final_model", model)
     lm_eval_phase.final(ctl, model)  # evaluation.lm_eval: standard benchmarks on the final model
+    mt_bench_phase.final(ctl, model)  # evaluation.mt_bench: the final model against the earlier one
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs import lm_eval_phase
+from jobs import lm_eval_phase, mt_bench_phase
 from jobs.common import Controller, main
 
 
@@ -15,6 +15,7 @@ def smoke(ctl: Controller, roles: tuple[str, ...] = ("generator", "judge", "teac
             print(f"[{role}] {row['id']}: {outputs[row['id']]['response'][:200]!r}")
     ctl.run.metric("answers", len(rows))
     lm_eval_phase.final(ctl, ctl.base_model)  # evaluation.lm_eval: standard benchmarks on the model
+    mt_bench_phase.final(ctl, ctl.base_model)  # evaluation.mt_bench: the final model against the earlier one
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ targets then run block by block (``ctl.per_block``), and the driver never holds 
 from __future__ import annotations
 
 from cluster.config import phase_training
-from jobs import lm_eval_phase
+from jobs import lm_eval_phase, mt_bench_phase
 from jobs.common import Controller, main
 from methods.spin import (
     beta_for,
@@ -71,6 +71,7 @@ def spin(ctl: Controller) -> None:
         previous_pairs = pairs
     ctl.run.metric("final_model", model)
     lm_eval_phase.final(ctl, model)  # evaluation.lm_eval: standard benchmarks on the final model
+    mt_bench_phase.final(ctl, model)  # evaluation.mt_bench: the final model against the earlier one
 
 
 def heldout_scores(

@@ -234,8 +234,22 @@ def assert_report_has(run: Path, chart: str, sample_phase: str) -> None:
     assert f"<h3>{sample_phase}" in text
 
 
+# evaluation.mt_bench on the AFT job: the AFT model against the model evaluated before it (the SFT baseline), on 3
+# questions (writing, roleplay, reasoning: both judge prompts) and both turns; the tiny model's verdicts are garbage.
+MT_BENCH = [
+    "evaluation.mt_bench.enabled=true",
+    "evaluation.mt_bench.questions=3",
+    "evaluation.mt_bench.turns=2",
+    "evaluation.mt_bench.max_tokens=8",
+    "evaluation.mt_bench.judge_max_tokens=8",
+    "evaluation.mt_bench.max_unparseable_fraction=1.0",
+    "engine.max_model_len=1024",  # the multi-turn math prompt holds GPT-4's two reference answers
+]
+
+
 def test_aft_propose_and_aggregate(local_cluster, tmp_path):
-    summary = submit(local_cluster, "aft", tmp_path, BASE_MODEL, *LORA_JOB, pools={"generator", "train"})
+    overrides = [BASE_MODEL, *LORA_JOB, *MT_BENCH]
+    summary = submit(local_cluster, "aft", tmp_path, *overrides, pools={"generator", "judge", "train"})
     run = tmp_path / "aft" / "tiny"
     assert_plain_format(summary, run)
     assert_lora_models("aft", run, summary)
@@ -256,7 +270,57 @@ def test_aft_propose_and_aggregate(local_cluster, tmp_path):
     # the SFT model on the same queries, greedy and with propose-and-aggregate (aft.baseline_sft)
     assert {"sft/eval/accuracy", "sft/propose_aggregate/accuracy", "sft/layer1/accuracy"} <= set(summary["metrics"])
     assert len(state["phases"]["sft/propose-and-aggregate"]["result"]) == 4
+    check_mt_bench(run, summary["metrics"])
     assert_dry_run_reuses_everything(local_cluster, "aft", tmp_path)
+
+
+def check_mt_bench(run: Path, metrics: dict) -> None:
+    from actors.judge import parse_fastchat_verdict
+
+    result = metrics["aft/single/mt_bench"]
+    assert (result["label"], result["vs"]) == ("aft/single", "sft")
+    assert (result["model"], result["vs_model"]) == (
+        str((run / "models/aft").resolve()),
+        str((run / "models/sft").resolve()),
+    )
+    assert result["games"] == 6 and result["questions"] == 3 and result["turns"] == 2
+    # every game judged in both orders: each order's verdicts add up to the games, both to questions x turns x 2
+    assert [sum(result["verdicts"][o].values()) for o in ("first", "swapped")] == [6, 6]
+    assert sum(result[k] for k in ("win", "tie", "lose", "unparseable", "failed")) == 6 and result["failed"] == 0
+    judgments = pq.read_table(run / "phases/mt_bench/aft/single-vs-sft-judgments.parquet").to_pylist()
+    assert len(judgments) == 12 and {j["order"] for j in judgments} == {"first", "swapped"}
+    prompts = {(j["question_id"], j["turn"]): j["judge_prompt"] for j in judgments}
+    assert prompts == {
+        (81, 1): "pair-v2",
+        (81, 2): "pair-v2-multi-turn",
+        (91, 1): "pair-v2",
+        (91, 2): "pair-v2-multi-turn",
+        (101, 1): "pair-math-v1",
+        (101, 2): "pair-math-v1-multi-turn",
+    }
+    for j in judgments:  # each verdict is what FastChat's format reads in the judge's text; none is made a tie
+        parsed = parse_fastchat_verdict(j["judgment"])
+        assert j["verdict"] == ("unparseable" if parsed == "unknown" else parsed)
+    unreadable = {(j["question_id"], j["turn"]) for j in judgments if j["verdict"] == "unparseable"}
+    assert result["unparseable"] == len(unreadable)
+    assert sum(result["verdicts"][o]["unparseable"] for o in ("first", "swapped")) == 12 - sum(
+        j["verdict"] != "unparseable" for j in judgments
+    )
+    # turn 2 was asked after the model's own first answer: the judge sees each model's conversation
+    own = {
+        r["id"]: r["response"]
+        for r in pq.read_table(run / "phases/mt_bench/aft/single/answers-turn1-t0.7.parquet").to_pylist()
+    }
+    second = next(j for j in judgments if (j["question_id"], j["turn"], j["order"]) == (81, 2, "first"))
+    assert f"### Assistant A:\n{own['mtbench-81']}\n\n### User:\n" in second["prompt"]
+    if result["decided"]:
+        low, high = result["ci95"]
+        assert 0.0 <= low <= result["win_rate"] <= high <= 1.0
+        assert metrics["aft/single/mt_bench/win_rate"] == result["win_rate"]
+    else:  # nothing decided: no rate and no interval, not 0.5 from ties
+        assert result["win_rate"] is None and result["ci95"] is None and "aft/single/mt_bench/win_rate" not in metrics
+    html = report_main([str(run)]).read_text()
+    assert "MT-Bench pairwise" in html and "aft/single" in html
 
 
 # LoRA adapters (training.peft) in every training phase of the LLM2LLM and AFT tiny jobs, and of SPIN's in

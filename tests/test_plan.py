@@ -158,7 +158,8 @@ def test_vllm_kv_cache_by_hand():
     assert items["weights"] == pytest.approx(2 * arch.parameters)
     assert est.total == pytest.approx(0.85 * 80 * GIB)  # vLLM takes gpu_memory_utilization of the GPU
     kv_per_token = 2 * 32 * 8 * 128 * 2  # K and V, layers, kv heads, head dim, bf16
-    assert f"holds {int(items['KV cache'] // (kv_per_token * 2048))} sequences of 2048 tokens" in est.notes[0]
+    length = config.engine.max_model_len
+    assert f"holds {int(items['KV cache'] // (kv_per_token * length))} sequences of {length} tokens" in est.notes[0]
 
 
 @pytest.mark.parametrize("method", ["spin", "s3ft", "llm2llm", "aft"])
