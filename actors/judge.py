@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from cluster.data import meta, prompt_text
+from data.rows import meta, prompt_text
 
 YES, NO, UNKNOWN = "yes", "no", "unknown"
 WIN, LOSE, TIE = "win", "lose", "tie"

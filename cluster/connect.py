@@ -26,7 +26,7 @@ from pathlib import Path
 
 import ray
 
-from cluster.config import ClusterConfig, embedded_auth_mode
+from configs.schema import ClusterConfig, embedded_auth_mode
 
 log = logging.getLogger(__name__)
 

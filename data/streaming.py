@@ -23,13 +23,13 @@ import pyarrow as pa
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from cluster.blocks import Blocks, part_name
-from cluster.data import URI, DataError, JobData, LoadReport, Overlap, normalize, prompt_key, shard_rows
-from cluster.formats import BadRow
+from data.formats import BadRow
+from data.rows import URI, DataError, JobData, LoadReport, Overlap, normalize, prompt_key, shard_rows
+from runfolder.blocks import Blocks, part_name
 
 if TYPE_CHECKING:
-    from cluster.config import DataConfig
-    from cluster.tracking import Run
+    from configs.schema import DataConfig
+    from runfolder.run import Run
 
 log = logging.getLogger("selfimprove")
 
@@ -144,7 +144,7 @@ def ingest(run: Run, c: DataConfig, data: JobData) -> JobData:
 
 
 def _write_snapshot(dataset: ray.data.Dataset, c: DataConfig, eval_rows: list[dict], folder: Path):
-    from cluster.tracking import write_parquet
+    from runfolder.run import write_parquet
 
     report = LoadReport(c.train)
     by_key: dict[str, list[str]] = {}

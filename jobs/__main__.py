@@ -10,7 +10,7 @@ import sys
 METHODS = ("spin", "s3ft", "llm2llm", "aft", "smoke")
 COMMANDS = {
     **{m: f"run {m.upper() if m != 'smoke' else 'the smoke job'} (python -m jobs.{m})" for m in METHODS},
-    "serve": "serve a model or a run's final model behind an OpenAI-compatible API (python -m jobs.serve)",
+    "serve": "serve a model or a run's final model behind an OpenAI-compatible API (python -m serving.app)",
     "report": "write a run folder's report (python -m jobs.report)",
 }
 
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"selfimprove: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(f"jobs.{command}")
-    if command in METHODS:  # jobs.<method> runs its algorithm through jobs.common.main
-        from jobs.common import main as run_method
+    if command in METHODS:  # jobs.<method> runs its algorithm through jobs.controller.main
+        from jobs.controller import main as run_method
 
         run_method(command, getattr(module, command), rest)
     else:

@@ -1,6 +1,6 @@
 """The jobs' command line: ``--help`` lists every config key, ``--print-config`` prints the resolved config.
 
-The key listing is generated from the dataclasses in ``cluster.config`` (as HfArgumentParser does for TRL):
+The key listing is generated from the dataclasses in ``configs.schema`` (as HfArgumentParser does for TRL):
 each key under its section, with its type, its default (the value a job gets when neither the config file
 nor an override sets it) and its doc, so the help can never drift from what the loader accepts.
 
@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cluster.config import ConfigError, JobConfig, embedded_auth_mode, load_config, redact_secrets, to_dict
+from configs.schema import ConfigError, JobConfig, embedded_auth_mode, load_config, redact_secrets, to_dict
 
 WIDTH = 100
 
@@ -163,7 +163,7 @@ def parse_job_args(method: str, argv: list[str] | None = None) -> JobConfig:
 
 def check_data(config: JobConfig) -> int:
     """What a job would train and evaluate on, without starting anything: 0 if usable, 2 (and why) if not."""
-    from cluster.data import DataError, prepare
+    from data.rows import DataError, prepare
 
     try:
         data = prepare(config.data, config.run.seed, config.run.method)

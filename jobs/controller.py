@@ -4,7 +4,7 @@
 operations every driver is written in: ``generate``, ``judge_equivalence``, ``per_block`` and ``train``, each a
 resumable phase whose rows land in Parquet with lineage (source id, model, iteration, sampling settings,
 verdict). The role pools (started lazily: a method that never needs a teacher never places one) live in
-``jobs.pools``, evaluation (written in these phases) in ``jobs.evaluation``; the controller only hands drivers
+``jobs.roles``, evaluation (written in these phases) in ``jobs.evaluation``; the controller only hands drivers
 on to them, so a driver still reads ``ctl.evaluate(...)``, ``ctl.pool(...)``, ``ctl.trainer``.
 """
 
@@ -21,16 +21,16 @@ from actors.engine import Sampling
 from actors.judge import Judge
 from actors.llm_actor import EnginePool
 from actors.teacher import Teacher
-from cluster.blocks import Blocks
-from cluster.cli import parse_job_args
-from cluster.config import ConfigError, JobConfig, SamplingConfig, phase_training
 from cluster.connect import PROJECT_ROOT, connect, joined_cluster
-from cluster.data import DataError, prepare
 from cluster.models import resolve_models
-from cluster.runfolder import LeaseLostError, RunFolderError, is_run_control
-from cluster.tracking import Run
+from configs.schema import ConfigError, JobConfig, SamplingConfig, phase_training
+from data.rows import DataError, prepare
 from jobs import evaluation, inputs, lm_eval_phase
-from jobs.pools import POOLS_AT_START, Pools
+from jobs.cli import parse_job_args
+from jobs.roles import POOLS_AT_START, Pools
+from runfolder.blocks import Blocks
+from runfolder.run import Run
+from runfolder.state import LeaseLostError, RunFolderError, is_run_control
 
 log = logging.getLogger("selfimprove")
 
@@ -133,7 +133,7 @@ class Controller:
         """The seed data file ``rows`` are (W&B lineage), or None for rows a phase made."""
         return inputs.source(self.run, self.data, rows)
 
-    # -- pools (jobs.pools) ------------------------------------------------------------------------------
+    # -- pools (jobs.roles) ------------------------------------------------------------------------------
 
     def pool(self, role: str, model: str | None = None) -> EnginePool:
         return self.pools.pool(role, model)

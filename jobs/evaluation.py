@@ -5,7 +5,7 @@ Each function takes the ``Controller`` as a method driver does: answers and verd
 ``judge_equivalence`` phases and log-likelihood scores one keyed ``run.once`` (rows, candidates, the model's key),
 so an evaluation resumes, and places
 the generator or judge pool on first use, as any phase does. Which pool serves a role, and when it stops, is
-``jobs.pools``' business, not this module's.
+``jobs.roles``' business, not this module's.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
-from cluster.data import likelihood_question, reworded
-from cluster.tracking import Run
+from data.rows import likelihood_question, reworded
+from runfolder.run import Run
 
 if TYPE_CHECKING:  # the controller calls in here; this module only uses its phases
-    from jobs.common import Controller
+    from jobs.controller import Controller
 
 log = logging.getLogger("selfimprove")
 

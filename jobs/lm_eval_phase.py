@@ -37,13 +37,13 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.lm_eval_runner import TASKS_DIR, run_harness, task_manager
-from cluster.config import ConfigError, JobConfig
-from cluster.lineage import iteration_metric
-from cluster.runfolder import write_atomic
-from cluster.tracking import PhaseFailedError
+from configs.schema import ConfigError, JobConfig
+from runfolder.lineage import iteration_metric
+from runfolder.run import PhaseFailedError
+from runfolder.state import write_atomic
 
 if TYPE_CHECKING:
-    from jobs.common import Controller
+    from jobs.controller import Controller
 
 log = logging.getLogger("selfimprove")
 

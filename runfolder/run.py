@@ -9,7 +9,7 @@ Layout of ``runs/<method>/<run-id>/``::
     phases/<name>.parquet  each finished phase's rows (lineage columns included)
     phases/<name>/part-*.parquet  rows of an unfinished phase, written batch by batch
     phases/<name>.failed.parquet  rows the phase could not produce, with the reason (id, reason, session)
-    phases/data-train/part-*.parquet  a streamed data.train (cluster.streaming), data.block_rows rows a part
+    phases/data-train/part-*.parquet  a streamed data.train (data.streaming), data.block_rows rows a part
     phases/<name>/part-<k>.parquet  a streamed phase's output for block k of its input (Run.block_phase)
     phases/data-<split>.parquet  the seed data splits, the roots of the W&B lineage (tracking.artifacts)
     models/<name>/         HF checkpoints written by training phases
@@ -52,10 +52,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from cluster.blocks import Blocks, part_name
-from cluster.config import JobConfig, redact_secrets, to_dict
-from cluster.lineage import Lineage, iteration_metric
-from cluster.runfolder import (
+from configs.schema import JobConfig, redact_secrets, to_dict
+from runfolder.blocks import Blocks, part_name
+from runfolder.lineage import Lineage, iteration_metric
+from runfolder.state import (
     RunFolderError,
     RunLease,
     changed_keys,
@@ -592,7 +592,7 @@ class Run:
         self, name: str, job_type: str, uses: list, outputs: list, label: str | None = None, always: bool = False
     ) -> None:
         """W&B lineage of phase ``name`` if it finished in this session (or ``always``): the files it used and the
-        ones it wrote (``cluster.lineage``), as a W&B run called ``label`` (default: the phase's name)."""
+        ones it wrote (``runfolder.lineage``), as a W&B run called ``label`` (default: the phase's name)."""
         if self.lineage is None or not (always or name in self.finished_now):
             return
         try:

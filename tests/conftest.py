@@ -28,8 +28,8 @@ def tiny_model() -> str:
 def ray_session():
     import ray
 
-    from cluster.config import ClusterConfig
     from cluster.connect import connect
+    from configs.schema import ClusterConfig
 
     connect(ClusterConfig(num_cpus=8, resources={"gen_pool": 1}))
     yield ray
@@ -68,7 +68,7 @@ def local_cluster():
 GENERATOR_ONLY = """
 import sys
 from functools import partial
-from jobs.common import main
+from jobs.controller import main
 from jobs.smoke import smoke
 
 main("smoke", partial(smoke, roles=("generator",)), sys.argv[1:])

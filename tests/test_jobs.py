@@ -133,8 +133,8 @@ def loglik_verdicts(dataset: str, n: int) -> dict[str, tuple[str, float]]:
     """Independent acc_norm decisions of the tiny model, with the gold answer's log-prob per char: every candidate
     scored by a float32 transformers forward."""
     from actors.engine import HFEngine, render_prompt, response_ids
-    from cluster.data import likelihood_question, load_dataset, take
     from cluster.models import resolve_model
+    from data.rows import likelihood_question, load_dataset, take
 
     engine = HFEngine(resolve_model("tiny-random"), dtype="float32")
     verdicts = {}

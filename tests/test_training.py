@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from actors.engine import render_prompt, response_ids
-from cluster.config import load_config
+from configs.schema import load_config
 from training.service import TrainingService
 
 ROWS = [
