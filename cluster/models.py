@@ -27,7 +27,8 @@ import re
 import shutil
 from pathlib import Path
 
-from cluster.connect import CACHE_ROOT, PROJECT_ROOT
+from cluster.connect import CACHE_ROOT
+from cluster.environment import PROJECT_ROOT
 from configs.schema import ConfigError, JobConfig
 
 SMOLLM2 = "smollm2-135m-instruct"

@@ -5,9 +5,9 @@ each key under its section, with its type, its default (the value a job gets whe
 nor an override sets it) and its doc, so the help can never drift from what the loader accepts.
 
 ``--config`` takes a file, or the name of a config that ships with the code (``spin``, ``spin-tiny``,
-``recipes/spin``; default: the job's own ``<method>``): the checkout's ``configs/`` folder, which an installed
-package carries as ``jobs/configs`` (pyproject.toml maps one onto the other), so ``selfimprove spin`` runs from
-any directory.
+``recipes/spin``; default: the job's own ``<method>``): the ``configs`` package's folder, the checkout's
+``configs/`` or its copy an installed package carries (pyproject.toml ships its YAML files as package data), so
+``selfimprove spin`` runs from any directory.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
+from cluster.environment import PROJECT_ROOT
 from configs.schema import ConfigError, JobConfig, embedded_auth_mode, load_config, redact_secrets, to_dict
 
 WIDTH = 100
@@ -72,11 +73,9 @@ def config_reference(config: Any = None, prefix: str = "") -> list[str]:
 
 
 def shipped_configs() -> Path:
-    """The folder of the configs that ship with the code: ``jobs/configs`` in an installed package, ``configs/`` in
-    a checkout (found from this file, not the working directory)."""
-    root = Path(__file__).resolve().parent.parent
-    installed = root / "jobs" / "configs"
-    return installed if installed.is_dir() else root / "configs"
+    """The folder of the configs that ship with the code: the ``configs`` package, in a checkout or installed
+    (found from the code, not the working directory)."""
+    return PROJECT_ROOT / "configs"
 
 
 def shipped_config_names() -> list[str]:

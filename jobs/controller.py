@@ -21,7 +21,8 @@ from actors.engine import Sampling
 from actors.judge import Judge
 from actors.llm_actor import EnginePool
 from actors.teacher import Teacher
-from cluster.connect import PROJECT_ROOT, connect, joined_cluster
+from cluster.connect import connect, joined_cluster
+from cluster.environment import PROJECT_ROOT
 from cluster.models import resolve_models
 from configs.schema import ConfigError, JobConfig, SamplingConfig, phase_training
 from data.rows import DataError, prepare

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import cluster.environment  # noqa: F401  as every entry point: before any test module imports ray
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
