@@ -12,7 +12,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from cluster.data import meta, prompt_text
+from cluster.environment import PROJECT_ROOT
+from data.rows import meta, prompt_text
 
 YES, NO, UNKNOWN = "yes", "no", "unknown"
 WIN, LOSE, TIE = "win", "lose", "tie"
@@ -185,7 +186,7 @@ def combine_orders(first: str, swapped: str) -> str:
 def load_prompt(prompts_dir: str | Path, name: str) -> str:
     path = Path(prompts_dir)
     if not path.is_absolute():
-        path = Path(__file__).resolve().parent.parent / path
+        path = PROJECT_ROOT / path
     return (path / f"{name}.txt").read_text()
 
 

@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from actors.chat import use_chat_template
 from actors.engine import Sampling, build_engine, render_prompt, response_ids, row_seeds, with_format_stops
-from cluster.config import EngineConfig, PoolConfig
 from cluster.pools import (
     PoolPlacementError,
     actor_options,
@@ -36,6 +35,7 @@ from cluster.pools import (
     wait_ready,
 )
 from cluster.storage import check_storage
+from configs.schema import EngineConfig, PoolConfig
 
 log = logging.getLogger(__name__)
 

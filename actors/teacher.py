@@ -24,8 +24,8 @@ from collections import Counter
 from functools import lru_cache
 
 from actors.judge import load_prompt
-from cluster.data import meta, prompt_text, record, split_prompt
-from cluster.formats import gsm8k_label
+from data.formats import gsm8k_label
+from data.rows import meta, prompt_text, record, split_prompt
 
 _BLOCK = re.compile(r"[0-9]{1,2}\.\s+Question:")  # generate_data.post_process_gpt3_response's split
 MAX_ASKED = 10  # the code asks for min(k + attempt, 10) examples

@@ -6,7 +6,7 @@ import argparse
 import json
 from queue import Empty
 
-from cluster.data import load_dataset, take
+from data.rows import load_dataset, take
 
 # One bare vLLM engine in one process on both cores: the baseline the actors are measured against.
 BARE_VLLM_ENV = {

@@ -88,8 +88,8 @@ def actors(model: str, replicas: int, bind: str, batch_size: int) -> tuple[int, 
 
     from actors.engine import Sampling
     from actors.llm_actor import EnginePool
-    from cluster.config import ClusterConfig, EngineConfig, PoolConfig
     from cluster.connect import connect
+    from configs.schema import ClusterConfig, EngineConfig, PoolConfig
 
     connect(ClusterConfig(num_cpus=4))
     pool = EnginePool(

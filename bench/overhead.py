@@ -47,7 +47,7 @@ EXTRA: list[str] = []
 
 
 def config(run_dir: str):
-    from cluster.config import load_config
+    from configs.schema import load_config
 
     return load_config(
         "configs/spin.yaml",
@@ -74,7 +74,7 @@ def main() -> None:
     import ray
 
     from cluster.connect import joined_cluster
-    from jobs.common import Controller
+    from jobs.controller import Controller
     from methods.spin import beta_for, build_pairs
 
     tmp = tempfile.mkdtemp()
@@ -161,8 +161,8 @@ def bare_training(tmp: str, pairs: list[dict], model: str, queue) -> None:
     import multiprocessing as mp
     import socket
 
-    from cluster.config import to_dict
-    from cluster.tracking import write_parquet
+    from configs.schema import to_dict
+    from runfolder.run import write_parquet
     from training.service import rank_env
 
     c = config(tmp)

@@ -2,7 +2,7 @@
 
 Every evaluation is greedy, scored by the task's rule verifier, with a 95% Wilson interval; differences between
 two models on the same rows get a paired 95% interval. Every model is also scored on the same held-out rows under
-a reworded instruction (same inputs, other phrasing: cluster.data.reworded), and on the label tasks by each
+a reworded instruction (same inputs, other phrasing: data.rows.reworded), and on the label tasks by each
 label's log-likelihood under both wordings (no generation, so no answer format or verifier in the way). Every
 number is printed, whichever way it points; "unknown" counts answers the verifier could not read (no label
 committed to, no number), "cut" answers that hit evaluation.max_tokens.
@@ -142,7 +142,7 @@ AGGREGATION = [
 
 def run(method: str, extra: list[str]) -> dict:
     module = __import__(f"jobs.{method}", fromlist=[method])
-    from jobs.common import main
+    from jobs.controller import main
 
     overrides = PLANS[method]["overrides"]
     return main(
@@ -155,7 +155,7 @@ def run(method: str, extra: list[str]) -> dict:
 def verdicts(run_dir: Path, name: str) -> dict[str, str]:
     """A greedy evaluation's verdicts ({row id: yes/no/unknown}) from its phase file, or a log-likelihood one's
     from state.json; {} when the run has no such evaluation."""
-    from cluster.tracking import read_parquet
+    from runfolder.run import read_parquet
 
     name = name if name.endswith("-verdicts") else f"{name}-verdicts"
     path = run_dir / "phases" / f"{name}.parquet"
@@ -223,7 +223,7 @@ def comparisons(method: str, run_dir: Path) -> list[tuple]:
 
 def unreadable_answers(method: str, run_dir: Path, per_eval: int = 3) -> list[tuple[str, str]]:
     """(eval, answer) of the first answers per eval whose verdict is unknown: what the verifier rejects unread."""
-    from cluster.tracking import read_parquet
+    from runfolder.run import read_parquet
 
     rows = []
     for key, _ in PLANS[method]["evals"]:

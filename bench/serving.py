@@ -1,10 +1,10 @@
-"""Serving throughput: vLLM's own benchmark client against bare ``vllm serve`` and against ``jobs.serve``.
+"""Serving throughput: vLLM's own benchmark client against bare ``vllm serve`` and against ``serving.app``.
 
 The client is ``vllm bench serve --backend openai-chat`` (content-part messages, streamed, with the API key as
 OPENAI_API_KEY), random prompts of ``--input-len`` tokens, ``--output-len`` new tokens (``--ignore-eos``),
 ``--num-prompts`` requests at ``--concurrency``. Each server runs alone, one after the other, with the same model,
 engine settings (bf16 'auto', 1024 tokens, 64 sequences, 1 GiB KV) and CPU thread binding (``--bind``; the
-default is the project's embedded default, vLLM's own ``auto``). Then, against jobs.serve only, the same client
+default is the project's embedded default, vLLM's own ``auto``). Then, against serving.app only, the same client
 with ``"aggregate"`` requests (``--aggregate N,L``; the answer comes as one chunk, so only request throughput and
 latency mean anything there).
 
@@ -84,7 +84,7 @@ def bare_server(model: str, port: int, key: str) -> list[str]:
 
 def project_server(model: str, port: int, overrides: list[str]) -> list[str]:
     return [
-        sys.executable, "-m", "jobs.serve", "--model", model, "--port", str(port), "--host", "127.0.0.1",
+        sys.executable, "-m", "serving.app", "--model", model, "--port", str(port), "--host", "127.0.0.1",
         f"engine.max_model_len={ENGINE['max_model_len']}", f"engine.max_num_seqs={ENGINE['max_num_seqs']}",
         f"engine.kv_cache_gib={ENGINE['kv_cache_gib']}", *overrides,
     ]  # fmt: skip
@@ -227,10 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmups", type=int, default=2)
     parser.add_argument("--bind", choices=sorted(BINDINGS), default="auto", help="CPU thread binding of both")
     parser.add_argument("--servers", default="bare,project", help="which servers, comma-separated")
-    parser.add_argument("--aggregate", default="3,1", help="'N,L' aggregate requests against jobs.serve; '' skips")
+    parser.add_argument("--aggregate", default="3,1", help="'N,L' aggregate requests against serving.app; '' skips")
     parser.add_argument("--ready-timeout", type=float, default=900)
     parser.add_argument("--out", help="folder for the results and server logs (default: a temporary one)")
-    parser.add_argument("overrides", nargs="*", help="jobs.serve config overrides, e.g. engine.dtype=float32")
+    parser.add_argument("overrides", nargs="*", help="serving.app config overrides, e.g. engine.dtype=float32")
     args = parser.parse_args(argv)
 
     model = resolve_model(args.model)

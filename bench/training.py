@@ -62,7 +62,7 @@ def flops_per_token(model: str, mean_length: float) -> float:
 
 
 def examples(n: int) -> list[dict]:
-    from cluster.data import load_dataset, take
+    from data.rows import load_dataset, take
 
     rows, _ = load_dataset("gsm8k")
     return [{"id": r["id"], "messages": r["messages"], "response": r["reference"]} for r in take(rows, n, 0)]
@@ -84,8 +84,8 @@ def ray_cases(model: str, rows: list[dict], root: Path, cases: list[tuple[int, b
     import pyarrow.parquet as pq
     import ray
 
-    from cluster.config import load_config
     from cluster.connect import connect
+    from configs.schema import load_config
     from training.service import TrainingService
 
     config = load_config(
@@ -141,7 +141,7 @@ def single_process(model: str, rows: list[dict], bf16: bool, queue) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cluster.config import load_config
+    from configs.schema import load_config
     from training.losses import sft_loss
     from training.sequences import TruncationReport, build_sequence, collate, micro_batches
 
@@ -195,8 +195,8 @@ def main(args) -> None:
     import os
     import tempfile
 
-    from cluster.config import load_config
     from cluster.models import resolve_model
+    from configs.schema import load_config
     from training.service import allocator_env
     from training.worker import native_bf16
 

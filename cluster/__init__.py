@@ -1,51 +1,15 @@
-"""Cluster side of the project: config, Ray connection, pools, models, data, run folder and tracking."""
+"""The Ray cluster: how a job's processes start, find Ray, and get placed on nodes.
 
-import os
-import re
-import warnings
+- ``environment``: what every process sets before Ray is imported (the checkout root ``PROJECT_ROOT``, Ray's
+  console filter, the warnings format); the ``__init__`` of every package that imports ray imports it first.
+- ``connect``: join a cluster or embed a local Ray, and the environment of our worker processes.
+- ``local``: a real multi-node Ray cluster on one machine (``make cluster-up``).
+- ``pools``, ``placement_check``, ``plan``: pools as Ray actor options and placement, whether a config fits the
+  nodes, and ``--plan`` (what a job would place, and its memory).
+- ``storage``: shared storage checked on every node; ``models``: model references -> local folders (here, not in
+  ``actors``, because the plan resolves them before any actor exists); ``kuberay/``: the KubeRay manifests.
 
-# Known-harmless library output: lines every run prints that ask nothing of the user (each a consequence of a
-# setting made here on purpose, or a library's chatter about its own internals). Ray leaves worker lines that match
-# one out of the driver's console (RAY_DEDUP_LOGS_SKIP_REGEX: Ray reads it when it is imported, and every entry
-# point imports this package before ray; a user's own value wins); cluster.connect still writes every worker line
-# to driver.log. Warnings that ask something of the user (vLLM's LD_PRELOAD performance advice) stay on the console.
-HARMLESS_OUTPUT = (
-    # Ray Train V2's PlacementGroupCleaner asks the State API (served by the dashboard) whether the train
-    # controller lives, every second; with the embedded default's dashboard off each ask fails with a warning.
-    "Failed to query Ray Train Controller actor state",
-    # DeepSpeed's collectives in the Ray Train ranks call torch.distributed names torch renamed (FutureWarning,
-    # once per rank and collective); vLLM's Triton shim touches another.
-    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|reduce_op)` is deprecated",
-    # torch's notice at each vLLM CPU worker start that it binds memory to the NUMA node of its cores.
-    "Warning: NUMA binding: Using MEMBIND policy",
-    # vLLM at each engine build, about settings this project makes on purpose (engine.enforce_eager,
-    # engine.enable_chunked_prefill, the in-process engine core, its thread binding) or the CPU build (no Triton).
-    "The global random seed is set to .* VLLM_ENABLE_V1_MULTIPROCESSING is set to False",
-    "This model does not officially support disabling chunked prefill",
-    "Enforce eager set, disabling torch.compile",
-    "Inductor compilation was disabled by user settings",
-    "Triton is not installed. triton-cpu is expected",
-    "Triton is installed, but doesn't include CPU backend",
-    "Model Runner V2 requires Triton",
-    "Reset SSM cache type to float32",
-    "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding",
-    # vLLM's INFO lines (its own format: "INFO 12-01 22:59:18 [file.py:286] ...", ~25 per engine build, 4 per
-    # reload) and its weight-loading progress bar: driver.log has them; its WARNING and ERROR lines stay visible.
-    r"INFO \d\d-\d\d \d\d:\d\d:\d\d \[[\w.]+:\d+\]",
-    "Loading safetensors checkpoint shards:",
-)
-HARMLESS = re.compile("|".join(f"({pattern})" for pattern in HARMLESS_OUTPUT))
-os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", HARMLESS.pattern)
+May import: configs. Nothing above it (no run folder, data, actors or jobs).
+"""
 
-_format_warning = warnings.formatwarning
-
-
-def _harmless_on_one_line(message, category, filename, lineno, line=None) -> str:
-    """Python prints a warning and then its source line; a known-harmless one is printed on one line, so that
-    Ray's filter leaves all of it off the console (not an orphaned ``  return func(*args, **kwargs)``)."""
-    if HARMLESS.search(str(message)):
-        return f"{filename}:{lineno}: {category.__name__}: {message}\n"
-    return _format_warning(message, category, filename, lineno, line)
-
-
-warnings.formatwarning = _harmless_on_one_line
+import cluster.environment  # noqa: F401  first: Ray reads RAY_DEDUP_LOGS_SKIP_REGEX when it is imported

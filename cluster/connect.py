@@ -32,13 +32,13 @@ from pathlib import Path
 
 import ray
 
-from cluster.config import ClusterConfig, embedded_auth_mode
+from cluster.environment import PROJECT_ROOT
+from configs.schema import ClusterConfig, embedded_auth_mode
 
 log = logging.getLogger(__name__)
 
 # Environment every Ray worker process of ours gets (actors, train workers): quiet vLLM, caches under the
 # project so nothing is rebuilt per process, and the user's own Hugging Face settings.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # A checkout keeps its caches (built models, vLLM and inductor caches, DeepSpeed ops) in .cache beside the code,
 # where `make venv` fills them. An installed package's PROJECT_ROOT is site-packages: no place to write data, and
 # maybe read-only. It uses the user's cache folder instead.
@@ -142,7 +142,8 @@ WORKER_OUTPUT.addHandler(_LogFilesOnly())
 
 def tee_worker_output() -> None:
     """Write every line Ray forwards from our workers to the driver's log files (driver.log), the lines its
-    console leaves out (cluster.HARMLESS_OUTPUT) included: the console is the readable view, the file the full one.
+    console leaves out (cluster.environment.HARMLESS_OUTPUT) included: the console is the readable view, the file
+    the full one.
     Ray 2.60 has no public hook for this: its driver-side dispatcher of worker output takes extra handlers."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher
 

@@ -37,10 +37,11 @@ from pathlib import Path
 
 import psutil
 
+from cluster.environment import PROJECT_ROOT
+
 ROLES = ("generator", "judge", "teacher", "train")
 LABEL_KEY = "selfimprove/pool"
 BIN = Path(sys.executable).parent
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = Path(tempfile.gettempdir()) / f"selfimprove-cluster-{os.getuid()}"
 # Short: Ray's unix socket paths (<temp>/session_<date>_<pid>/sockets/plasma_store) must stay under 107 bytes.
 STATE_FILE = "state.json"

@@ -27,8 +27,9 @@ import re
 import shutil
 from pathlib import Path
 
-from cluster.config import ConfigError, JobConfig
-from cluster.connect import CACHE_ROOT, PROJECT_ROOT
+from cluster.connect import CACHE_ROOT
+from cluster.environment import PROJECT_ROOT
+from configs.schema import ConfigError, JobConfig
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random"

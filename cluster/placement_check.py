@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from cluster.config import JobConfig, PoolConfig
+from configs.schema import JobConfig, PoolConfig
 
 POOL_NAMES = ("generator", "judge", "teacher", "train")
 

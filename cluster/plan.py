@@ -48,11 +48,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cluster.config import ArchitectureConfig, JobConfig, PoolConfig, phase_training
 from cluster.placement_check import NodeGroup, check_fit
+from configs.schema import ArchitectureConfig, JobConfig, PoolConfig, phase_training
 
 GIB = 2**30
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CUDA_CONTEXT = 1.5 * GIB
 FRAGMENTATION = 0.10
 VLLM_MIN_BATCHED_TOKENS = 8192

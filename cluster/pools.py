@@ -12,8 +12,8 @@ from typing import Any
 
 import ray
 
-from cluster.config import PoolConfig
 from cluster.connect import worker_env
+from configs.schema import PoolConfig
 
 
 class PoolPlacementError(RuntimeError):

@@ -17,9 +17,9 @@ the same queries (aft.baseline_sft, the paper's comparison): task accuracy; pair
 from __future__ import annotations
 
 from actors.judge import load_prompt
-from cluster.data import meta
+from data.rows import meta
 from jobs import lm_eval_phase, mt_bench_phase
-from jobs.common import Controller, main
+from jobs.controller import Controller, main
 from methods.aft import build_examples, off_policy_proposals, propose_and_aggregate
 
 

@@ -1,11 +1,11 @@
 """Evaluation, written in the controller's phases: greedy answers judged by the task's verifier (or an LLM
 judge), label log-likelihood multiple choice, and accuracy with a 95% Wilson interval as run metrics.
 
-Each function takes the ``Controller`` as a method driver does: answers and verdicts are its ``generate`` and
-``judge_equivalence`` phases and log-likelihood scores one keyed ``run.once`` (rows, candidates, the model's key),
-so an evaluation resumes, and places
-the generator or judge pool on first use, as any phase does. Which pool serves a role, and when it stops, is
-``jobs.pools``' business, not this module's.
+Each function takes the controller as a method driver does (typed as ``jobs.phases.Phases``: the members it
+uses): answers and verdicts are its ``generate`` and ``judge_equivalence`` phases and log-likelihood scores one
+keyed ``run.once`` (rows, candidates, the model's key), so an evaluation resumes, and places the generator or
+judge pool on first use, as any phase does. Which pool serves a role, and when it stops, is
+``jobs.roles``' business, not this module's.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
-from cluster.data import likelihood_question, reworded
-from cluster.dryrun import is_pending
-from cluster.tracking import Run
+from data.rows import likelihood_question, reworded
+from runfolder.dryrun import is_pending
+from runfolder.run import Run
 
 if TYPE_CHECKING:  # the controller calls in here; this module only uses its phases
-    from jobs.common import Controller
+    from jobs.phases import Phases
 
 log = logging.getLogger("selfimprove")
 
@@ -63,7 +63,7 @@ def paired_difference(baseline: dict[str, str], method: dict[str, str]) -> tuple
     return paired_mean({k: v == "yes" for k, v in baseline.items()}, {k: v == "yes" for k, v in method.items()})
 
 
-def record_difference(ctl: Controller, name: str, baseline: str, method: str) -> tuple[float, float, float, int]:
+def record_difference(ctl: Phases, name: str, baseline: str, method: str) -> tuple[float, float, float, int]:
     """``<name>``: [method − baseline accuracy, 95% low, high, n] on the same held-out rows, from two greedy
     evaluations' verdicts (``<baseline>-verdicts``, ``<method>-verdicts``): the paired comparison a method's claim
     rests on, printed with its interval whichever way it points."""
@@ -74,7 +74,7 @@ def record_difference(ctl: Controller, name: str, baseline: str, method: str) ->
     return mean, low, high, n
 
 
-def evaluate(ctl: Controller, name: str, rows: list[dict], model_path: str) -> float:
+def evaluate(ctl: Phases, name: str, rows: list[dict], model_path: str) -> float:
     """Greedy answers from ``model_path`` on ``rows``, judged; accuracy with a 95% Wilson interval. With
     data.eval_reworded the rows are scored again under the task's reworded instruction (``<name>_reworded``),
     with data.eval_loglik classification rows also by label log-likelihood (``<name>_loglik``, and
@@ -96,7 +96,7 @@ def evaluate(ctl: Controller, name: str, rows: list[dict], model_path: str) -> f
     return accuracy
 
 
-def evaluate_greedy(ctl: Controller, name: str, rows: list[dict], model_path: str) -> float:
+def evaluate_greedy(ctl: Phases, name: str, rows: list[dict], model_path: str) -> float:
     """Greedy answers from ``model_path`` on ``rows``, judged: ``<name>/accuracy``, ``/ci95`` (Wilson),
     ``/n``, ``/failed``, ``/unknown`` (answers the verifier could not read: no label, number or letter) and
     ``/truncated`` (answers cut at evaluation.max_tokens, which may have lost their final answer)."""
@@ -109,7 +109,7 @@ def evaluate_greedy(ctl: Controller, name: str, rows: list[dict], model_path: st
     verdicts = ctl.judge_equivalence(
         f"{name}-verdicts", rows, answers, uses=[ctl.source(rows), run.phase_file(f"{name}-answers")]
     )
-    if is_pending(verdicts):  # a dry run (cluster.dryrun): the accuracy is known once they have run
+    if is_pending(verdicts):  # a dry run (runfolder.dryrun): the accuracy is known once they have run
         return verdicts
     # A row never answered (or never judged) is a failed row, reported as such, not a wrong answer.
     run.metric(f"{name}/failed", len(rows) - len(verdicts))
@@ -134,7 +134,7 @@ def evaluate_greedy(ctl: Controller, name: str, rows: list[dict], model_path: st
     return accuracy
 
 
-def evaluate_loglik(ctl: Controller, name: str, rows: list[dict], model_path: str) -> float:
+def evaluate_loglik(ctl: Phases, name: str, rows: list[dict], model_path: str) -> float:
     """Log-likelihood multiple choice: each row's candidate answers scored by ``model_path`` after the
     chat-templated question; correct when the gold one has the highest log-prob per character (acc_norm)."""
     scorable = [(r, found) for r in rows if (found := likelihood_question(r))]

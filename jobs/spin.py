@@ -9,15 +9,15 @@ for t = 0..T-1:
     (spin.heldout_rewards) on held-out prompts: gold log-likelihood under model t+1, and the implicit rewards of
     gold vs model t's own answers, β_t·(log π_{t+1} − log π_t): their margin and reward accuracy
 
-With data.streaming the SFT prompts are a folder of Parquet blocks (cluster.streaming): generation, pairs and SFT
+With data.streaming the SFT prompts are a folder of Parquet blocks (data.streaming): generation, pairs and SFT
 targets then run block by block (``ctl.per_block``), and the driver never holds the whole set.
 """
 
 from __future__ import annotations
 
-from cluster.config import phase_training
+from configs.schema import phase_training
 from jobs import lm_eval_phase, mt_bench_phase
-from jobs.common import Controller, main
+from jobs.controller import Controller, main
 from methods.spin import (
     beta_for,
     build_pairs,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 Generate = Callable[..., dict[str, list[str]]]
 """generate(requests=[{id, messages}], n, temperature[, top_p]) -> {id: [n texts]}; top_p is passed only for the
-final layer when ``final_top_p`` is set, so a callback with one nucleus mass of its own (jobs.serve: the
+final layer when ``final_top_p`` is set, so a callback with one nucleus mass of its own (serving.app: the
 request's) needs no fourth argument."""
 
 

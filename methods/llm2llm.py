@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from cluster.data import split_prompt
+from data.rows import split_prompt
 
 
 def wrong_seed_examples(seed: list[dict], verdicts: dict[str, str]) -> list[dict]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import cluster.environment  # noqa: F401  as every entry point: before any test module imports ray
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,8 +30,8 @@ def tiny_model() -> str:
 def ray_session():
     import ray
 
-    from cluster.config import ClusterConfig
     from cluster.connect import connect
+    from configs.schema import ClusterConfig
 
     connect(ClusterConfig(num_cpus=8, resources={"gen_pool": 1}))
     yield ray
@@ -68,7 +70,7 @@ def local_cluster():
 GENERATOR_ONLY = """
 import sys
 from functools import partial
-from jobs.common import main
+from jobs.controller import main
 from jobs.smoke import smoke
 
 main("smoke", partial(smoke, roles=("generator",)), sys.argv[1:])

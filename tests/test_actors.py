@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from actors.engine import HFEngine, Sampling, render_prompt, resolve_dtype, response_ids
 from actors.judge import Judge, combine_orders, parse_preference, parse_yes_no
 from actors.llm_actor import EnginePool
-from cluster.config import EngineConfig, PoolConfig
-from cluster.data import prompt_text
+from configs.schema import EngineConfig, PoolConfig
+from data.rows import prompt_text
 
 ENGINE = EngineConfig(dtype="float32", max_model_len=2048, max_num_seqs=16, batch_size=3, kv_cache_gib=1)
 ROWS = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Tell me about the number {i}."}]} for i in range(7)]

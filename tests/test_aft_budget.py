@@ -98,7 +98,7 @@ def test_off_policy_rows_without_proposals_are_refused():
 
 def test_aft_job_with_off_policy_and_no_proposals_stops_before_training(ray_session, tmp_path):
     from jobs.aft import aft
-    from jobs.common import main
+    from jobs.controller import main
 
     argv = ["--config", str(ROOT / "configs/aft-tiny.yaml"), f"run.dir={tmp_path}", "aft.proposal_source=off_policy"]
     with pytest.raises(ProposalError, match="aft.proposal_source=off_policy, but 6 of 6 training rows"):
@@ -111,7 +111,7 @@ def test_aft_job_with_off_policy_and_no_proposals_stops_before_training(ray_sess
 
 
 def test_examples_keep_their_proposals_through_the_parquet_the_ranks_read(tokenizer, tmp_path):
-    from cluster.tracking import write_parquet
+    from runfolder.run import write_parquet
     from training.worker import _read_examples
 
     rows = [{"id": f"q{i}", "messages": QUERY, "reference": "Rayleigh scattering."} for i in range(2)]

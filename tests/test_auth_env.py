@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ClusterConfig, ConfigError, embedded_auth_mode
+from configs.schema import ClusterConfig, ConfigError, embedded_auth_mode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ def _env(**extra: str) -> dict:
 def test_connect_refuses_before_ray_starts():
     code = (
         "import os, tempfile, ray\n"
-        "from cluster.config import ClusterConfig, ConfigError\n"
+        "from configs.schema import ClusterConfig, ConfigError\n"
         "from cluster.connect import connect\n"
         "try:\n"
         "    connect(ClusterConfig(num_cpus=1))\n"

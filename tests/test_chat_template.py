@@ -9,9 +9,9 @@ from transformers import AutoTokenizer
 
 from actors.chat import PLAIN_STOP, PLAIN_TEMPLATE_BOS, chat_format, job_chat_formats, use_chat_template
 from actors.engine import HFEngine, Sampling, render_prompt, response_ids, with_format_stops
-from cluster.config import ConfigError, EngineConfig, PoolConfig, load_config
 from cluster.connect import PROJECT_ROOT
 from cluster.models import resolve_model
+from configs.schema import ConfigError, EngineConfig, PoolConfig, load_config
 from training.sequences import TruncationReport, build_sequence
 
 LLAMA3_STYLE = (
@@ -172,7 +172,7 @@ def test_judge_and_teacher_templates_follow_their_own_model(tiny_model, tiny_bas
     ],
 )
 def test_a_bad_chat_template_is_a_config_error_naming_the_key(tiny_model, tmp_path, value, message):
-    from jobs.common import Controller
+    from jobs.controller import Controller
 
     overrides = [f"model.name={tiny_model}", f"run.dir={tmp_path}", "data.train=sst2", "data.n_train=4"]
     config = load_config(None, overrides)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
 
-from cluster.runfolder import write_atomic
+from runfolder.state import write_atomic
 from training import checkpoints
 from training.checkpoints import COMPLETE, LATEST, Tag
 
@@ -85,7 +85,7 @@ def test_durable_write_replaces_whole_and_leaves_no_temp_file(tmp_path):
 
 
 def test_keep_checkpoints_is_a_documented_bounded_setting():
-    from cluster.config import ConfigError, describe, load_config
+    from configs.schema import ConfigError, describe, load_config
 
     assert load_config(None, []).training.keep_checkpoints == 2
     assert "Range: >= 1." in dict((k, d) for k, _, d in describe())["training.keep_checkpoints"]
@@ -107,7 +107,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
-    from cluster.config import load_config
+    from configs.schema import load_config
     from training.service import TrainingService
 
     root = tmp_path_factory.mktemp("ckpt")

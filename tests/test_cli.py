@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from cluster.cli import config_reference, type_name
-from cluster.config import JobConfig, describe
+from configs.schema import JobConfig, describe
+from jobs.cli import config_reference, type_name
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,8 @@ import time
 import pytest
 import ray
 
-from cluster.config import ClusterConfig, PoolConfig
 from cluster.pools import PoolPlacementError, actor_options, check_pool_fits, wait_ready
+from configs.schema import ClusterConfig, PoolConfig
 
 
 @ray.remote
@@ -56,7 +56,7 @@ def test_embedded_ray_workers_run_at_the_configured_niceness(ray_session):
 
 def test_memory_monitor_stays_within_its_cpu_budget():
     """Sampling PSS walks page tables; asked to sample every 10 ms it must still stay under max_duty of a core."""
-    from cluster.tracking import MemoryMonitor
+    from runfolder.run import MemoryMonitor
 
     monitor = MemoryMonitor(interval_s=0.01, max_duty=0.05)
     stat = f"/proc/self/task/{monitor._thread.native_id}/stat"

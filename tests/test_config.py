@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, load_config
+from configs.schema import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,7 +114,7 @@ def test_every_numeric_field_has_a_documented_range():
     import dataclasses
     import typing
 
-    from cluster.config import JobConfig
+    from configs.schema import JobConfig
 
     def numeric(hint) -> bool:
         args = typing.get_args(hint)
@@ -132,7 +132,7 @@ def test_every_numeric_field_has_a_documented_range():
 
     walk(JobConfig)
     assert missing == []
-    from cluster.config import describe
+    from configs.schema import describe
 
     assert dict((k, d) for k, _, d in describe())["training.lr"].endswith("Range: > 0.")
 

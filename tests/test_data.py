@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.config import DataConfig
-from cluster.data import (
+from configs.schema import DataConfig
+from data.rows import (
     DataError,
     find_overlap,
     likelihood_question,
@@ -289,7 +289,7 @@ def test_multi_turn_rows_keep_the_first_exchange_unless_data_sft_turns_is_all(tm
 
 
 def test_data_sft_turns_is_a_checked_config_field(tmp_path):
-    from cluster.config import ConfigError, load_config
+    from configs.schema import ConfigError, load_config
 
     assert load_config(None, []).data.sft_turns == "first"
     assert load_config(None, ["data.sft_turns=all"]).data.sft_turns == "all"

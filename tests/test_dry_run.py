@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from cluster.dryrun import NeedsOutput, Pending, PlannedRun, format_report
-from cluster.runfolder import LEASE_FILE
-from cluster.tracking import Run
+from runfolder.dryrun import NeedsOutput, Pending, PlannedRun, format_report
+from runfolder.run import Run
+from runfolder.state import LEASE_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def config(run_dir: Path, *overrides: str):
-    from cluster.config import load_config
+    from configs.schema import load_config
 
     return load_config(ROOT / "configs/spin-tiny.yaml", [f"run.dir={run_dir}", "tracking.mode=disabled", *overrides])
 

@@ -16,9 +16,9 @@ import ray
 
 from actors.engine import Sampling
 from actors.llm_actor import EnginePool, PoolExhaustedError
-from cluster.config import EngineConfig, PoolConfig, load_config
-from cluster.tracking import PhaseFailedError
-from jobs.common import Controller, main
+from configs.schema import EngineConfig, PoolConfig, load_config
+from jobs.controller import Controller, main
+from runfolder.run import PhaseFailedError
 from training.service import TrainingError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
 from cluster.placement_check import (
     NodeGroup,
     check_config_fit,
@@ -17,6 +16,7 @@ from cluster.placement_check import (
     node_group,
     quantity,
 )
+from configs.schema import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -104,7 +104,7 @@ def test_too_big_a_profile_does_not_fit(profile, overrides, expect):
 
 
 def test_first_fit_packs_nodes_in_order():
-    from cluster.config import PoolConfig
+    from configs.schema import PoolConfig
 
     groups = [NodeGroup("a", 2, 4, 16, {"k": "v"}), NodeGroup("b", 1, 8, 32, {})]
     pools = {

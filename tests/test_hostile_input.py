@@ -18,9 +18,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.config import ConfigError, JobConfig, load_config
-from cluster.data import DataError, _open_text, load_dataset, normalize, shard_rows
-from cluster.formats import FIELDS, MAX_DEPTH, BadRow
+from configs.schema import ConfigError, JobConfig, load_config
+from data.formats import FIELDS, MAX_DEPTH, BadRow
+from data.rows import DataError, _open_text, load_dataset, normalize, shard_rows
 
 GOOD = json.dumps({"prompt": "What is 2+2?", "reference": "4"})
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -100,7 +100,7 @@ def test_a_reason_quoting_a_huge_value_is_cut(tmp_path):
 
 
 def test_a_streamed_shard_reports_the_same_reasons():
-    # cluster.streaming's read tasks parse a shard with shard_rows + normalize: a deep line is a row's reason there
+    # data.streaming's read tasks parse a shard with shard_rows + normalize: a deep line is a row's reason there
     text = "\n".join([GOOD, DEEP, '{"prompt": "x", "reference": ' + "9" * 5000 + "}"]).encode()
     reasons = []
     for where, raw in shard_rows(io.BytesIO(text), "s.jsonl"):

@@ -221,7 +221,7 @@ def test_installed_wheel_runs_a_job_with_its_shipped_default_config_outside_the_
     package = Path(where.stdout.decode().strip()).parent.parent
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     assert package == tmp_path / "venv/lib" / version / "site-packages", package  # the wheel's, not the checkout's
-    shipped = package / "jobs" / "configs"
+    shipped = package / "configs"
     assert (shipped / "smoke.yaml").read_text() == (ROOT / "configs/smoke.yaml").read_text()
     assert (shipped / "recipes" / "spin.yaml").is_file()
 
@@ -249,8 +249,8 @@ def test_installed_wheel_runs_a_job_with_its_shipped_default_config_outside_the_
     snapshot = hub / "models--acme--tiny-chat" / "snapshots" / conftest.HUB_REVISION
     driver_log = (run / "driver.log").read_text()
     assert f"model.name: {snapshot.resolve()}" in driver_log
-    # Known-harmless library lines (cluster.HARMLESS_OUTPUT) stay off the console but are kept in driver.log,
-    # with every other line the workers printed.
+    # Known-harmless library lines (cluster.environment.HARMLESS_OUTPUT) stay off the console but are kept in
+    # driver.log, with every other line the workers printed.
     for harmless in ("Enforce eager set, disabling torch.compile", "Triton is not installed"):
         assert harmless not in done.stdout + done.stderr and harmless in driver_log, harmless
     assert "(LLMActor pid=" in driver_log

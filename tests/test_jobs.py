@@ -177,8 +177,8 @@ def loglik_verdicts(model: str, dataset: str, n: int) -> dict[str, tuple[str, fl
     """Independent acc_norm decisions of ``model`` (its chat format, or the plain one), with the gold answer's
     log-prob per char: every candidate scored by a float32 transformers forward."""
     from actors.engine import HFEngine, render_prompt, response_ids
-    from cluster.data import likelihood_question, load_dataset, take
     from cluster.models import resolve_model
+    from data.rows import likelihood_question, load_dataset, take
 
     engine = HFEngine(resolve_model(model), dtype="float32")
     verdicts = {}

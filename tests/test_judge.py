@@ -10,7 +10,7 @@ from actors.judge import (
     parse_yes_no,
     rule_verdict,
 )
-from cluster.data import load_dataset
+from data.rows import load_dataset
 
 
 def test_gold_gsm8k_answers_verify_against_their_labels():

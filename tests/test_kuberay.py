@@ -24,7 +24,6 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster.config import load_config
 from cluster.placement_check import (
     check_config_fit,
     label_matches,
@@ -32,6 +31,7 @@ from cluster.placement_check import (
     node_groups_from_raycluster,
     ray_group_resources,
 )
+from configs.schema import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERAY = ROOT / "cluster" / "kuberay"
@@ -645,7 +645,7 @@ def test_network_policy_check_catches_an_opening(rule):
 
 def test_secret_env_values_are_redacted_in_config_yaml_and_wandb(tmp_path, monkeypatch):
     """pools.*.env reaches config.yaml in the run folder and the W&B run's config: secrets must not."""
-    from cluster.tracking import Run
+    from runfolder.run import Run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     secrets = {"HF_TOKEN": "hf-s3cr3t", "MY_API_KEY": "k3y-s3cr3t", "DB_PASSWORD": "pw-s3cr3t", "AWS_SECRET": "aw-s3"}

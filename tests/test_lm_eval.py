@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import GENERATOR_ONLY
 
-from cluster.config import ConfigError, load_config
+from configs.schema import ConfigError, load_config
 from jobs import lm_eval_phase
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +129,7 @@ def test_metric_names_and_compact_results():
 
 EVERY_ITERATION = """
 import sys
-from jobs.common import main
+from jobs.controller import main
 
 def job(ctl):  # two evaluations of the model, named as a method's iterations are
     _, eval_rows = ctl.datasets()

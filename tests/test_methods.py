@@ -1,5 +1,5 @@
 from actors.judge import load_prompt
-from cluster.data import meta, record
+from data.rows import meta, record
 from methods.aft import aggregation_messages, build_examples, propose_and_aggregate
 from methods.llm2llm import (
     accumulate,
@@ -119,7 +119,7 @@ def test_s3ft_paraphrase_must_keep_the_gold_steps():
 
 def test_llm2llm_matched_steps_control_repeats_the_seed_to_the_final_data_size():
     from actors.teacher import new_example
-    from cluster.data import load_dataset, take
+    from data.rows import load_dataset, take
     from training.sequences import deal, micro_batches
 
     seed = take(load_dataset("sst2")[0], 5, 0)

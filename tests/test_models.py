@@ -10,8 +10,8 @@ import conftest
 import pytest
 import ray
 
-from cluster.config import ConfigError, load_config
 from cluster.models import resolve_model, resolve_models
+from configs.schema import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 REVISION = conftest.HUB_REVISION
@@ -42,7 +42,7 @@ def test_a_hub_id_resolves_offline_from_the_cache_to_its_snapshot(hub_cache):
 # In a fresh process, as a user's shell starts a job: huggingface_hub reads HF_HUB_CACHE / HF_HOME when imported.
 RESOLVE_IN_A_FRESH_PROCESS = """
 import json, sys
-from cluster.config import ConfigError, load_config
+from configs.schema import ConfigError, load_config
 from cluster.models import resolve_models
 config = load_config(sys.argv[1], sys.argv[2:])
 try:
@@ -107,7 +107,7 @@ def test_every_configured_model_is_resolved_and_a_missing_one_names_its_key(hub_
 
 
 def run_spin(tmp_path: Path, *overrides: str) -> dict:
-    from jobs.common import main
+    from jobs.controller import main
     from jobs.spin import spin
 
     return main("spin", spin, ["--config", str(ROOT / "configs/spin-tiny.yaml"), f"run.dir={tmp_path}", *overrides])
@@ -155,9 +155,9 @@ class EnvProbe:
 
 
 def test_hf_settings_reach_workers_only_as_the_user_set_them(ray_session, monkeypatch):
-    from cluster.config import PoolConfig
     from cluster.connect import worker_env
     from cluster.pools import actor_options
+    from configs.schema import PoolConfig
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

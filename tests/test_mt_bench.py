@@ -10,8 +10,8 @@ import json
 import pytest
 
 from actors.judge import parse_fastchat_verdict
-from cluster.config import ConfigError, load_config
-from cluster.data import mtbench_file, mtbench_questions, mtbench_references
+from configs.schema import ConfigError, load_config
+from data.rows import mtbench_file, mtbench_questions, mtbench_references
 from jobs import mt_bench_phase as mt
 from jobs.mt_bench_phase import FAILED, UNPARSEABLE
 

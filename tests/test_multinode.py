@@ -131,7 +131,7 @@ def test_storage_check_names_node_path_and_mount(tmp_path):
 def test_a_pool_whose_node_cannot_read_the_model_fails_naming_node_and_path(local_cluster, tmp_path):
     missing = tmp_path / "not-on-the-generator-node"
     probe = (
-        "import sys; from actors.llm_actor import EnginePool; from cluster.config import ClusterConfig, EngineConfig, "
+        "import sys; from actors.llm_actor import EnginePool; from configs.schema import ClusterConfig, EngineConfig, "
         "PoolConfig; from cluster.connect import connect; connect(ClusterConfig()); "
         f"EnginePool('generator', {str(missing)!r}, PoolConfig(label_selector={{'{local.LABEL_KEY}': 'generator'}}), "
         f"EngineConfig(), 120, shared_paths={{'read': [{str(missing)!r}], 'write': [{str(tmp_path)!r}]}})"

@@ -11,10 +11,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.blocks import Blocks, part_name
-from cluster.config import load_config
-from cluster.runfolder import changed_keys, config_fingerprint
-from cluster.tracking import KEY_FILE, PhaseFailedError, Run, write_parquet
+from configs.schema import load_config
+from runfolder.blocks import Blocks, part_name
+from runfolder.run import KEY_FILE, PhaseFailedError, Run, write_parquet
+from runfolder.state import changed_keys, config_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -277,7 +277,7 @@ def dry_run(command: list[str], *overrides: str) -> dict[str, tuple[str, str]]:
 
     import ray
 
-    from jobs.common import main
+    from jobs.controller import main
 
     method = command[2].removeprefix("jobs.")
     out = io.StringIO()

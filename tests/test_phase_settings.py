@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, load_config, phase_training, to_dict
-from jobs.common import TRAINING_PHASE
+from configs.schema import ConfigError, load_config, phase_training, to_dict
+from jobs.controller import TRAINING_PHASE
 from methods.spin import beta_for, lr_for
 
 ROOT = Path(__file__).resolve().parent.parent

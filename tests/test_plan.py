@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ArchitectureConfig, load_config, phase_training
 from cluster.plan import (
     GIB,
     PlanError,
@@ -21,6 +20,7 @@ from cluster.plan import (
     training_estimate,
     vllm_estimate,
 )
+from configs.schema import ArchitectureConfig, load_config, phase_training
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p for p in (ROOT / "configs/recipes").glob("*.yaml") if "-" not in p.stem)  # one per method

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from bench.quality import PLANS, paired_difference, report, verdicts
-from cluster.config import load_config
-from cluster.tracking import write_parquet
+from configs.schema import load_config
+from runfolder.run import write_parquet
 
 
 def test_paired_difference_counts_rows_where_the_models_disagree():
@@ -36,7 +36,7 @@ def test_every_plan_is_a_valid_config(method):
 
 
 def test_report_prints_every_model_under_both_wordings_and_paired_differences(tmp_path, capsys):
-    from cluster.tracking import read_parquet
+    from runfolder.run import read_parquet
 
     rows_of = lambda key: read_parquet(tmp_path / "phases" / f"{key}-verdicts.parquet")  # noqa: E731
     ids = [f"r{i}" for i in range(10)]

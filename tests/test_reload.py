@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from actors.engine import Sampling
 from actors.llm_actor import EnginePool
-from cluster.config import EngineConfig, PoolConfig
+from configs.schema import EngineConfig, PoolConfig
 
 ENGINE = EngineConfig(dtype="float32", max_model_len=512, max_num_seqs=8, batch_size=8, kv_cache_gib=1)
 PAIRS = [

@@ -18,9 +18,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.config import load_config
-from cluster.runfolder import LEASE_FILE, RunFolderError, RunLease, check_inside, machine_identity
-from cluster.tracking import PhaseFailedError, Run
+from configs.schema import load_config
+from runfolder.run import PhaseFailedError, Run
+from runfolder.state import LEASE_FILE, RunFolderError, RunLease, check_inside, machine_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,9 +189,9 @@ def test_two_drivers_racing_for_a_stale_lease_exactly_one_proceeds(tmp_path):
 
 STALLED_DRIVER = """
 import sys, time
-from cluster.config import load_config
-from cluster.runfolder import LeaseLostError
-from cluster.tracking import Run
+from configs.schema import load_config
+from runfolder.state import LeaseLostError
+from runfolder.run import Run
 config = load_config(sys.argv[1], [f"run.dir={sys.argv[2]}", "tracking.mode=disabled", "run.lease_timeout_s=2"])
 run = Run(config)
 print("holding", flush=True)
@@ -279,7 +279,7 @@ def test_corrupt_state_names_the_file_and_the_way_out(tmp_path):
 
 
 def test_run_id_cannot_escape_the_method_folder(tmp_path):
-    from cluster.config import ConfigError
+    from configs.schema import ConfigError
 
     for bad in ("..", ".", "a/b", "../spin"):
         with pytest.raises(ConfigError, match="run.id"):

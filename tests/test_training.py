@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from actors.engine import render_prompt, response_ids
-from cluster.config import load_config
+from configs.schema import load_config
 from training.service import TrainingService
 
 ROWS = [
@@ -303,7 +303,7 @@ def test_lora_trains_only_the_adapter_and_saves_it_beside_the_merged_model(lora_
     with safe_open(str(Path(result["output"]) / "model.safetensors"), "pt") as f:
         names = set(f.keys())
         embedding = f.get_tensor("model.embed_tokens.weight")
-    assert not [n for n in names if "lora" in n or "base_layer" in n]  # a plain HF folder (vLLM, jobs.serve)
+    assert not [n for n in names if "lora" in n or "base_layer" in n]  # a plain HF folder (vLLM, serving.app)
     assert torch.equal(embedding, base.get_input_embeddings().weight.float())  # not a target: unchanged
 
 

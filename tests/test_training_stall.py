@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.config import load_config
+from configs.schema import load_config
 from training.service import TrainingError, TrainingService
 
 ROWS = [

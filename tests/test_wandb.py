@@ -132,7 +132,7 @@ def test_lineage_runs_seed_data_to_model_0_to_generations_to_pairs_to_model_1(sp
 
 
 def test_a_lora_models_artifacts_name_its_base_model_and_its_adapter(tmp_path):
-    from cluster.lineage import adapter_metadata, artifact_for
+    from runfolder.lineage import adapter_metadata, artifact_for
 
     run = tmp_path / "spin" / "tiny"
     base, merged = run / "models" / "iter0" / "spin", run / "models" / "iter1" / "spin"

@@ -9,7 +9,7 @@ DeepSpeed, and writes two things:
   on as ``base_model_name_or_path``, ``adapter_model.safetensors``), loadable with ``PeftModel.from_pretrained``;
 - ``<output>/``: the merged model (``merge_and_unload`` in float32, the precision full fine-tuning saves), a plain
   HF folder: what the generator reloads in place (``actors.engine.VLLMEngine.load_weights``), what evaluation,
-  ``jobs.serve`` and the next phase load. Nothing downstream of a training phase knows adapters exist.
+  ``serving.app`` and the next phase load. Nothing downstream of a training phase knows adapters exist.
 
 Why a fresh adapter on the merged model, for SPIN too: SPIN's reference is model t, the model the iteration starts
 from. Iteration t starts from model t's merged folder with B = 0, so the reference log-probs the rank precomputes
@@ -30,7 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cluster.lineage import ADAPTER_DIR  # noqa: F401  (<phase model>/adapter: the PEFT folder beside the merged model)
+from runfolder.lineage import ADAPTER_DIR  # noqa: F401  (<phase model>/adapter: the PEFT folder beside the merged model)
 
 
 def lora_config(peft: dict[str, Any]):

@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.runfolder import fsync_dir, fsync_file, write_atomic
+from runfolder.state import fsync_dir, fsync_file, write_atomic
 
 COMPLETE = "complete.json"
 LATEST = "latest"

@@ -22,9 +22,9 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from cluster.config import JobConfig
 from cluster.connect import worker_env
 from cluster.pools import check_pool_fits
+from configs.schema import JobConfig
 
 
 @ray.remote(num_cpus=0)

@@ -119,7 +119,7 @@ def loaded_allocator() -> str:
 
 
 def _read_examples(data: str | list[str]) -> list[dict]:
-    """One Parquet file, or the parts of streamed phases (cluster.blocks): a rank holds its phase's examples."""
+    """One Parquet file, or the parts of streamed phases (runfolder.blocks): a rank holds its phase's examples."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -358,7 +358,7 @@ class PhaseRunner:
         dist.all_gather_object(gathered, mine)
         merged = {k: v for part in gathered for k, v in part.items()}
         if self.rank == 0:
-            from cluster.runfolder import write_atomic  # fsynced: a power loss leaves the old file or the whole new one
+            from runfolder.state import write_atomic  # fsynced: a power loss leaves the old file or the whole new one
 
             self.phase_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(path, json.dumps(merged))

@@ -11,7 +11,7 @@ evaluated document out), the others' from the evaluated split. Located with ``fi
 
 from __future__ import annotations
 
-from cluster.data import olmo_file, requests_docs  # the built-ins' readers of the same files
+from data.rows import olmo_file, requests_docs  # the built-ins' readers of the same files
 
 
 def _arrow(relative: str):

