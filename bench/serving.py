@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "bare" in results and "project" in results:
         ratio = results["project"]["chat"]["output_throughput"] / results["bare"]["chat"]["output_throughput"]
         report["throughput_ratio"] = round(ratio, 3)
-        print(f"\njobs.serve / bare vllm serve output throughput: {ratio:.2f}x")
+        print(f"\nserving.app / bare vllm serve output throughput: {ratio:.2f}x")
     emit(report)
     return report
 
