@@ -170,7 +170,7 @@ def test_s3ft_buckets_and_baseline(local_cluster, tmp_path):
     mean = sum(lp for _, lp in expected.values()) / 4
     assert m["base/general/gold_logprob_per_char"] == pytest.approx(mean, abs=1e-3)
     assert m["sft/general/gold_logprob_per_char"] != m["base/general/gold_logprob_per_char"]  # SFT moved it
-    assert_dry_run_reuses_everything(local_cluster, "s3ft", tmp_path)
+    assert_dry_run_reuses_everything(local_cluster, "s3ft", tmp_path, *overrides)
 
 
 def loglik_verdicts(model: str, dataset: str, n: int) -> dict[str, tuple[str, float]]:
@@ -271,7 +271,7 @@ def test_aft_propose_and_aggregate(local_cluster, tmp_path):
     assert {"sft/eval/accuracy", "sft/propose_aggregate/accuracy", "sft/layer1/accuracy"} <= set(summary["metrics"])
     assert len(state["phases"]["sft/propose-and-aggregate"]["result"]) == 4
     check_mt_bench(run, summary["metrics"])
-    assert_dry_run_reuses_everything(local_cluster, "aft", tmp_path)
+    assert_dry_run_reuses_everything(local_cluster, "aft", tmp_path, *overrides)
 
 
 def check_mt_bench(run: Path, metrics: dict) -> None:
