@@ -166,7 +166,9 @@ def _race_stale(run_dir: str, start_at: float, results) -> None:
 
 
 def test_two_drivers_racing_for_a_stale_lease_exactly_one_proceeds(tmp_path):
-    context = multiprocessing.get_context("fork")
+    # forkserver: the racers fork from a fresh single-threaded server, not from this process, whose threads (an
+    # in-process Ray's, from earlier tests) can hold a lock at fork time and hang a forked child.
+    context = multiprocessing.get_context("forkserver")
     for round_ in range(20):
         folder = tmp_path / f"r{round_}"
         folder.mkdir()
