@@ -76,20 +76,29 @@ def sft(path, tok, rows, precision: str, steps: int, seed: int = 0):
     return losses, model
 
 
-def label_accuracy(model, tok, rows) -> tuple[float, float]:
-    """Accuracy by each label's log-likelihood (an fp32 forward), and the fraction answered 'positive'."""
+def label_accuracy(model, tok, rows, batch: int = 25) -> tuple[float, float]:
+    """Accuracy by each label's log-likelihood (an fp32 forward, both labels of ``batch`` rows at once, right-padded),
+    and the fraction answered 'positive'."""
+    labels = ("negative", "positive")
     correct = positive = 0
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", enabled=False):
-        for row in rows:
-            scores = []
-            for label in ("negative", "positive"):
-                ids, prompt_len = encode(tok, row, label)
-                logps = model(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
-                targets = torch.tensor(ids[1:])
-                n = len(tok(label, add_special_tokens=False)["input_ids"])
-                scores.append(logps[torch.arange(len(targets)), targets][prompt_len - 1 : prompt_len - 1 + n].sum())
-            answer = "positive" if scores[1] > scores[0] else "negative"
+    for first in range(0, len(rows), batch):
+        chunk = rows[first : first + batch]
+        encoded = [(encode(tok, row, label), label) for row in chunk for label in labels]
+        width = max(len(ids) for (ids, _), _ in encoded)
+        input_ids = torch.full((len(encoded), width), tok.pad_token_id)
+        mask = torch.zeros_like(input_ids)
+        for k, ((ids, _), _) in enumerate(encoded):
+            input_ids[k, : len(ids)], mask[k, : len(ids)] = torch.tensor(ids), 1
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            logps = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        scores = []
+        for k, ((ids, prompt_len), label) in enumerate(encoded):
+            n = len(tok(label, add_special_tokens=False)["input_ids"])
+            targets = torch.tensor(ids[prompt_len : prompt_len + n])
+            scores.append(logps[k, prompt_len - 1 : prompt_len - 1 + n].gather(-1, targets[:, None]).sum().item())
+        for i, row in enumerate(chunk):
+            answer = labels[int(scores[2 * i + 1] > scores[2 * i])]
             correct += answer == row["label"]
             positive += answer == "positive"
     return correct / len(rows), positive / len(rows)
