@@ -13,6 +13,7 @@ rank trains a fresh LoRA adapter on the starting model instead and writes the me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from actors.chat import use_chat_template
 from cluster.storage import StorageError, check_storage
 from training import adapters, checkpoints
 from training.losses import sequence_logps, sft_loss, spin_loss
+from training.precision import Bf16Compute
 from training.sequences import TruncationReport, build_sequence, collate, deal, micro_batches, prompt_messages
 
 
@@ -38,9 +40,26 @@ def native_bf16() -> bool:
 
 
 def uses_bf16(setting: bool | str) -> bool:
-    """training.deepspeed.bf16 on this rank: True/False as given; 'auto' is bf16 on a GPU only. On the CPU, bf16
-    training is 1.6x faster but did not learn at fine-tuning learning rates (NOTES.md: bf16 on the CPU)."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported() if setting == "auto" else bool(setting)
+    """training.deepspeed.bf16 on this rank: True/False as given; 'auto' is bf16 on a GPU with bf16 only; 'native'
+    also on a CPU that runs bf16 dot products in hardware (training.precision's stochastic-rounding bf16 compute)."""
+    gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if setting == "auto":
+        return gpu
+    if setting == "native":
+        return gpu or (not torch.cuda.is_available() and native_bf16())
+    return bool(setting)
+
+
+def deepspeed_bf16(setting: bool | str) -> bool:
+    """DeepSpeed's own bf16 (bf16 weights, fp32 masters in the optimizer): GPU ranks. A CPU rank in bf16 keeps fp32
+    weights and computes in bf16 (training.precision), so DeepSpeed runs it as fp32."""
+    return uses_bf16(setting) and torch.cuda.is_available()
+
+
+def precision_name(ds: dict) -> str:
+    if not uses_bf16(ds["bf16"]):
+        return "fp32"
+    return "bf16" if torch.cuda.is_available() else f"bf16 compute, {ds['bf16_rounding']} rounding, fp32 weights"
 
 
 def deepspeed_config(t: dict) -> dict:
@@ -55,7 +74,7 @@ def deepspeed_config(t: dict) -> dict:
         "gradient_accumulation_steps": t["grad_accum"],
         "gradient_clipping": t["grad_clip"],
         "zero_optimization": zero,
-        "bf16": {"enabled": uses_bf16(ds["bf16"])},
+        "bf16": {"enabled": deepspeed_bf16(ds["bf16"])},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -180,8 +199,8 @@ class PhaseRunner:
 
         deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo / NCCL)
         ds_config = deepspeed_config(t)
-        bf16 = uses_bf16(t["deepspeed"]["bf16"])
-        dtype = torch.bfloat16 if bf16 else torch.float32
+        ds_bf16 = deepspeed_bf16(t["deepspeed"]["bf16"])
+        dtype = torch.bfloat16 if ds_bf16 else torch.float32
         keep_alive = HfDeepSpeedConfig(ds_config) if t["deepspeed"]["zero_stage"] == 3 else None  # noqa: F841
         if t["deepspeed"]["zero_stage"] != 3:
             restore_torch_linear()
@@ -196,6 +215,10 @@ class PhaseRunner:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.adapter:  # a fresh adapter: the wrapped model is the starting model until the first step
             model = adapters.wrap(model, peft, t["gradient_checkpointing"])
+        self.compute = None
+        if uses_bf16(t["deepspeed"]["bf16"]) and not ds_bf16:  # a CPU rank: bf16 compute over fp32 weights
+            self.compute = Bf16Compute(spec["seed"], t["deepspeed"]["bf16_rounding"])
+            self.compute.attach(model)
 
         epochs = [self._plan(lengths, e) for e in range(t["epochs"])]
         micro_per_epoch = len(epochs[0])
@@ -233,6 +256,8 @@ class PhaseRunner:
                 if micro_step <= start_micro:
                     continue
                 self.beat(steps_done, f"micro step {micro_step}")
+                if self.compute is not None:
+                    self.compute.micro_step(micro_step)  # keys the rounding (checkpointing's recompute draws the same)
                 if kind == "spin":
                     loss, metrics, tokens = self._spin_step(engine, items, indices, ref_logps, pad_id)
                 else:
@@ -285,7 +310,7 @@ class PhaseRunner:
             "truncation": report.__dict__,
             "final": last,
             "losses": losses,  # the loss of each optimizer step this session ran
-            "precision": "bf16" if bf16 else "fp32",
+            "precision": precision_name(t["deepspeed"]),
             "zero_stage": t["deepspeed"]["zero_stage"],
             # whose function ran the linear layers: torch's, or ZeRO-3's memory-efficient replacement
             "linear_impl": getattr(torch.nn.functional.linear, "__module__", None) or "torch",
@@ -319,16 +344,25 @@ class PhaseRunner:
 
     # -- steps -----------------------------------------------------------------------------------------
 
+    def _forward_precision(self):
+        """A training forward's precision: bf16 autocast on a CPU rank in bf16 (training.precision), else as is. The
+        reference pass runs under no_grad outside it: fp32, the reference exact."""
+        if self.compute is None or not torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        return self.compute.autocast()
+
     def _sft_step(self, engine, items, indices, pad_id):
         batch = collate([items[i] for i in indices], pad_id)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with self._forward_precision():
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss, _ = sft_loss(logits, batch["labels"])
         return loss, {}, int(batch["attention_mask"].sum())
 
     def _pair_logps(self, engine, items, indices, pad_id) -> tuple[torch.Tensor, torch.Tensor, int]:
         sequences = [items[i][0] for i in indices] + [items[i][1] for i in indices]
         batch = collate(sequences, pad_id)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with self._forward_precision():
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logps = sequence_logps(logits, batch["labels"])
         return logps[: len(indices)], logps[len(indices) :], int(batch["attention_mask"].sum())
 
@@ -473,7 +507,7 @@ class PhaseRunner:
 
         if self.adapter:
             return self._save_adapter_and_merge(engine, model, tokenizer, output)
-        if uses_bf16(self.t["deepspeed"]["bf16"]):
+        if deepspeed_bf16(self.t["deepspeed"]["bf16"]):
             state = fp32_master_state_dict(engine)
         elif self.t["deepspeed"]["zero_stage"] == 3:
             state = engine._zero3_consolidated_16bit_state_dict()
@@ -493,7 +527,7 @@ class PhaseRunner:
     def _trainable_state(self, engine) -> dict[str, torch.Tensor]:
         """The trainable tensors whole (a collective under ZeRO-3 and bf16: every rank calls it); a bf16 phase's
         are its fp32 master weights, as full fine-tuning saves them."""
-        if uses_bf16(self.t["deepspeed"]["bf16"]):
+        if deepspeed_bf16(self.t["deepspeed"]["bf16"]):
             return fp32_master_state_dict(engine, trainable_only=True)
         if self.t["deepspeed"]["zero_stage"] == 3:
             return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)

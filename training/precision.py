@@ -1,0 +1,102 @@
+"""bf16 compute over fp32 weights on the CPU, with stochastically rounded weight casts.
+
+Design note (measured, 2-core AMD EPYC AVX-512 + avx512_bf16, SmolLM2-135M-Instruct, 64 SST-2 rows with their labels
+as answers, AdamW lr 1e-5 cosine, batch 8, 16 steps; NOTES.md "bf16 on the CPU: the cause"): why bf16 "did not
+learn" here. bf16 keeps 8 bits of mantissa, so a weight w moves in its bf16 copy only when its fp32 master has moved
+by ~|w|/256. A fine-tuning step moves each weight by about lr (Adam), far less: after the first step only 1.8% of
+the Linear weights' bf16 values had changed. The forward (DeepSpeed's bf16 copy, or autocast's cast, both round to
+nearest) therefore keeps seeing the starting model while the master weights move: the loss after one step was 0.759
+(fp32: 0.343), and training runs open-loop on stale gradients until enough updates pile up: its loss stayed 1.4-3.4x
+fp32's at every later step. Whether that ends well depends on the budget: here it still reached 0.82 (fp32 0.83); on
+2026-11-26 the same setting gave the label prior (0.50). Rounding each weight cast *stochastically* (up with
+probability equal to the dropped fraction) makes the bf16 weight an unbiased estimate of the fp32 master, so every
+update reaches the forward in expectation: the loss then followed fp32's within 2.2% over the first 8 steps (0.342
+after one step) and within 7% over all 16 (the losses fall to ~0.12, where the rounding noise is a larger share),
+accuracy 0.83 with 0.47 answered positive, as fp32; the 16 steps took 76 s against fp32's 135.5 s (round-to-nearest
+autocast: 63 s).
+
+What runs: the model keeps fp32 weights (DeepSpeed runs fp32: its master weights are the weights), every
+``nn.Linear`` multiplies in bf16 with a stochastically rounded copy of its weight (``Bf16Compute.attach``), and
+the rest of the forward runs under ``torch.autocast('cpu', bf16)``. The rounding noise is keyed by (seed, micro
+step, layer), so a layer recomputed by gradient checkpointing, and a phase resumed at the same micro step, draw the
+same rounding. Gradients: bf16 GEMMs, accumulated into the fp32 weight's grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+ROUNDINGS = ("stochastic", "nearest")
+
+
+def stochastic_round_bf16(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 -> bf16, rounding each value's magnitude up with probability (dropped low 16 bits) / 2^16: unbiased,
+    E[result] = weight. Adding the noise to the bit pattern carries into the exponent where it should."""
+    bits = weight.detach().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+class _StochasticBf16LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, rounded):
+        xb = x.to(torch.bfloat16)
+        ctx.save_for_backward(xb, rounded)
+        ctx.has_bias = bias is not None
+        return F.linear(xb, rounded, None if bias is None else bias.to(torch.bfloat16))
+
+    @staticmethod
+    def backward(ctx, grad):
+        xb, rounded = ctx.saved_tensors
+        gb = grad.to(torch.bfloat16)
+        grad_x = gb @ rounded
+        grad_w = (gb.reshape(-1, gb.shape[-1]).t() @ xb.reshape(-1, xb.shape[-1])).float()
+        grad_b = gb.reshape(-1, gb.shape[-1]).float().sum(0) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
+
+
+class Bf16Compute:
+    """bf16 matmuls over a model's fp32 weights. ``attach`` swaps every Linear's forward; ``micro_step(n)`` keys the
+    rounding noise of the next forward; ``autocast()`` wraps a forward. ``rounding='nearest'`` is plain autocast
+    (the weights rounded to nearest per forward), kept to measure against."""
+
+    def __init__(self, seed: int, rounding: str = "stochastic"):
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"training.bf16_rounding: {rounding!r} is not one of {ROUNDINGS}")
+        self.seed, self.rounding, self.step = seed, rounding, 0
+        self.layers = 0
+
+    def attach(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.rounding == "nearest":
+            return model
+        for index, module in enumerate(m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+            module.forward = self._forward(module, index)
+            self.layers += 1
+        return model
+
+    def _forward(self, module: torch.nn.Linear, index: int):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+                return F.linear(x, module.weight, module.bias)  # an fp32 pass (SPIN's reference): no rounding
+            generator = torch.Generator().manual_seed(hash((self.seed, self.step, index)) & (2**63 - 1))
+            rounded = stochastic_round_bf16(module.weight, generator)
+            return _StochasticBf16LinearFn.apply(x, module.weight, module.bias, rounded)
+
+        return forward
+
+    def micro_step(self, step: int) -> None:
+        self.step = step
+
+    @staticmethod
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def no_bf16():
+    """An fp32 forward under a Bf16Compute model (autocast off; the Linear layers then skip their rounding)."""
+    with torch.autocast("cpu", enabled=False):
+        yield
