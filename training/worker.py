@@ -267,6 +267,7 @@ class PhaseRunner:
                     self._stall_hook(steps_done)
 
         train_peak_rss_mib = peak_rss_mib()
+        rss_before_steps_by_rank = self._gather(rss_before_steps)
         self.beat(steps_done, "saving")
         out = self._save(engine, model, tokenizer, spec["output"])
         if self.rank == 0:
@@ -300,6 +301,7 @@ class PhaseRunner:
             # and what it held when they started (model, optimizer state, the process itself)
             "train_peak_rss_mib": train_peak_rss_mib,
             "rss_before_steps_mib": rss_before_steps,
+            "rss_before_steps_mib_by_rank": rss_before_steps_by_rank,  # what a long-lived rank kept of earlier phases
         }
 
     def _plan(self, lengths: list[int], epoch: int) -> list[tuple[list[int], float]]:
@@ -465,6 +467,14 @@ class PhaseRunner:
         tensor = torch.tensor([float(value)], dtype=torch.float64)
         dist.all_reduce(tensor)
         return tensor.item()
+
+    def _gather(self, value):
+        """Every rank's ``value``, in rank order (a collective: every rank calls it)."""
+        import torch.distributed as dist
+
+        every: list = [None] * self.world_size
+        dist.all_gather_object(every, value)
+        return every
 
     def _save(self, engine, model, tokenizer, output: str) -> str:
         """Consolidate the weights (ZeRO-3 shards, or a bf16 phase's fp32 master weights: every rank joins the
