@@ -13,6 +13,10 @@ parameters, L layers, width d, T the mean sequence length, attention included); 
 linear layer) as more phases of the same ``fit()``, fp32, under each ``--lora-stages`` stage: steady tok/s and rank
 0's peak RSS during the steps beside full fine-tuning's at the same stage (``lora`` in the JSON). ``--model`` takes
 any model reference (``tiny-random`` for a quick check that it runs).
+What a user runs: ``default_tok_s`` is the case the embedded default (``configs/demo.yaml``, ``make demo``) trains
+with, its ZeRO stage and precision read from that file and resolved on this machine (run even when ``--stages``
+leaves it out); ``best_plain_tok_s`` the fastest plain loop of this run, and ``default_vs_best_plain`` their ratio
+(issue 32's goal: >= 0.9 on every machine kind). ``mfu`` holds every full-weight case, plain loops included.
 Last line: one JSON object.
 """
 
@@ -29,6 +33,23 @@ if not __package__:  # run as `python bench/x.py`: Python put bench/ on sys.path
 from bench.common import emit, in_subprocess, parse_cli, print_table  # noqa: E402
 
 GLOBAL_BATCH, WARMUP_STEPS = 8, 2
+BENCH_LAYOUT = (2, 1)  # the Ray cases' train pool: ranks, CPUs (threads) per rank
+EMBEDDED_DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def default_case() -> tuple[tuple[int, bool], tuple[int, int]]:
+    """(ZeRO stage, bf16) the embedded default trains with on this machine (training.deepspeed.bf16 'auto' resolved
+    as a rank here would), and its train pool's (ranks, CPUs per rank)."""
+    from configs.schema import load_config
+    from training.worker import uses_bf16
+
+    config = load_config(EMBEDDED_DEFAULT)
+    ds, pool = config.training.deepspeed, config.pools.train
+    return (ds.zero_stage, uses_bf16(ds.bf16)), (pool.replicas, int(pool.num_cpus))
+
+
+def case_name(stage: int, bf16: bool) -> str:
+    return f"zero{stage}_{'bf16' if bf16 else 'fp32'}"
 
 
 def peak_gflops(dtype_name: str, queue, size: int = 2048, seconds: float = 4.0) -> None:
@@ -206,7 +227,12 @@ def main(args) -> None:
     lora_stages = [int(s) for s in args.lora_stages.split(",") if s.strip()]
     precisions = [False, True] if native_bf16() and not args.no_bf16 else [False]
     cases = [(stage, bf16, False) for bf16 in precisions for stage in stages]
-    cases += [(stage, False, False) for stage in lora_stages if stage not in stages]  # full weights beside each
+    default, default_layout = default_case()
+    if default_layout != BENCH_LAYOUT:  # measured in the bench's layout, not the user's: say so, never hide it
+        print(f"note: {EMBEDDED_DEFAULT.name}'s train pool is {default_layout}, the bench runs {BENCH_LAYOUT}")
+    if (*default, False) not in cases:
+        cases.append((*default, False))
+    cases += [(stage, False, False) for stage in lora_stages if (stage, False, False) not in cases]  # full beside each
     cases += [(stage, False, True) for stage in lora_stages]
     with tempfile.TemporaryDirectory() as tmp:
         all_results, startup_s = ray_cases(model, rows, Path(tmp), cases)
@@ -217,10 +243,11 @@ def main(args) -> None:
     }
     # The plain process gets the same allocator the ranks get (training.allocator), so only Ray + DeepSpeed differ.
     os.environ.update(allocator_env(load_config(None, []).training.allocator))
-    single = {bf16: in_subprocess(single_process, model, rows, bf16) for bf16 in precisions}
+    plain_precisions = sorted(set(precisions) | {default[1]})  # the default's precision has a plain loop beside it
+    single = {bf16: in_subprocess(single_process, model, rows, bf16) for bf16 in plain_precisions}
     mean_length = single[False][2]
     per_token = flops_per_token(model, mean_length)
-    peak = {bf16: in_subprocess(peak_gflops, "bfloat16" if bf16 else "float32") for bf16 in precisions}
+    peak = {bf16: in_subprocess(peak_gflops, "bfloat16" if bf16 else "float32") for bf16 in plain_precisions}
 
     def mfu(tok_s: float, bf16: bool) -> float:
         return tok_s * per_token / 1e9 / peak[bf16]
@@ -264,6 +291,14 @@ def main(args) -> None:
     reference = (3, False) if (3, False) in ray_results else next(iter(ray_results))
     zero3_tok_s, single_tok_s = ray_results[reference][0], single[False][0]
     best_stage, best_bf16 = max(ray_results, key=lambda case: ray_results[case][0])
+    default_tok_s = ray_results[default][0]
+    best_plain_bf16 = max(single, key=lambda bf16: single[bf16][0])
+    best_plain_tok_s = single[best_plain_bf16][0]
+    print(
+        f"embedded default ({EMBEDDED_DEFAULT.name}: {case_name(*default)}): {default_tok_s:.1f} tok/s, "
+        f"MFU {mfu(default_tok_s, default[1]):.2f}, {default_tok_s / best_plain_tok_s:.2f}x the best plain loop "
+        f"({'bf16' if best_plain_bf16 else 'fp32'}, {best_plain_tok_s:.1f} tok/s)"
+    )
     emit(
         {
             "ray_zero3_tok_s": round(zero3_tok_s, 1),
@@ -273,16 +308,24 @@ def main(args) -> None:
             "peak_gflops": {("bf16" if b else "fp32"): round(g, 1) for b, g in peak.items()},
             "mfu_ray": round(mfu(zero3_tok_s, False), 3),
             "mfu_single": round(mfu(single_tok_s, False), 3),
-            "ray_tok_s": {
-                f"zero{stage}_{'bf16' if bf16 else 'fp32'}": round(tok_s, 1)
-                for (stage, bf16), (tok_s, _) in ray_results.items()
-            },
+            "ray_tok_s": {case_name(stage, bf16): round(tok_s, 1) for (stage, bf16), (tok_s, _) in ray_results.items()},
             "mfu": {
-                f"zero{stage}_{'bf16' if bf16 else 'fp32'}": round(mfu(tok_s, bf16), 3)
-                for (stage, bf16), (tok_s, _) in ray_results.items()
+                **{
+                    case_name(stage, bf16): round(mfu(tok_s, bf16), 3)
+                    for (stage, bf16), (tok_s, _) in ray_results.items()
+                },
+                **{
+                    f"plain_{'bf16' if bf16 else 'fp32'}": round(mfu(tok_s, bf16), 3)
+                    for bf16, (tok_s, *_) in single.items()
+                },
             },
+            "default_case": case_name(*default),
+            "default_tok_s": round(default_tok_s, 1),
+            "best_plain": f"plain_{'bf16' if best_plain_bf16 else 'fp32'}",
+            "best_plain_tok_s": round(best_plain_tok_s, 1),
+            "default_vs_best_plain": round(default_tok_s / best_plain_tok_s, 3),
             "single_bf16_tok_s": round(single[True][0], 1) if True in single else None,
-            "best": f"zero{best_stage}_{'bf16' if best_bf16 else 'fp32'}",
+            "best": case_name(best_stage, best_bf16),
             "bf16_speedup": round(ray_results[(3, True)][0] / ray_results[(3, False)][0], 3)
             if {(3, True), (3, False)} <= ray_results.keys()
             else None,
