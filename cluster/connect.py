@@ -195,9 +195,7 @@ def connect(config: ClusterConfig) -> str:
     if mode != config.auth_mode:
         log.warning("RAY_AUTH_MODE=token in the environment keeps token auth on despite cluster.auth_mode=disabled")
     os.environ["RAY_AUTH_MODE"] = mode
-    if mode == "token" and not (
-        os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-    ):
+    if mode == "token" and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         # Not Ray's default ~/.ray/auth_token: that file is shared by every Ray of the user, lives on, and is
         # written with the umask's permissions.
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(private_token_file())

@@ -50,9 +50,7 @@ SCHEMA = pa.schema(
 class ShardDatasource(FileBasedDatasource):
     """Ray Data datasource of Parquet / JSON Lines shards, parsed into this repo's records in the read tasks."""
 
-    def __init__(
-        self, paths: list[str], columns: dict[str, str], task: str | None, sft_turns: str = "first", **kwargs
-    ):
+    def __init__(self, paths: list[str], columns: dict[str, str], task: str | None, sft_turns: str = "first", **kwargs):
         super().__init__(paths, **kwargs)
         self.columns, self.task, self.sft_turns = columns, task, sft_turns
 

@@ -245,7 +245,13 @@ class Controller:
             return fn(todo, *({r["id"]: r for r in a} for a in aligned_rows), **kwargs)
 
         return self.run.block_phase(
-            name, rows, block, aligned=aligned, key="source_id", one_per_row=False, settings=kwargs,
+            name,
+            rows,
+            block,
+            aligned=aligned,
+            key="source_id",
+            one_per_row=False,
+            settings=kwargs,
             context={"transform": f"{fn.__module__}.{fn.__qualname__}"},
         )
 

@@ -87,6 +87,7 @@ def heldout_scores(
         requests = [
             {"id": k, "messages": by_id[k]["messages"], "response": v} for k, v in answers.items() if k in by_id
         ]
+
         def scores() -> dict:
             logprobs = ctl.generator.score_all(requests)
             missing = {r["id"]: "not scored" for r in requests if r["id"] not in logprobs}

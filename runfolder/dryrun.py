@@ -344,4 +344,3 @@ def format_report(run: PlannedRun, verdicts: list[Verdict], stopped: NeedsOutput
     reused = sum(v.action == "reuse" for v in verdicts)
     lines.append(f"{reused} reused, {len(verdicts) - reused} run")
     return "\n".join(lines)
-

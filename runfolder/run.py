@@ -567,9 +567,7 @@ class Run:
         """Rows each phase could not produce, over every driver session of this run (from state.json)."""
         return {name: f["rows"] for name, f in self.state["failed"].items() if f.get("rows")}
 
-    def once(
-        self, name: str, fn: Callable[[], Any], key: dict[str, Any], scratch: Path | None = None
-    ) -> Any:
+    def once(self, name: str, fn: Callable[[], Any], key: dict[str, Any], scratch: Path | None = None) -> Any:
         """A keyed phase whose result is a small JSON value (a model path, scores): ``key`` names everything the
         result depends on (input rows, settings, model keys, upstream phases' keys). It runs again when the key
         changed; ``scratch`` (reference log-probs, DeepSpeed tags) belongs to the key and goes when it changes.

@@ -110,6 +110,7 @@ def test_embedded_ray_listens_on_loopback_only(ray_session):
             pass
     names = {n for n, _, _ in listening}
     assert {"gcs_server", "raylet"} <= names, listening
+
     def loopback(ip: str) -> bool:
         address = ipaddress.ip_address(ip)  # gRPC's IPv4 sockets show as ::ffff:127.0.0.1 (not is_loopback in 3.11)
         return (getattr(address, "ipv4_mapped", None) or address).is_loopback

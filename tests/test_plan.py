@@ -243,14 +243,26 @@ def test_an_architecture_transformers_lacks_is_counted_from_its_numbers(tmp_path
 
 def test_recipe_numbers_carry_head_dim_and_experts():
     stated = ArchitectureConfig(
-        layers=32, hidden_size=4096, intermediate_size=14336, vocab_size=32000, attention_heads=32, kv_heads=8,
-        experts=8, experts_per_token=2,
+        layers=32,
+        hidden_size=4096,
+        intermediate_size=14336,
+        vocab_size=32000,
+        attention_heads=32,
+        kv_heads=8,
+        experts=8,
+        experts_per_token=2,
     )
     arch = architecture_from_section(stated, "model.architecture")
     assert arch.parameters == pytest.approx(46.7e9, rel=0.003) and arch.mlp_width == 2 * 14336
     gemma2 = ArchitectureConfig(
-        layers=26, hidden_size=2304, intermediate_size=9216, vocab_size=256000, attention_heads=8, kv_heads=4,
-        head_dim=256, tie_word_embeddings=True,
+        layers=26,
+        hidden_size=2304,
+        intermediate_size=9216,
+        vocab_size=256000,
+        attention_heads=8,
+        kv_heads=4,
+        head_dim=256,
+        tie_word_embeddings=True,
     )
     assert architecture_from_section(gemma2, "model.architecture").kv_dim == 4 * 256  # not 2304 / 8 = 288
 

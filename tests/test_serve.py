@@ -216,9 +216,7 @@ BAD_REQUESTS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "name, path, body, raw, status, reason, param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
-)
+@pytest.mark.parametrize("name, path, body, raw, status, reason, param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_request_is_answered_with_its_status_and_an_openai_error(server, name, path, body, raw, status, reason,
                                                                      param):  # fmt: skip
     got, out = request(server, "POST", path, body, raw=raw)
