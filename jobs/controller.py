@@ -91,6 +91,19 @@ def check_adapter_targets(config: JobConfig, model_path: str) -> None:
         raise ConfigError(str(err)) from None
 
 
+def keyed_training_settings(training: dict) -> dict:
+    """The training settings a phase's key holds: every one that shapes the model, without the run controls, and
+    without the settings of a feature the phase does not use, so folders trained before the feature existed resume
+    (adapters when ``peft`` is off; the bf16 rounding when the phase is not in CPU bf16: 'auto' is fp32 on a CPU
+    rank and DeepSpeed's own bf16 on a GPU, neither of which rounds as ``bf16_rounding`` says)."""
+    settings = {k: v for k, v in training.items() if not is_run_control(f"training.{k}")}
+    if not settings.get("peft", {}).get("enabled"):
+        settings.pop("peft", None)
+    if "deepspeed" in settings and settings["deepspeed"].get("bf16") not in (True, "native"):
+        settings["deepspeed"] = {k: v for k, v in settings["deepspeed"].items() if k != "bf16_rounding"}
+    return settings
+
+
 def _generated_row(out: dict, iteration: int, model: str, settings: str) -> dict:
     """One generation output with its lineage: the first sample as the response, every sample in 'samples'."""
     first = out["samples"][0]
@@ -324,9 +337,7 @@ class Controller:
             "chat_template": self.chat_templates["model.name"],
             **extra,
         }
-        settings = {k: v for k, v in training.items() if not is_run_control(f"training.{k}")}
-        if not settings.get("peft", {}).get("enabled"):
-            settings.pop("peft", None)  # full weights: keyed as before adapters existed (old run folders resume)
+        settings = keyed_training_settings(training)
         # The key names the starting model by its key (not its path: models/sft retrained on other data is another
         # model), the examples by content, and every plan-shaping setting: the world size sets the global batch and
         # the micro-batch plan a half-done phase's step count is mapped onto.

@@ -297,3 +297,21 @@ def dry_run(command: list[str], *overrides: str) -> dict[str, tuple[str, str]]:
             phase, _, reason = rest.strip().partition("  ")
             verdicts[phase] = (action, reason.strip())
     return verdicts
+
+
+def test_training_keys_hold_a_features_settings_only_where_the_phase_uses_it():
+    from dataclasses import asdict
+
+    from configs.schema import load_config
+    from jobs.controller import keyed_training_settings
+
+    def keyed(*overrides):
+        return keyed_training_settings(asdict(load_config(None, list(overrides)).training))
+
+    plain = keyed()
+    assert "peft" not in plain and "bf16_rounding" not in plain["deepspeed"]  # as keyed before either existed
+    assert keyed("training.deepspeed.bf16_rounding=nearest") == plain  # fp32 ('auto' on a CPU rank): no rounding
+    native = keyed("training.deepspeed.bf16=native")
+    assert native["deepspeed"]["bf16_rounding"] == "stochastic"
+    assert keyed("training.deepspeed.bf16=native", "training.deepspeed.bf16_rounding=nearest") != native
+    assert keyed("training.peft.enabled=true")["peft"]["r"] == 8

@@ -213,7 +213,8 @@ def test_zero2_and_plain_data_parallel_phases_after_zero3_run_unpartitioned_with
     # own Function process-wide. Stage 2 and stage 0 must neither partition parameters nor keep that swap.
     service.train(spec(service, "before-z3", "sft", tiny_model, training={"epochs": 1}))
     for stage in (2, 0):
-        # bf16: each stage's own path to the fp32 master weights (ZeRO-2's partitions, stage 0's optimizer groups)
+        # bf16 on a CPU rank: bf16 compute over fp32 weights (training/precision.py) under each stage. DeepSpeed's own
+        # bf16 (and its fp32-master paths: ZeRO-2's partitions, stage 0's optimizer groups) runs on GPU ranks only.
         deepspeed = {**service.training["deepspeed"], "zero_stage": stage, "bf16": True}
         before = mean_nll(tiny_model, ROWS)
         result = service.train(spec(service, f"zero{stage}", "sft", tiny_model, training={"deepspeed": deepspeed}))
@@ -222,8 +223,9 @@ def test_zero2_and_plain_data_parallel_phases_after_zero3_run_unpartitioned_with
         assert mean_nll(result["output"], ROWS) < before - 0.5  # trains and saves a full HF folder
         with safe_open(str(Path(result["output"]) / "model.safetensors"), "pt") as f:
             weight = f.get_tensor("model.layers.0.mlp.down_proj.weight")
-        assert result["precision"] == "bf16" and weight.dtype == torch.float32
-        assert (weight != weight.to(torch.bfloat16).float()).float().mean() > 0.5  # the fp32 master weights
+        assert result["precision"] == "bf16 compute, stochastic rounding, fp32 weights"
+        assert weight.dtype == torch.float32
+        assert (weight != weight.to(torch.bfloat16).float()).float().mean() > 0.5  # the fp32 weights, not a bf16 copy
 
 
 ZERO3_KEPT = "ZeRO-3 keeps every phase's engine, model and parameters past engine.destroy() and a collection"
