@@ -24,12 +24,8 @@ same rounding. Gradients: bf16 GEMMs, accumulated into the fp32 weight's grad.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
-
-ROUNDINGS = ("stochastic", "nearest")
 
 
 def stochastic_round_bf16(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -63,18 +59,14 @@ class Bf16Compute:
     rounding noise of the next forward; ``autocast()`` wraps a forward. ``rounding='nearest'`` is plain autocast
     (the weights rounded to nearest per forward), kept to measure against."""
 
-    def __init__(self, seed: int, rounding: str = "stochastic"):
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"training.bf16_rounding: {rounding!r} is not one of {ROUNDINGS}")
+    def __init__(self, seed: int, rounding: str = "stochastic"):  # rounding: training.deepspeed.bf16_rounding
         self.seed, self.rounding, self.step = seed, rounding, 0
-        self.layers = 0
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.rounding == "nearest":
             return model
         for index, module in enumerate(m for m in model.modules() if isinstance(m, torch.nn.Linear)):
             module.forward = self._forward(module, index)
-            self.layers += 1
         return model
 
     def _forward(self, module: torch.nn.Linear, index: int):
@@ -93,10 +85,3 @@ class Bf16Compute:
     @staticmethod
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16)
-
-
-@contextlib.contextmanager
-def no_bf16():
-    """An fp32 forward under a Bf16Compute model (autocast off; the Linear layers then skip their rounding)."""
-    with torch.autocast("cpu", enabled=False):
-        yield

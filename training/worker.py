@@ -56,10 +56,15 @@ def deepspeed_bf16(setting: bool | str) -> bool:
     return uses_bf16(setting) and torch.cuda.is_available()
 
 
+def cpu_bf16(setting: bool | str) -> bool:
+    """bf16 compute over fp32 weights (training.precision): a CPU rank in bf16."""
+    return uses_bf16(setting) and not torch.cuda.is_available()
+
+
 def precision_name(ds: dict) -> str:
-    if not uses_bf16(ds["bf16"]):
-        return "fp32"
-    return "bf16" if torch.cuda.is_available() else f"bf16 compute, {ds['bf16_rounding']} rounding, fp32 weights"
+    if cpu_bf16(ds["bf16"]):
+        return f"bf16 compute, {ds['bf16_rounding']} rounding, fp32 weights"
+    return "bf16" if deepspeed_bf16(ds["bf16"]) else "fp32"
 
 
 def deepspeed_config(t: dict) -> dict:
@@ -229,7 +234,7 @@ class PhaseRunner:
         if self.adapter:  # a fresh adapter: the wrapped model is the starting model until the first step
             model = adapters.wrap(model, peft, t["gradient_checkpointing"])
         self.compute = None
-        if uses_bf16(t["deepspeed"]["bf16"]) and not ds_bf16:  # a CPU rank: bf16 compute over fp32 weights
+        if cpu_bf16(t["deepspeed"]["bf16"]):
             self.compute = Bf16Compute(spec["seed"], t["deepspeed"]["bf16_rounding"])
             self.compute.attach(model)
 
