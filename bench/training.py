@@ -13,8 +13,12 @@ parameters, L layers, width d, T the mean sequence length, attention included); 
 linear layer) as more phases of the same ``fit()``, fp32, under each ``--lora-stages`` stage: steady tok/s and rank
 0's peak RSS during the steps beside full fine-tuning's at the same stage (``lora`` in the JSON). ``--model`` takes
 any model reference (``tiny-random`` for a quick check that it runs).
+(d) The layout (training.layout): the full-weight cases again as phases of a second ``fit()`` with one rank x 2
+threads (``one_rank``: grad_accum 2, the same global batch and sequences per step); ``one_rank_vs_pool`` is its
+tok/s over (a)'s per case, and ``default_layout_is_faster`` says whether ``auto``'s pick (one_rank on an embedded
+Ray) was the faster layout for the default case in this run. ``--layouts`` picks them.
 What a user runs: ``default_tok_s`` is the case the embedded default (``configs/demo.yaml``, ``make demo``) trains
-with, its ZeRO stage and precision read from that file and resolved on this machine (run even when ``--stages``
+with, its ZeRO stage, precision and layout read from that file and resolved on this machine (run even when ``--stages``
 leaves it out); ``best_plain_tok_s`` the fastest plain loop of this run, and ``default_vs_best_plain`` their ratio
 (issue 32's goal: >= 0.9 on every machine kind). ``mfu`` holds every full-weight case, plain loops included.
 Last line: one JSON object.
@@ -37,15 +41,18 @@ BENCH_LAYOUT = (2, 1)  # the Ray cases' train pool: ranks, CPUs (threads) per ra
 EMBEDDED_DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def default_case() -> tuple[tuple[int, bool], tuple[int, int]]:
+def default_case() -> tuple[tuple[int, bool], tuple[int, int], str]:
     """(ZeRO stage, bf16) the embedded default trains with on this machine (training.deepspeed.bf16 'auto' resolved
-    as a rank here would), and its train pool's (ranks, CPUs per rank)."""
+    as a rank here would), its train pool's (ranks, CPUs per rank), and the layout those resolve to on an embedded
+    Ray (training.layout)."""
     from configs.schema import load_config
+    from training.layout import resolve_layout
     from training.worker import uses_bf16
 
     config = load_config(EMBEDDED_DEFAULT)
-    ds, pool = config.training.deepspeed, config.pools.train
-    return (ds.zero_stage, uses_bf16(ds.bf16)), (pool.replicas, int(pool.num_cpus))
+    ds, pool, t = config.training.deepspeed, config.pools.train, config.training
+    layout = resolve_layout(t.layout, pool, t.threads_per_worker, joined=False).name
+    return (ds.zero_stage, uses_bf16(ds.bf16)), (pool.replicas, int(pool.num_cpus)), layout
 
 
 def case_name(stage: int, bf16: bool) -> str:
@@ -98,9 +105,12 @@ def steady(steps: list[tuple[float, float]]) -> float:
 LORA = {"enabled": True, "r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "target_modules": ["all-linear"]}
 
 
-def ray_cases(model: str, rows: list[dict], root: Path, cases: list[tuple[int, bool, bool]]) -> tuple[dict, float]:
+def ray_cases(
+    model: str, rows: list[dict], root: Path, cases: list[tuple[int, bool, bool]], layout: str
+) -> tuple[dict, float]:
     """(steady tok/s, optimizer steps, rank 0's peak RSS MiB in the steps) of each (ZeRO stage, bf16, LoRA) case,
-    run as phases of one fit(); start-up s."""
+    run as phases of one fit() in ``layout`` (training.layout: pool = 2 ranks x 1 thread, one_rank = 1 x 2); the
+    fit()'s start-up s."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -111,7 +121,8 @@ def ray_cases(model: str, rows: list[dict], root: Path, cases: list[tuple[int, b
 
     config = load_config(
         None,
-        [f"run.dir={root}", "run.id=bench", "pools.train.replicas=2", "pools.train.num_cpus=1", "cluster.num_cpus=4"],
+        [f"run.dir={root}", "run.id=bench", "pools.train.replicas=2", "pools.train.num_cpus=1", "cluster.num_cpus=4"]
+        + [f"training.layout={layout}"],
     )
     connect(config.cluster)
     steps: list[tuple[float, float]] = []
@@ -133,7 +144,7 @@ def ray_cases(model: str, rows: list[dict], root: Path, cases: list[tuple[int, b
             "deepspeed": {**base["deepspeed"], "zero_stage": stage, "bf16": bf16},
             "peft": {**LORA, "modules_to_save": []} if lora else base["peft"],
         }
-        name = f"zero{stage}-{'bf16' if bf16 else 'fp32'}{'-lora' if lora else ''}"
+        name = f"{layout}-zero{stage}-{'bf16' if bf16 else 'fp32'}{'-lora' if lora else ''}"
         result = service.train(
             {
                 "name": name,
@@ -149,6 +160,7 @@ def ray_cases(model: str, rows: list[dict], root: Path, cases: list[tuple[int, b
         if not startup:  # the first phase pays the worker group, process group and model load
             startup = time.perf_counter() - start - sum(s for _, s in steps)
         results[(stage, bf16, lora)] = (steady(steps), result["steps"], result["train_peak_rss_mib"])
+        assert result["layout"]["name"] == layout, result["layout"]
         print(
             f"{name}: rank 0 peak RSS {result['train_peak_rss_mib']:.0f} MiB, linear layers: {result['linear_impl']}, "
             f"trainable parameters {result['trainable_parameters']:,} of {result['total_parameters']:,}"
@@ -208,6 +220,12 @@ def options(parser) -> None:
         "--lora-stages", default="2", help="ZeRO stages of the LoRA cases, fp32, comma-separated ('' = none)"
     )
     parser.add_argument(
+        "--layouts",
+        default="pool,one_rank",
+        help="training.layout of the Ray cases: pool (2 ranks x 1 thread, every case) and one_rank (1 x 2, the "
+        "full-weight cases), comma-separated",
+    )
+    parser.add_argument(
         "--model", default="smollm2-135m-instruct", help="model reference (tiny-random: a quick check that it runs)"
     )
 
@@ -227,16 +245,28 @@ def main(args) -> None:
     lora_stages = [int(s) for s in args.lora_stages.split(",") if s.strip()]
     precisions = [False, True] if native_bf16() and not args.no_bf16 else [False]
     cases = [(stage, bf16, False) for bf16 in precisions for stage in stages]
-    default, default_layout = default_case()
+    default, default_layout, default_ranks = default_case()
+    layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
+    if default_ranks not in layouts:  # the user's case is always measured
+        layouts.append(default_ranks)
     if default_layout != BENCH_LAYOUT:  # measured in the bench's layout, not the user's: say so, never hide it
         print(f"note: {EMBEDDED_DEFAULT.name}'s train pool is {default_layout}, the bench runs {BENCH_LAYOUT}")
     if (*default, False) not in cases:
         cases.append((*default, False))
     cases += [(stage, False, False) for stage in lora_stages if (stage, False, False) not in cases]  # full beside each
     cases += [(stage, False, True) for stage in lora_stages]
-    with tempfile.TemporaryDirectory() as tmp:
-        all_results, startup_s = ray_cases(model, rows, Path(tmp), cases)
+    by_layout, startup_by_layout = {}, {}
+    for layout in layouts:
+        with tempfile.TemporaryDirectory() as tmp:
+            # one_rank: the full-weight cases (LoRA's comparison with full weights stays in the pool layout)
+            layout_cases = cases if layout == "pool" else [c for c in cases if not c[2]]
+            by_layout[layout], startup_by_layout[layout] = ray_cases(model, rows, Path(tmp), layout_cases, layout)
+    all_results = by_layout.get("pool") or by_layout[layouts[0]]
+    startup_s = startup_by_layout.get("pool") or startup_by_layout[layouts[0]]
     ray_results = {(s, b): (tok_s, n) for (s, b, lora), (tok_s, n, _) in all_results.items() if not lora}
+    one_rank_results = {
+        (s, b): (tok_s, n) for (s, b, lora), (tok_s, n, _) in by_layout.get("one_rank", {}).items() if not lora
+    }
     lora_results = {
         stage: {"full": all_results[(stage, False, False)], "lora": all_results[(stage, False, True)]}
         for stage in lora_stages
@@ -263,6 +293,16 @@ def main(args) -> None:
         for (stage, bf16), (tok_s, n) in ray_results.items()
     ]
     table += [
+        (
+            f"Ray Train + ZeRO-{stage}, 1 worker x 2 threads (training.layout one_rank), {'bf16' if bf16 else 'fp32'}",
+            n,
+            tok_s,
+            mfu(tok_s, bf16),
+            tok_s / single[bf16][0],
+        )
+        for (stage, bf16), (tok_s, n) in one_rank_results.items()
+    ]
+    table += [
         (f"plain PyTorch, 1 process x 2 threads, {'bf16' if bf16 else 'fp32'}", n, tok_s, mfu(tok_s, bf16), 1.0)
         for bf16, (tok_s, n, _) in single.items()
     ]
@@ -281,7 +321,10 @@ def main(args) -> None:
         f"model: {per_token / 1e9:.3f} GFLOP per trained token (mean length {mean_length:.0f}); "
         + ", ".join(f"peak {'bf16' if b else 'fp32'} {g:.1f} GFLOP/s" for b, g in peak.items())
     )
-    print(f"fixed start-up cost of (a) before its first step: {startup_s:.1f} s")
+    print(
+        "fixed start-up cost before the first step: "
+        + ", ".join(f"{layout} {seconds:.1f} s" for layout, seconds in startup_by_layout.items())
+    )
     for stage, pair in lora_results.items():
         (full_tok_s, _, full_rss), (lora_tok_s, _, lora_rss) = pair["full"], pair["lora"]
         print(
@@ -291,11 +334,23 @@ def main(args) -> None:
     reference = (3, False) if (3, False) in ray_results else next(iter(ray_results))
     zero3_tok_s, single_tok_s = ray_results[reference][0], single[False][0]
     best_stage, best_bf16 = max(ray_results, key=lambda case: ray_results[case][0])
-    default_tok_s = ray_results[default][0]
+    default_tok_s = (one_rank_results if default_ranks == "one_rank" else ray_results)[default][0]
+    # Which layout is faster in this run, case by case, and whether training.layout=auto picks it here
+    layout_cases = sorted(ray_results.keys() & one_rank_results.keys())
+    layout_ratio = {case_name(*c): round(one_rank_results[c][0] / ray_results[c][0], 3) for c in layout_cases}
+    faster = "one_rank" if layout_ratio.get(case_name(*default), 0) > 1 else "pool"
+    if layout_ratio:
+        print(
+            "one rank x 2 threads vs 2 ranks x 1 thread: "
+            + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in layout_ratio.items())
+            + f"; auto picks {default_ranks} on an embedded Ray: "
+            + ("the faster here" if faster == default_ranks else f"NOT the faster here ({faster})")
+        )
     best_plain_bf16 = max(single, key=lambda bf16: single[bf16][0])
     best_plain_tok_s = single[best_plain_bf16][0]
     print(
-        f"embedded default ({EMBEDDED_DEFAULT.name}: {case_name(*default)}): {default_tok_s:.1f} tok/s, "
+        f"embedded default ({EMBEDDED_DEFAULT.name}: {case_name(*default)}, {default_ranks}): "
+        f"{default_tok_s:.1f} tok/s, "
         f"MFU {mfu(default_tok_s, default[1]):.2f}, {default_tok_s / best_plain_tok_s:.2f}x the best plain loop "
         f"({'bf16' if best_plain_bf16 else 'fp32'}, {best_plain_tok_s:.1f} tok/s)"
     )
@@ -319,6 +374,11 @@ def main(args) -> None:
                     for bf16, (tok_s, *_) in single.items()
                 },
             },
+            "one_rank_tok_s": {case_name(*c): round(t, 1) for c, (t, _) in one_rank_results.items()},
+            "startup_s_by_layout": {k: round(v, 1) for k, v in startup_by_layout.items()},
+            "one_rank_vs_pool": layout_ratio,
+            "default_layout": default_ranks,
+            "default_layout_is_faster": faster == default_ranks if layout_ratio else None,
             "default_case": case_name(*default),
             "default_tok_s": round(default_tok_s, 1),
             "best_plain": f"plain_{'bf16' if best_plain_bf16 else 'fp32'}",

@@ -176,6 +176,11 @@ def loopback_only():
             os.environ[LOOPBACK_SWITCH] = saved_env
 
 
+def joins_cluster(config: ClusterConfig) -> bool:
+    """Whether connect() joins a cluster (cluster.address or RAY_ADDRESS) rather than embedding a local Ray."""
+    return bool(config.address or os.environ.get("RAY_ADDRESS"))
+
+
 def connect(config: ClusterConfig) -> str:
     """Connect to Ray once per process; return a description of where we are."""
     global _joined_cluster

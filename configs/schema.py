@@ -690,6 +690,16 @@ class TrainingConfig:
     threads_per_worker: int = doc(
         "torch intra-op threads per training worker (0 = the worker's CPUs).", 0, bounds=">= 0"
     )
+    layout: Literal["auto", "pool", "one_rank"] = doc(
+        "How the train pool's CPUs become ranks (training/layout.py). 'pool': pools.train.replicas ranks of "
+        "pools.train.num_cpus CPUs each. 'one_rank': one rank with all of them (replicas x num_cpus threads) that "
+        "runs the micro-batches planned for the pool's ranks and accumulates grad_accum x replicas of them per "
+        "optimizer step: the same global batch and the same sequences in each step, without the all-reduce. "
+        "'auto': one_rank where the driver embeds Ray (one machine) and the pool has CPUs only; pool on a cluster "
+        "the job joins, on GPUs, and for custom resources or label selectors. Each phase result says which ran "
+        "and why (layout); NOTES.md has the measurement per machine kind.",
+        "auto",
+    )
     checkpoint_every: int = doc(
         "Optimizer steps between resumable DeepSpeed checkpoints (0 = only at end).", 0, bounds=">= 0"
     )
@@ -1197,6 +1207,12 @@ def validate(c: JobConfig) -> None:
             f"{max_tokens} leaves no room for a prompt in engine.max_model_len {c.engine.max_model_len}",
         )
     t = c.training
+    _require(
+        t.layout != "one_rank" or not c.pools.train.num_gpus,
+        "training.layout",
+        f"one_rank puts the pool's CPUs in one rank, but pools.train has {c.pools.train.num_gpus:g} GPUs per replica "
+        "(a GPU rank drives its own GPU): use auto or pool",
+    )
     _require(
         0 < t.max_prompt_length < t.max_length, "training.max_prompt_length", "must be in (0, training.max_length)"
     )

@@ -348,6 +348,7 @@ class Controller:
             "extra": extra,
             "training": settings,
             "world_size": self.config.pools.train.replicas,
+            **self._ranks_key(),
             "seed": self.config.run.seed,
             "chat_template": spec["chat_template"],
         }
@@ -369,6 +370,14 @@ class Controller:
         # sequences whose prompt or response was cut to fit, and AFT proposals cut to share the prompt budget
         self.run.metric(f"{name}/truncation", result["truncation"])
         return result["output"]
+
+    def _ranks_key(self) -> dict:
+        """The ranks a phase runs on, in its key where they differ from the pool's (training.layout one_rank): the
+        steps are the pool's, but the float sums run in another order. A folder trained as the pool resumes."""
+        from training.service import train_layout
+
+        ranks = train_layout(self.config).ranks
+        return {} if ranks == self.config.pools.train.replicas else {"ranks": ranks}
 
     def _fit(self, spec: dict, examples: list[dict] | Blocks) -> dict:
         """Run a training phase on the train pool, its examples written for the ranks first."""

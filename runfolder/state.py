@@ -65,6 +65,7 @@ RUN_CONTROL = (
     "engine.enforce_eager",
     "training.checkpoint_every",
     "training.threads_per_worker",
+    "training.layout",  # the resolved rank count is in each training phase's key (jobs.controller)
     "training.allocator",
     "training.stall_timeout_s",
     "training.min_examples",

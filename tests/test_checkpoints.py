@@ -118,6 +118,7 @@ def service(ray_session, tmp_path_factory):
             "run.id=c",
             "pools.train.replicas=2",
             "pools.train.num_cpus=1",
+            "training.layout=pool",  # two real ranks (auto would run one on this embedded Ray)
             "pools.train.max_restarts=1",
             # rank 1 dies after the first file it writes for tag step4 (once)
             "pools.train.env={SELFIMPROVE_DIE_WHILE_SAVING: 'torn:1:step4'}",

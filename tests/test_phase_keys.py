@@ -241,7 +241,11 @@ def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_p
     # another world size the training phases and what they feed run; another folder runs everything.
     assert set(dry_run(command)) == set(first["phases"]) and set(dry_run(command).values()) == {("reuse", "")}
     replicas = dry_run(command, "pools.train.replicas=1")
-    assert replicas["sft"] == ("run", "key changed: world_size: 2 -> 1 (pools.train.replicas)")
+    # (the first session ran as one rank for the pool's 2 (training.layout auto): its key holds ranks too)
+    assert replicas["sft"] == (
+        "run",
+        "key changed: world_size: 2 -> 1 (pools.train.replicas); ranks (training.layout)",
+    )
     assert replicas["iter0/eval-answers"] == ("run", "upstream sft runs again")
     assert replicas["iter1/eval-verdicts"][0] == "run"  # not reached: the walk stops where a pending output is read
     fresh = dry_run(command, "run.id=another")

@@ -53,6 +53,7 @@ def service(ray_session, tmp_path_factory):
             "run.id=t",
             "pools.train.replicas=2",
             "pools.train.num_cpus=1",
+            "training.layout=pool",  # two real ranks (auto would run one on this embedded Ray)
             "pools.train.max_restarts=2",  # two phases of this module crash a rank on purpose (one fit() for all)
             "pools.train.env={SELFIMPROVE_CRASH_AFTER_CHECKPOINT: 'crashing,lora-crashing'}",
         ],
@@ -252,6 +253,44 @@ def test_a_long_lived_ranks_memory_stays_flat_across_phases(service, tiny_model,
     )
     for rank, values in enumerate(by_rank):
         assert max(values[1:]) - values[1] < 80, (rank, values)
+
+
+def test_one_rank_layout_takes_the_pools_optimizer_steps(service, tiny_model, tmp_path):
+    # training.layout=one_rank: one rank with both CPUs runs the micro-batches planned for the pool's 2 ranks and
+    # accumulates twice as many per optimizer step. Same data, seed and settings as a 2-rank phase: the same step
+    # count and the same weights, up to the order of the float sums (an update is ~lr = 2e-3 per step; a step that
+    # averaged other sequences, or half as many, moves weights by about that much).
+    config = load_config(
+        None, [f"run.dir={tmp_path}", "run.id=one", "pools.train.replicas=2", "pools.train.num_cpus=1"]
+    )
+    assert config.training.layout == "auto"
+    one = TrainingService(config)
+    try:
+        assert (one.layout.name, one.layout.ranks, one.layout.threads) == ("one_rank", 1, 2)
+        assert one.layout.reason.startswith("auto: one machine (embedded Ray)")
+        zero2 = {"deepspeed": {**service.training["deepspeed"], "zero_stage": 2}}
+        pooled = service.train(spec(service, "layout-pool", "sft", tiny_model, training=zero2))
+        single = one.train({**spec(service, "layout-one", "sft", tiny_model, training=zero2)})
+    finally:
+        one.shutdown()
+    assert (
+        single["layout"]["ranks"] == 1
+        and single["layout"]["grad_accum"] == 2
+        and single["layout"]["name"] == "one_rank"
+    )
+    assert pooled["layout"]["ranks"] == 2 and pooled["layout"]["grad_accum"] == 1
+    assert single["steps"] == pooled["steps"] == 6 and single["train_tokens"] == pooled["train_tokens"]
+    weights = {}
+    for name, result in (("pool", pooled), ("one", single)):
+        with safe_open(str(Path(result["output"]) / "model.safetensors"), "pt") as f:
+            weights[name] = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(str(Path(tiny_model) / "model.safetensors"), "pt") as f:
+        start = {k: f.get_tensor(k) for k in f.keys()}
+    moved = max((weights["pool"][k] - start[k]).abs().max().item() for k in start)
+    apart = max((weights["pool"][k] - weights["one"][k]).abs().max().item() for k in start)
+    print(f"one rank vs 2 ranks, same phase: weights moved up to {moved:.2e}, apart up to {apart:.2e}")
+    assert moved > 5e-3, moved
+    assert apart < 1e-4, (apart, moved)
 
 
 def test_lr_schedule_is_transformers_get_scheduler():

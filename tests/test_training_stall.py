@@ -26,6 +26,7 @@ def test_a_rank_that_stops_stepping_fails_the_phase_naming_it(ray_session, tiny_
             "run.id=stall",
             "pools.train.replicas=2",
             "pools.train.num_cpus=1",
+            "training.layout=pool",  # two real ranks (auto would run one on this embedded Ray)
             "training.stall_timeout_s=12",
             # rank 1 hangs for 35 s after its first optimizer step; rank 0 then blocks in the next collective
             "pools.train.env={SELFIMPROVE_STALL_AT: 'stalling:1:1:35'}",

@@ -13,6 +13,7 @@ rank that went quiet first and its last step: without it a hung rank hung the dr
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -22,9 +23,12 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from cluster.connect import worker_env
+from cluster.connect import joined_cluster, joins_cluster, worker_env
 from cluster.pools import check_pool_fits
 from configs.schema import JobConfig
+from training.layout import Layout, resolve_layout
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
@@ -133,6 +137,13 @@ def allocator_env(allocator: str) -> dict[str, str]:
     return {"LD_PRELOAD": preload, "MALLOC_CONF": "oversize_threshold:0"}
 
 
+def train_layout(config: JobConfig) -> Layout:
+    """The ranks the train pool runs as (training.layout resolved for this driver's cluster; training/layout.py)."""
+    training = config.training
+    joins = joins_cluster(config.cluster) or joined_cluster()  # joined_cluster: a driver that connected already
+    return resolve_layout(training.layout, config.pools.train, training.threads_per_worker, joins)
+
+
 def rank_env(config: JobConfig) -> dict[str, str]:
     """Environment of every training rank process, Ray Train's and the benchmarks' bare ones alike."""
     return {**worker_env(), **allocator_env(config.training.allocator), **config.pools.train.env}
@@ -155,6 +166,8 @@ class TrainingService:
 
         pool = config.pools.train
         check_pool_fits("train", pool)
+        self.layout = train_layout(config)
+        log.info("training layout: %s", self.layout.reason)
         self.stall_timeout_s = config.training.stall_timeout_s
         self.stalled = False
         self.on_metrics = on_metrics or (lambda m: None)
@@ -162,16 +175,15 @@ class TrainingService:
         # Ray Train's record of the job: each phase's metrics and HF checkpoint (``ray.train.Result.from_path``).
         self.storage = Path(config.run_dir).resolve() / "ray_train" / self.RUN_NAME
         self.next_index = 0
-        self.replicas = pool.replicas
-        resources = {"CPU": pool.num_cpus, **pool.resources}
+        self.replicas = self.layout.ranks
+        resources = {"CPU": self.layout.cpus_per_rank, **pool.resources}
         if pool.num_gpus:
             resources["GPU"] = pool.num_gpus
-        threads = config.training.threads_per_worker or max(1, int(pool.num_cpus))
         self.trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"queue": self.queue, "threads": threads, "shared_paths": shared_paths or {}},
+            train_loop_config={"queue": self.queue, "threads": self.layout.threads, "shared_paths": shared_paths or {}},
             scaling_config=ScalingConfig(
-                num_workers=pool.replicas,
+                num_workers=self.layout.ranks,
                 use_gpu=pool.num_gpus > 0,
                 resources_per_worker=resources,
                 label_selector=dict(pool.label_selector) or None,
@@ -198,7 +210,7 @@ class TrainingService:
     def train(self, spec: dict) -> dict:
         index = self.next_index
         start = time.perf_counter()
-        ray.get(self.queue.put.remote(index, spec))
+        ray.get(self.queue.put.remote(index, {**spec, "layout": self.layout.spec()}))
         bar = tqdm(desc=f"train {spec['name']}", unit="step", leave=False)
         try:
             while True:

@@ -27,9 +27,10 @@ import torch
 from actors.chat import use_chat_template
 from cluster.storage import StorageError, check_storage
 from training import adapters, checkpoints
+from training.layout import rank_micro_batches
 from training.losses import sequence_logps, sft_loss, spin_loss
 from training.precision import Bf16Compute
-from training.sequences import TruncationReport, build_sequence, collate, deal, micro_batches, prompt_messages
+from training.sequences import TruncationReport, build_sequence, collate, micro_batches, prompt_messages
 
 
 def native_bf16() -> bool:
@@ -176,7 +177,12 @@ class PhaseRunner:
     def __init__(self, spec: dict, rank: int, world_size: int, log_fn, beat_fn=None):
         self.spec, self.rank, self.world_size, self.log = spec, rank, world_size, log_fn
         self.beat = beat_fn or (lambda step, stage: None)
-        self.t = spec["training"]
+        # training.layout (training/layout.py): the micro-batches are planned for ``data_parallel`` ranks; a rank
+        # standing for several of them accumulates their micro-batches too, so each optimizer step is the pool's.
+        self.layout = spec.get("layout") or {"data_parallel": world_size}
+        self.data_parallel = self.layout["data_parallel"]
+        accumulation = self.data_parallel // world_size
+        self.t = {**spec["training"], "grad_accum": spec["training"]["grad_accum"] * accumulation}
         self.phase_dir = Path(spec["phase_dir"])
         self.ckpt_dir = self.phase_dir / "ckpt"
 
@@ -345,6 +351,8 @@ class PhaseRunner:
             "total_parameters": total_parameters,
             "adapter": str(Path(out) / adapters.ADAPTER_DIR) if self.adapter else None,
             "allocator": loaded_allocator(),
+            # where the arithmetic ran (training.layout) and the grad_accum each rank ran with to keep the pool's steps
+            "layout": {**self.layout, "ranks": self.world_size, "grad_accum": t["grad_accum"]},
             # this rank's resident memory (rank 0's result reaches the driver): peak during the optimizer steps,
             # and what it held when they started (model, optimizer state, the process itself)
             "train_peak_rss_mib": train_peak_rss_mib,
@@ -363,9 +371,9 @@ class PhaseRunner:
             self.spec["seed"],
             epoch,
             t["group_by_length"],
-            self.world_size,
+            self.data_parallel,
         )
-        return deal(batches, self.rank, self.world_size)
+        return rank_micro_batches(batches, self.rank, self.world_size, self.data_parallel)
 
     # -- steps -----------------------------------------------------------------------------------------
 
