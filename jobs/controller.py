@@ -367,6 +367,9 @@ class Controller:
             self.run.metric(f"{name}/parameters", {k: result[f"{k}_parameters"] for k in ("trainable", "total")})
         self.run.metric(f"{name}/steps", result["steps"])  # optimizer steps (LLM2LLM's matched-steps control)
         self.run.metric(f"{name}/train_tokens_per_s", round(result["train_tokens_per_s"], 1))
+        if "layout" in result:  # how the train pool ran it (training.layout; a phase from before it has none)
+            layout = result["layout"]
+            self.run.metric(f"{name}/layout", {k: layout[k] for k in ("name", "ranks", "threads", "grad_accum")})
         # sequences whose prompt or response was cut to fit, and AFT proposals cut to share the prompt budget
         self.run.metric(f"{name}/truncation", result["truncation"])
         return result["output"]
@@ -391,12 +394,15 @@ class Controller:
             )
         data = examples.files() if isinstance(examples, Blocks) else self.run.write_rows(f"{name}-data", examples)
         result = self.trainer.train({**spec, "data": data})
+        layout = result.get("layout") or {}
         log.info(
-            "trained %s: %d steps, %.0f tok/s, truncation %s",
+            "trained %s: %d steps, %.0f tok/s, truncation %s, layout %s (%s)",
             name,
             result["steps"],
             result["train_tokens_per_s"],
             result["truncation"],
+            layout.get("name", "pool"),
+            layout.get("reason", "before training.layout"),
         )
         return result
 
