@@ -222,8 +222,8 @@ def options(parser) -> None:
     parser.add_argument(
         "--layouts",
         default="pool,one_rank",
-        help="training.layout of the Ray cases: pool (2 ranks x 1 thread, every case) and one_rank (1 x 2, the "
-        "full-weight cases), comma-separated",
+        help="training.layout of the Ray cases, comma-separated: pool (2 ranks x 1 thread, every case; always run) "
+        "and one_rank (1 x 2, the full-weight cases)",
     )
     parser.add_argument(
         "--model", default="smollm2-135m-instruct", help="model reference (tiny-random: a quick check that it runs)"
@@ -245,12 +245,12 @@ def main(args) -> None:
     lora_stages = [int(s) for s in args.lora_stages.split(",") if s.strip()]
     precisions = [False, True] if native_bf16() and not args.no_bf16 else [False]
     cases = [(stage, bf16, False) for bf16 in precisions for stage in stages]
-    default, default_layout, default_ranks = default_case()
+    default, default_pool, default_layout = default_case()
     layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
-    if default_ranks not in layouts:  # the user's case is always measured
-        layouts.append(default_ranks)
-    if default_layout != BENCH_LAYOUT:  # measured in the bench's layout, not the user's: say so, never hide it
-        print(f"note: {EMBEDDED_DEFAULT.name}'s train pool is {default_layout}, the bench runs {BENCH_LAYOUT}")
+    # pool always runs (the reference, LoRA and the ratios are measured in it), and the user's layout too
+    layouts = ["pool"] + [name for name in dict.fromkeys([*layouts, default_layout]) if name != "pool"]
+    if default_pool != BENCH_LAYOUT:  # measured in the bench's pool, not the user's: say so, never hide it
+        print(f"note: {EMBEDDED_DEFAULT.name}'s train pool is {default_pool}, the bench runs {BENCH_LAYOUT}")
     if (*default, False) not in cases:
         cases.append((*default, False))
     cases += [(stage, False, False) for stage in lora_stages if (stage, False, False) not in cases]  # full beside each
@@ -261,8 +261,7 @@ def main(args) -> None:
             # one_rank: the full-weight cases (LoRA's comparison with full weights stays in the pool layout)
             layout_cases = cases if layout == "pool" else [c for c in cases if not c[2]]
             by_layout[layout], startup_by_layout[layout] = ray_cases(model, rows, Path(tmp), layout_cases, layout)
-    all_results = by_layout.get("pool") or by_layout[layouts[0]]
-    startup_s = startup_by_layout.get("pool") or startup_by_layout[layouts[0]]
+    all_results, startup_s = by_layout["pool"], startup_by_layout["pool"]
     ray_results = {(s, b): (tok_s, n) for (s, b, lora), (tok_s, n, _) in all_results.items() if not lora}
     one_rank_results = {
         (s, b): (tok_s, n) for (s, b, lora), (tok_s, n, _) in by_layout.get("one_rank", {}).items() if not lora
@@ -334,7 +333,7 @@ def main(args) -> None:
     reference = (3, False) if (3, False) in ray_results else next(iter(ray_results))
     zero3_tok_s, single_tok_s = ray_results[reference][0], single[False][0]
     best_stage, best_bf16 = max(ray_results, key=lambda case: ray_results[case][0])
-    default_tok_s = (one_rank_results if default_ranks == "one_rank" else ray_results)[default][0]
+    default_tok_s = (one_rank_results if default_layout == "one_rank" else ray_results)[default][0]
     # Which layout is faster in this run, case by case, and whether training.layout=auto picks it here
     layout_cases = sorted(ray_results.keys() & one_rank_results.keys())
     layout_ratio = {case_name(*c): round(one_rank_results[c][0] / ray_results[c][0], 3) for c in layout_cases}
@@ -343,13 +342,13 @@ def main(args) -> None:
         print(
             "one rank x 2 threads vs 2 ranks x 1 thread: "
             + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in layout_ratio.items())
-            + f"; auto picks {default_ranks} on an embedded Ray: "
-            + ("the faster here" if faster == default_ranks else f"NOT the faster here ({faster})")
+            + f"; auto picks {default_layout} on an embedded Ray: "
+            + ("the faster here" if faster == default_layout else f"NOT the faster here ({faster})")
         )
     best_plain_bf16 = max(single, key=lambda bf16: single[bf16][0])
     best_plain_tok_s = single[best_plain_bf16][0]
     print(
-        f"embedded default ({EMBEDDED_DEFAULT.name}: {case_name(*default)}, {default_ranks}): "
+        f"embedded default ({EMBEDDED_DEFAULT.name}: {case_name(*default)}, {default_layout}): "
         f"{default_tok_s:.1f} tok/s, "
         f"MFU {mfu(default_tok_s, default[1]):.2f}, {default_tok_s / best_plain_tok_s:.2f}x the best plain loop "
         f"({'bf16' if best_plain_bf16 else 'fp32'}, {best_plain_tok_s:.1f} tok/s)"
@@ -377,8 +376,8 @@ def main(args) -> None:
             "one_rank_tok_s": {case_name(*c): round(t, 1) for c, (t, _) in one_rank_results.items()},
             "startup_s_by_layout": {k: round(v, 1) for k, v in startup_by_layout.items()},
             "one_rank_vs_pool": layout_ratio,
-            "default_layout": default_ranks,
-            "default_layout_is_faster": faster == default_ranks if layout_ratio else None,
+            "default_layout": default_layout,
+            "default_layout_is_faster": faster == default_layout if layout_ratio else None,
             "default_case": case_name(*default),
             "default_tok_s": round(default_tok_s, 1),
             "best_plain": f"plain_{'bf16' if best_plain_bf16 else 'fp32'}",

@@ -4,8 +4,10 @@ Design note. On one box, ``pools.train: {replicas: 2, num_cpus: 1}`` runs two si
 half of the global batch on one core, and every optimizer step all-reduces the gradients over gloo between two
 processes of the same machine. One rank with both cores does the same arithmetic with neither the reduction nor
 a second copy of the model, optimizer and DeepSpeed buffers. Measured (bench/training.py, SmolLM2 SFT, global batch
-8, fp32 ZeRO-2, each in one run alone on the machine): the numbers are in NOTES.md ("The training layout"), one
-row per machine kind; one rank won on every kind measured, so ``auto`` takes it on one box.
+8, fp32 ZeRO-2, both layouts in one run alone on the machine; NOTES.md "The training layout"): on an AVX2-only
+EPYC the two tie on speed (58.1 vs 58.8 tok/s) and one rank holds ~32% less memory in all and starts 7 s sooner,
+so ``auto`` takes it on one box. The other machine kinds are not measured yet; the bench reports
+``default_layout_is_faster`` wherever it runs.
 
 ``one_rank`` changes where the arithmetic runs, not what it computes: the micro-batches are still planned for the
 pool's ``replicas`` ranks (``micro_batches(ranks=replicas)``, the zero-weight padding ``deal`` adds included); the

@@ -179,7 +179,11 @@ class PhaseRunner:
         self.beat = beat_fn or (lambda step, stage: None)
         # training.layout (training/layout.py): the micro-batches are planned for ``data_parallel`` ranks; a rank
         # standing for several of them accumulates their micro-batches too, so each optimizer step is the pool's.
-        self.layout = spec.get("layout") or {"data_parallel": world_size}
+        self.layout = spec.get("layout") or {
+            "name": "pool",
+            "data_parallel": world_size,
+            "reason": "no layout in the spec",
+        }
         self.data_parallel = self.layout["data_parallel"]
         accumulation = self.data_parallel // world_size
         self.t = {**spec["training"], "grad_accum": spec["training"]["grad_accum"] * accumulation}
