@@ -314,7 +314,7 @@ class Run:
 
     def _save_state(self) -> None:
         self.lease.check()  # a driver that lost its lease writes nothing more
-        save_state(self.state_path, self.state)
+        save_state(self.state_path, self.state, before_rename=self.lease.check)
 
     def _claim(self, folder: Path, key: str) -> None:
         """``folder`` (a phase's parts or scratch files) belongs to ``key``: files made under another key go."""

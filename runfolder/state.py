@@ -33,6 +33,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,17 +107,26 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def replace_durably(tmp: Path, path: Path) -> None:
-    """``tmp`` (written whole) becomes ``path``: file contents on disk first, then the rename, then the folder."""
+def replace_durably(tmp: Path, path: Path, before_rename: Callable[[], None] | None = None) -> None:
+    """``tmp`` (written whole) becomes ``path``: file contents on disk first, then the rename, then the folder.
+    ``before_rename`` (a lease check) runs after the fsync, just before the rename: a driver paused while it
+    wrote and fsynced (milliseconds, more on shared storage) and overtaken meanwhile renames nothing. What is
+    left is the gap between that check and the rename itself (one system call)."""
     fsync_file(tmp)
+    if before_rename is not None:
+        try:
+            before_rename()
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, before_rename: Callable[[], None] | None = None) -> None:
     tmp = temp_path(path)
     tmp.write_text(text)
-    replace_durably(tmp, path)
+    replace_durably(tmp, path, before_rename)
 
 
 # -- fingerprints ------------------------------------------------------------------------------------------
@@ -236,14 +246,15 @@ def load_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Atomic write; the previous version is kept as ``state.json.bak`` for recovery from a damaged file."""
+def save_state(path: Path, state: dict[str, Any], before_rename: Callable[[], None] | None = None) -> None:
+    """Atomic write; the previous version is kept as ``state.json.bak`` for recovery from a damaged file.
+    ``before_rename``: see ``replace_durably``."""
     if path.exists():  # copied whole under a temp name, then renamed: a torn .bak is never left behind
         backup = path.with_name(path.name + ".bak")
         tmp = temp_path(backup)
         shutil.copyfile(path, tmp)
         replace_durably(tmp, backup)
-    write_atomic(path, json.dumps(state, indent=1, default=str))
+    write_atomic(path, json.dumps(state, indent=1, default=str), before_rename)
 
 
 # -- the folder itself -------------------------------------------------------------------------------------
