@@ -248,12 +248,12 @@ def load_state(path: Path) -> dict[str, Any]:
 
 def save_state(path: Path, state: dict[str, Any], before_rename: Callable[[], None] | None = None) -> None:
     """Atomic write; the previous version is kept as ``state.json.bak`` for recovery from a damaged file.
-    ``before_rename``: see ``replace_durably``."""
+    ``before_rename`` runs before each of the two renames: see ``replace_durably``."""
     if path.exists():  # copied whole under a temp name, then renamed: a torn .bak is never left behind
         backup = path.with_name(path.name + ".bak")
         tmp = temp_path(backup)
         shutil.copyfile(path, tmp)
-        replace_durably(tmp, backup)
+        replace_durably(tmp, backup, before_rename)
     write_atomic(path, json.dumps(state, indent=1, default=str), before_rename)
 
 
