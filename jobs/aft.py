@@ -68,7 +68,6 @@ def aft(ctl: Controller) -> None:
     if a.baseline_sft and a.pairwise_vs_sft:
         sft_answers = ctl.run.rows("sft/eval-answers")
         by_id = {r["id"]: r["response"] for r in sft_answers}
-        ctl.judge.pool = ctl.judge.pool or ctl.pool("judge", c.judge.model)
         items = [
             {"id": r["id"], "question": r["messages"][-1]["content"], "a": answers[r["id"]]["answer"]}
             | {"b": by_id[r["id"]]}
@@ -78,11 +77,12 @@ def aft(ctl: Controller) -> None:
 
         def compare() -> dict[str, str]:
             failed: list[dict] = []
+            ctl.serving_pool("judge")  # placed only when the comparison runs (a rerun reuses it)
             outcome = ctl.judge.compare(items, failed=failed)
             ctl.run.account("aft/pairwise-vs-sft", {f["id"]: f["reason"] for f in failed}, len(items))
             return outcome
 
-        judge = {"model": ctl.run.model_key(ctl.judge.pool.model_path), "prompt": ctl.judge.pairwise_prompt}
+        judge = {"model": ctl.run.model_key(ctl.serving("judge")), "prompt": ctl.judge.pairwise_prompt}
         outcome = ctl.run.once("aft/pairwise-vs-sft", compare, key={"items": items, "judge": judge})
         decided = [v for v in outcome.values() if v != "unknown"]
         if decided:

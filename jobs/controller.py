@@ -182,6 +182,14 @@ class Controller:
     def pool(self, role: str, model: str | None = None) -> EnginePool:
         return self.pools.pool(role, model)
 
+    def serving(self, role: str) -> str:
+        """The model ``role``'s pool serves, placed or not (keys and lineage)."""
+        return self.pools.serving(role)
+
+    def serving_pool(self, role: str) -> EnginePool:
+        """``role``'s pool, placed now if it is not yet (inside a phase that runs)."""
+        return self.pools.serving_pool(role)
+
     def start_pools(self, roles: Iterable[str]) -> None:
         """Place ``roles`` together; the judge pool only when the training rows need an LLM judge (a task whose
         verifier decides never places it)."""
@@ -216,22 +224,24 @@ class Controller:
         rows: list[dict] | Blocks,
         sampling: Sampling,
         iteration: int = 0,
-        pool: EnginePool | None = None,
+        role: str = "generator",
     ) -> dict[str, dict] | Blocks:
-        """A resumable generation phase: {row id: {response, ...lineage}} (first sample; all in 'samples'). On
-        streamed rows: the Blocks of those outputs, block k made from block k of ``rows``."""
-        pool = pool or self.generator
+        """A resumable generation phase on ``role``'s pool: {row id: {response, ...lineage}} (first sample; all in
+        'samples'). On streamed rows: the Blocks of those outputs, block k made from block k of ``rows``. The pool
+        is placed (and the generator's weights loaded) only when some rows are left to generate."""
+        model_path = self.pools.serving(role)  # what the pool serves, placed or not: the key and lineage name it
         settings = json.dumps(sampling.as_dict())
         failed: list[dict] = []  # rows the pool could not produce, with the reason: stored by the phase
 
         def process(todo: list[dict]):
+            pool = self.pools.serving_pool(role)
             for batch in pool.generate(todo, sampling, desc=name, failed=failed):
                 yield [_generated_row(out, iteration, pool.model_path, settings) for out in batch]
 
         # The outputs depend on the rows, the sampling settings, the iteration (a lineage column) and the weights the
-        # generator holds now: the model is named by its key (the training phase that wrote it, or its content).
+        # pool serves: the model is named by its key (the training phase that wrote it, or its content).
         context = {
-            "model": self.run.model_key(pool.model_path),
+            "model": self.run.model_key(model_path),
             "sampling": sampling.as_dict(),
             "iteration": iteration,
             "chat_templates": self.chat_templates,  # the resolved texts: a template file edited in place counts
@@ -243,7 +253,7 @@ class Controller:
         else:
             out = self.run.row_phase(name, rows, process, failed=failed, context=context)
             generated = out if is_pending(out) else {o["id"]: o for o in out}  # pending: a dry run's phase that runs
-        self.run.record_lineage(name, "generate", [pool.model_path, self.source(rows)], [self.run.phase_file(name)])
+        self.run.record_lineage(name, "generate", [model_path, self.source(rows)], [self.run.phase_file(name)])
         return generated
 
     def per_block(self, name: str, fn: Callable[..., list[dict]], rows: list[dict] | Blocks, *aligned, **kwargs):
@@ -272,8 +282,7 @@ class Controller:
         self, name: str, rows: list[dict], responses: dict[str, str], uses: list[str] | None = None
     ) -> dict[str, str]:
         """A resumable judging phase: {row id: yes/no/unknown}. ``uses``: the files rows and responses came from
-        (W&B lineage)."""
-        self.pools.judge_pool_for(rows)
+        (W&B lineage). The judge pool is placed only when some rows are left to judge and need an LLM judge."""
         failed: list[dict] = []
         # The judged item is the row *and* the answer: an answer that changed (another model) is another input.
         if is_pending(responses):  # a dry run, the answers from a phase that runs: the verdicts run too
@@ -281,13 +290,14 @@ class Controller:
         items = [{"id": r["id"], "row": r, "response": responses[r["id"]]} for r in rows if r["id"] in responses]
 
         def process(todo: list[dict]):
+            self.pools.judge_pool_for([t["row"] for t in todo])
             verdicts = self.judge.equivalent(todo, failed=failed)
             yield [{"id": k, "verdict": v, "judge": self.config.judge.kind} for k, v in verdicts.items()]
 
         out = self.run.row_phase(name, items, process, failed=failed, context={"judge": self.judge_key(rows)})
         if is_pending(out):
             return out
-        judge_model = [self.judge.pool.model_path] if self.judge.pool is not None else []
+        judge_model = [self.pools.serving("judge")] if self.judge.needs_llm(rows) else []
         self.run.record_lineage(
             name, "judge", [*(uses or [self.source(rows)]), *judge_model], [self.run.phase_file(name)]
         )
@@ -300,12 +310,12 @@ class Controller:
 
     def judge_key(self, rows: list[dict]) -> dict:
         """What a verdict depends on besides its item: the judge's kind and, for an LLM judge, its model's key."""
-        pool = self.judge.pool if self.judge.needs_llm(rows) else None
+        llm = self.judge.needs_llm(rows)
         return {
             "kind": self.config.judge.kind,
-            "model": self.run.model_key(pool.model_path) if pool else None,
-            "prompt": self.judge.equivalence_prompt if pool else None,
-            "chat_templates": self.chat_templates if pool else None,
+            "model": self.run.model_key(self.pools.serving("judge")) if llm else None,
+            "prompt": self.judge.equivalence_prompt if llm else None,
+            "chat_templates": self.chat_templates if llm else None,
         }
 
     def train(

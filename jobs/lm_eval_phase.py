@@ -145,7 +145,7 @@ def check(config: JobConfig) -> None:
     if lm.include_path and not Path(lm.include_path).expanduser().is_dir():
         raise ConfigError(f"evaluation.lm_eval.include_path: folder {lm.include_path} does not exist")
     try:
-        index = task_manager(lm.include_path).task_index
+        index = task_manager(lm.include_path, list(lm.tasks)).task_index
     except ImportError as err:
         raise ConfigError(f"evaluation.lm_eval: lm-eval cannot be imported ({err}); install lm-eval==0.4.13") from None
     problems = []

@@ -305,8 +305,7 @@ def compare(ctl: Controller, newer: dict, older: dict) -> dict:
     name = f"mt_bench/{newer['label']}-vs-{older['label']}"
     prompts = load_judge_prompts(c.judge.prompts_dir)
     references = mtbench_references() if mt.reference_answers else {}
-    ctl.judge.pool = ctl.judge.pool or ctl.pool("judge", c.judge.model)
-    judge_pool = ctl.judge.pool
+    judge_model = ctl.serving("judge")  # the pool is placed only when the judging runs (a rerun reuses it)
     games, requests = [], []
     for q in _questions(c):
         qid = q["question_id"]
@@ -328,7 +327,7 @@ def compare(ctl: Controller, newer: dict, older: dict) -> dict:
     def judge() -> list[dict]:
         lost: list[dict] = []
         sampling = Sampling(temperature=0.0, max_tokens=mt.judge_max_tokens, seed=c.run.seed)
-        outputs = judge_pool.generate_all(requests, sampling, desc=name, failed=lost)
+        outputs = ctl.serving_pool("judge").generate_all(requests, sampling, desc=name, failed=lost)
         reasons = {f["id"]: f["reason"] for f in lost if f["id"] not in outputs}
         reasons.update({r["id"]: "no output" for r in requests if r["id"] not in outputs and r["id"] not in reasons})
         ctl.run.account(name, reasons, len(requests))  # too many failed requests: the phase fails, rerun retries
@@ -366,7 +365,7 @@ def compare(ctl: Controller, newer: dict, older: dict) -> dict:
         "requests": requests,  # both models' answers, the questions, references and prompts, by content
         "games": [{k: v for k, v in g.items() if k != "category"} for g in games],
         "judge": {
-            "model": ctl.run.model_key(judge_pool.model_path),
+            "model": ctl.run.model_key(judge_model),
             "chat_template": ctl.chat_templates.get("judge.model"),
             "max_tokens": mt.judge_max_tokens,
             "seed": c.run.seed,
@@ -378,7 +377,7 @@ def compare(ctl: Controller, newer: dict, older: dict) -> dict:
         "label": newer["label"],
         "vs": older["label"],
         "vs_model": older["path"],
-        "judge": judge_pool.model_path,
+        "judge": judge_model,
         "turns": mt.turns,
         "judgments": ctl.run.phase_file(f"{name}-judgments"),
         **summarize(judged, mt.bootstrap, c.run.seed),

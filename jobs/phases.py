@@ -47,7 +47,7 @@ class Phases(Protocol):
         rows: list[dict] | Blocks,
         sampling: Sampling,
         iteration: int = 0,
-        pool: EnginePool | None = None,
+        role: str = "generator",
     ) -> dict[str, dict] | Blocks: ...
 
     def judge_equivalence(

@@ -52,6 +52,9 @@ class Pools:
         self.engines: dict[str, EnginePool] = {}
         self._trainer = None
         self._judge: Judge | None = None
+        # The weights the generator serves from its next use on (use_generator_weights): loaded only when a phase
+        # runs on it, so a rerun whose phases are all reused places no pool and loads nothing.
+        self._generator_weights: str | None = None
 
     def model_path(self, role: str, model: str | None) -> str:
         """The local folder a role's pool loads: ``model`` (a config's ref) or model.name's."""
@@ -106,14 +109,37 @@ class Pools:
 
     @property
     def generator(self) -> EnginePool:
-        return self.pool("generator")
+        """The generator pool, placed now if it is not yet, holding the weights last asked for."""
+        pool = self.pool("generator")
+        wanted = self._generator_weights
+        if wanted and pool.model_path != wanted:
+            seconds = pool.load_weights(wanted)
+            log.info("generator loaded %s in %.1f s", wanted, seconds)
+            self.run.log({"weight_load_s": seconds})
+        return pool
 
     def use_generator_weights(self, model_path: str) -> None:
-        pool = self.generator
-        if pool.model_path != model_path:
-            seconds = pool.load_weights(model_path)
-            log.info("generator loaded %s in %.1f s", model_path, seconds)
-            self.run.log({"weight_load_s": seconds})
+        """The generator serves ``model_path`` from its next use on (``generator``); nothing is placed or loaded
+        now: a phase reused from the run folder needs neither."""
+        self._generator_weights = model_path
+
+    def serving(self, role: str) -> str:
+        """The model folder ``role``'s pool serves, placed or not: what a phase's key and lineage name before the
+        phase decides whether it runs."""
+        if role == "generator" and self._generator_weights:
+            return self._generator_weights
+        return self.model_path(role, {"judge": self.config.judge.model, "teacher": self.config.teacher.model}.get(role))
+
+    def serving_pool(self, role: str) -> EnginePool:
+        """``role``'s pool, placed now if it is not yet: the generator with the weights asked for, the judge's
+        pool shared with the Judge, the teacher with teacher.model."""
+        if role == "generator":
+            return self.generator
+        if role == "judge":
+            if self.judge.pool is None:
+                self.judge.pool = self.pool("judge", self.config.judge.model)
+            return self.judge.pool
+        return self.pool(role, self.config.teacher.model)
 
     @property
     def judge(self) -> Judge:
@@ -125,7 +151,7 @@ class Pools:
     def judge_pool_for(self, rows: list[dict]) -> None:
         """Place the judge pool only when some rows need an LLM judge."""
         if self.judge.pool is None and self.judge.needs_llm(rows):
-            self.judge.pool = self.pool("judge", self.config.judge.model)
+            self.serving_pool("judge")
 
     def teacher(self) -> Teacher:
         c = self.config.teacher
@@ -207,5 +233,8 @@ class PlannedPools(Pools):
             self.engines[role] = PlannedPool(role, self.model_path(role, model))
         return self.engines[role]
 
-    def use_generator_weights(self, model_path: str) -> None:
-        self.generator.model_path = model_path  # a pending model (one a phase would train) too
+    @property
+    def generator(self) -> PlannedPool:
+        pool = self.pool("generator")
+        pool.model_path = self.serving("generator")  # a pending model (one a phase would train) too
+        return pool

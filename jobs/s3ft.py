@@ -27,9 +27,10 @@ def s3ft(ctl: Controller) -> None:
     own_verdicts = ctl.judge_equivalence("judge-own", train_rows, {k: v["response"] for k, v in own.items()})
 
     not_equivalent = [r for r in train_rows if own_verdicts.get(r["id"]) != "yes"]
-    paraphraser = ctl.generator if c.s3ft.paraphrase_by == "generator" else ctl.pool("teacher", c.teacher.model)
     paraphrase_requests = [{**r, "messages": paraphrase_messages(c.judge.prompts_dir, r)} for r in not_equivalent]
-    paraphrases = ctl.generate("paraphrase", paraphrase_requests, ctl.sampling(c.generation, salt=1), pool=paraphraser)
+    paraphrases = ctl.generate(
+        "paraphrase", paraphrase_requests, ctl.sampling(c.generation, salt=1), role=c.s3ft.paraphrase_by
+    )
     paraphrase_texts = {k: v["response"] for k, v in paraphrases.items()}
     paraphrase_verdicts = ctl.judge_equivalence("judge-paraphrase", not_equivalent, paraphrase_texts)
     # a worked gold answer (GSM8K): the paraphrase must also keep its steps, not only its final number

@@ -10,7 +10,7 @@ def smoke(ctl: Controller, roles: tuple[str, ...] = ("generator", "judge", "teac
     rows, _ = ctl.datasets()
     sampling = ctl.sampling(ctl.config.generation)
     for role in roles:
-        outputs = ctl.generate(f"{role}-answers", rows, sampling, pool=ctl.pool(role))
+        outputs = ctl.generate(f"{role}-answers", rows, sampling, role=role)  # each role's configured model
         for row in rows:
             print(f"[{role}] {row['id']}: {outputs[row['id']]['response'][:200]!r}")
     ctl.run.metric("answers", len(rows))

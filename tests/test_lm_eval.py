@@ -92,6 +92,18 @@ def test_check_names_each_task_it_cannot_run(tmp_path, monkeypatch):
         lm_eval_phase.check(config("evaluation.lm_eval.tasks=[x]", f"evaluation.lm_eval.include_path={tmp_path}/no"))
 
 
+def test_local_tasks_resolve_to_the_same_files_without_lm_evals_own_index(tmp_path):
+    from actors.lm_eval_runner import TASKS_DIR, task_manager
+
+    names = sorted(p.stem for p in TASKS_DIR.glob("*.yaml") if p.stem.endswith("_local"))
+    assert len(names) >= 7
+    local, full = task_manager(None, names), task_manager(None)
+    assert len(local.task_index) < 100 < 10_000 < len(full.task_index)  # the local index only: the fast path
+    assert {n: local.task_index[n].yaml_path for n in names} == {n: full.task_index[n].yaml_path for n in names}
+    # A name lm-eval's own tree holds (or a group) takes the full index, as before.
+    assert len(task_manager(None, ["arc_easy_local", "arc_easy"]).task_index) > 10_000
+
+
 def test_shipped_tasks_read_the_standard_splits_in_the_hub_columns():
     from actors.lm_eval_runner import task_manager
 
@@ -253,6 +265,7 @@ def test_a_tiny_job_benchmarks_every_model_reuses_the_result_and_draws_curves(tm
     assert again.returncode == 0, again.stderr[-3000:]
     log = (run / "driver.log").read_text()
     assert log.count("lm-eval ['reviews_jsonl', 'sst2_local'] on") == 2  # iter0 and iter1, each once
+    assert log.count("pool generator ready") == 1  # nothing left to run: the rerun placed no pool
     # Another benchmark list on the finished run (evaluation.lm_eval.* is run-control): the phases run again.
     fewer = [*lm[1:], "evaluation.lm_eval.tasks=[reviews_jsonl]"]
     more = run_job(EVERY_ITERATION, tmp_path, *fewer)
