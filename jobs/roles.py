@@ -112,7 +112,7 @@ class Pools:
         """The generator pool, placed now if it is not yet, holding the weights last asked for."""
         pool = self.pool("generator")
         wanted = self._generator_weights
-        if wanted and pool.model_path != wanted:
+        if wanted is not None and pool.model_path != wanted:
             seconds = pool.load_weights(wanted)
             log.info("generator loaded %s in %.1f s", wanted, seconds)
             self.run.log({"weight_load_s": seconds})
@@ -126,7 +126,7 @@ class Pools:
     def serving(self, role: str) -> str:
         """The model folder ``role``'s pool serves, placed or not: what a phase's key and lineage name before the
         phase decides whether it runs."""
-        if role == "generator" and self._generator_weights:
+        if role == "generator" and self._generator_weights is not None:  # a dry run's pending model too
             return self._generator_weights
         return self.model_path(role, {"judge": self.config.judge.model, "teacher": self.config.teacher.model}.get(role))
 
