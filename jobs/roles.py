@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,12 +43,14 @@ class Pools:
         model_paths: dict[str, str],
         run: Run,
         chat_templates: dict[str, str | None] | None = None,
+        connect_ray: Callable[[], None] = lambda: None,
     ):
         self.config = config
         self.model_paths = model_paths  # {config key: local folder}, resolved before Ray started
         # {config key: configured chat template or None}, checked before Ray started (actors.chat.job_chat_templates)
         self.chat_templates = chat_templates or {}
         self.run = run
+        self.connect_ray = connect_ray  # called before anything is placed: Ray starts on first need
         self.engines: dict[str, EnginePool] = {}
         self._trainer = None
         self._judge: Judge | None = None
@@ -67,6 +69,7 @@ class Pools:
 
     def pool(self, role: str, model: str | None = None) -> EnginePool:
         if role not in self.engines:
+            self.connect_ray()
             c = self.config
             path = self.model_path(role, model)
             self.engines[role] = EnginePool(
@@ -89,6 +92,7 @@ class Pools:
         the engine pools build, each in its own thread; returns when the engine pools are ready. The judge pool
         is placed only when ``rows`` need an LLM judge (``judge_pool_for``)."""
         start = time.perf_counter()
+        self.connect_ray()  # once, before the threads below place pools
         if "train" in roles:
             self.trainer  # noqa: B018 (starting it is the point: TrainingService starts its ranks at once)
 
@@ -172,6 +176,7 @@ class Pools:
         if self._trainer is None:
             from training.service import TrainingService
 
+            self.connect_ray()
             self._trainer = TrainingService(
                 self.config,
                 on_metrics=self.run.log_training,

@@ -266,6 +266,7 @@ def test_a_tiny_job_benchmarks_every_model_reuses_the_result_and_draws_curves(tm
     log = (run / "driver.log").read_text()
     assert log.count("lm-eval ['reviews_jsonl', 'sst2_local'] on") == 2  # iter0 and iter1, each once
     assert log.count("pool generator ready") == 1  # nothing left to run: the rerun placed no pool
+    assert log.count("selfimprove: Ray: ") == 1  # and started no Ray
     # Another benchmark list on the finished run (evaluation.lm_eval.* is run-control): the phases run again.
     fewer = [*lm[1:], "evaluation.lm_eval.tasks=[reviews_jsonl]"]
     more = run_job(EVERY_ITERATION, tmp_path, *fewer)
