@@ -79,12 +79,13 @@ TRAIN_STEP = "optimizer_step"  # W&B x-axis of training metrics: optimizer steps
 ITERATION = "iteration"  # W&B x-axis of per-iteration metrics
 
 
-def write_parquet(path: Path, rows: list[dict]) -> None:
-    """Whole or not at all, and durable: temp file, fsync, rename, fsync of the folder."""
+def write_parquet(path: Path, rows: list[dict], before_rename: Callable[[], None] | None = None) -> None:
+    """Whole or not at all, and durable: temp file, fsync, rename, fsync of the folder. ``before_rename``: the
+    lease check (``replace_durably``), so a driver overtaken while it wrote the file renames nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())}), tmp)
-    replace_durably(tmp, path)
+    replace_durably(tmp, path, before_rename)
 
 
 def read_parquet(path: Path) -> list[dict]:
@@ -445,7 +446,7 @@ class Run:
             if batch:
                 batch = [{**r, INPUT_DIGEST: digests.get(r[key])} for r in batch]
                 self.lease.check()
-                write_parquet(parts_dir / f"part-{index:05d}.parquet", batch)
+                write_parquet(parts_dir / f"part-{index:05d}.parquet", batch, before_rename=self.lease.check)
                 produced.extend(batch)
         produced_ids = {r[key] for r in produced}
         reasons = {f["id"]: f["reason"] for f in failed if f["id"] in digests and f["id"] not in produced_ids}
@@ -454,7 +455,7 @@ class Run:
         self.account(name, reasons, len(rows))
         result = {"rows_in": len(rows), "rows_out": len(produced), "failed": len(reasons)}
         self.lease.check()
-        write_parquet(final, produced)
+        write_parquet(final, produced, before_rename=self.lease.check)
         shutil.rmtree(parts_dir, ignore_errors=True)
         self._finish(name, time.perf_counter() - start, result, phase, parts_key, components)
         return produced
@@ -514,12 +515,12 @@ class Run:
             produced = kept + new
             self.lease.check()
             if new:
-                write_parquet(part, produced)
+                write_parquet(part, produced, before_rename=self.lease.check)
             produced_ids, todo_ids = {r[key] for r in produced}, {r["id"] for r in todo}
             block_failed = {f["id"]: f["reason"] for f in failed[mark:] if f["id"] in todo_ids - produced_ids}
             if one_per_row:
                 block_failed.update({i: "no output" for i in todo_ids - produced_ids if i not in block_failed})
-            write_atomic(marker, json.dumps({"failed": block_failed}))
+            write_atomic(marker, json.dumps({"failed": block_failed}), before_rename=self.lease.check)
             reasons.update(block_failed)
             rows_out += len(produced)
             log.info(
@@ -548,7 +549,8 @@ class Run:
         if reasons:
             session = self.state.get("sessions", 0)
             self.lease.check()
-            write_parquet(path, [{"id": i, "reason": r, "session": session} for i, r in reasons.items()])
+            rows = [{"id": i, "reason": r, "session": session} for i, r in reasons.items()]
+            write_parquet(path, rows, before_rename=self.lease.check)
             self.state["failed"][name] = {"rows": len(reasons), "of": rows_in}
             log.warning("phase %s: %d of %d rows failed (%s)", name, len(reasons), rows_in, path)
         else:
@@ -709,7 +711,8 @@ class Run:
             **(extra or {}),
         }
         self.lease.check()
-        write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1, default=str))  # whole, as readers see it
+        text = json.dumps(summary, indent=1, default=str)
+        write_atomic(self.dir / "summary.json", text, before_rename=self.lease.check)  # whole, as readers see it
         if error is not None:
             log.error("run failed: %s", summary["error"])
         if self.wandb is not None:

@@ -368,3 +368,31 @@ def test_failed_rows_over_the_limit_fail_the_phase_and_the_rerun_retries_exactly
         "rows_out": 9,
         "failed": 1,
     }
+
+
+def test_a_driver_overtaken_while_it_writes_a_part_renames_nothing(tmp_path, monkeypatch):
+    """The pause lands after the lease check before a part's write and before its rename: the part never appears,
+    and its temp file goes too (the successor would otherwise find this driver's rows in its folder)."""
+    import runfolder.run as run_module
+    from runfolder.state import LeaseLostError
+
+    run = Run(config(tmp_path))
+    overtaken: list[bool] = []
+    real_check, real_write = run.lease.check, run_module.pq.write_table
+
+    def check() -> None:
+        if overtaken:
+            raise LeaseLostError("another driver holds the folder now")
+        real_check()
+
+    def write_then_paused(*args, **kwargs):
+        real_write(*args, **kwargs)
+        overtaken.append(True)  # a successor took the folder over while this file was being written
+
+    monkeypatch.setattr(run.lease, "check", check)
+    monkeypatch.setattr(run_module.pq, "write_table", write_then_paused)
+    with pytest.raises(LeaseLostError):
+        run.row_phase("gen", _rows(3), lambda todo: iter([[{"id": r["id"], "y": r["x"]} for r in todo]]))
+    folder = tmp_path / "spin" / "tiny" / "phases"
+    written = [p.name for p in folder.rglob("*") if p.is_file() and p.name != ".phase-key"]  # the key: before
+    assert overtaken and not written, written
