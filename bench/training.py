@@ -18,10 +18,10 @@ threads (``one_rank``: grad_accum 2, the same global batch and sequences per ste
 tok/s over (a)'s per case, and ``default_layout_is_faster`` says whether ``auto``'s pick (one_rank on an embedded
 Ray) was the faster layout for the default case in this run. ``--layouts`` picks them.
 What a user runs: ``default_tok_s`` is the case the embedded default (``configs/demo.yaml``, ``make demo``) trains
-with, its ZeRO stage, precision and layout read from that file and resolved on this machine (run even when ``--stages``
-leaves it out); ``best_plain_tok_s`` the fastest plain loop of this run, and ``default_vs_best_plain`` their ratio
-(issue 32's goal: >= 0.9 on every machine kind). ``mfu`` holds every full-weight case, plain loops included.
-Last line: one JSON object.
+with, its ZeRO stage, precision and layout read from that file and resolved on this machine (auto's one rank runs
+stage 0; run even when ``--stages`` leaves it out); ``best_plain_tok_s`` the fastest plain loop of this run, and
+``default_vs_best_plain`` their ratio (issue 32's goal: >= 0.9 on every machine kind). ``mfu`` holds every
+full-weight case, plain loops included. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def default_case() -> tuple[tuple[int, bool], tuple[int, int], str]:
 
     config = load_config(EMBEDDED_DEFAULT)
     ds, pool, t = config.training.deepspeed, config.pools.train, config.training
-    layout = resolve_layout(t.layout, pool, t.threads_per_worker, joined=False).name
-    return (ds.zero_stage, uses_bf16(ds.bf16)), (pool.replicas, int(pool.num_cpus)), layout
+    layout = resolve_layout(t.layout, pool, t.threads_per_worker, False, ds.zero_stage, ds.offload_optimizer)
+    stage = ds.zero_stage if layout.zero_stage is None else layout.zero_stage  # auto's one rank runs stage 0
+    return (stage, uses_bf16(ds.bf16)), (pool.replicas, int(pool.num_cpus)), layout.name
 
 
 def case_name(stage: int, bf16: bool) -> str:

@@ -571,7 +571,8 @@ class DeepSpeedConfig:
     zero_stage: int = doc(
         "ZeRO stage: 3 partitions parameters, gradients and optimizer state (the GPU profiles' choice: what lets a "
         "7B model train); 2 gradients and optimizer state; 0 is plain data parallel. The embedded configs use 2: "
-        "on one box, gathering a 135M model's parameters over two ranks is pure communication (bench/training.py).",
+        "on one box, gathering a 135M model's parameters over two ranks is pure communication (bench/training.py). "
+        "training.layout auto's one rank runs stage 0 instead: one rank holds every partition (training/layout.py).",
         3,
         bounds="[0, 3]",
     )
@@ -696,8 +697,9 @@ class TrainingConfig:
         "runs the micro-batches planned for the pool's ranks and accumulates grad_accum x replicas of them per "
         "optimizer step: the same global batch and the same sequences in each step, without the all-reduce. "
         "'auto': one_rank where the driver embeds Ray (one machine) and the pool has CPUs only; pool on a cluster "
-        "the job joins, on GPUs, and for custom resources or label selectors. Each phase result says which ran "
-        "and why (layout); NOTES.md has the measurement per machine kind.",
+        "the job joins, on GPUs, and for custom resources or label selectors. auto's one rank runs DeepSpeed stage 0 "
+        "unless the optimizer is offloaded (ZeRO partitions nothing over one rank; ~1.1x ZeRO-2's speed there). "
+        "Each phase result says which ran and why (layout); NOTES.md has the measurement per machine kind.",
         "auto",
     )
     checkpoint_every: int = doc(

@@ -385,7 +385,8 @@ class Controller:
         self.run.metric(f"{name}/train_tokens_per_s", round(result["train_tokens_per_s"], 1))
         if "layout" in result:  # how the train pool ran it (training.layout; a phase from before it has none)
             layout = result["layout"]
-            self.run.metric(f"{name}/layout", {k: layout[k] for k in ("name", "ranks", "threads", "grad_accum")})
+            shown = ("name", "ranks", "threads", "grad_accum", "zero_stage")
+            self.run.metric(f"{name}/layout", {k: layout[k] for k in shown if k in layout})
         # sequences whose prompt or response was cut to fit, and AFT proposals cut to share the prompt budget
         self.run.metric(f"{name}/truncation", result["truncation"])
         return result["output"]
@@ -395,8 +396,10 @@ class Controller:
         steps are the pool's, but the float sums run in another order. A folder trained as the pool resumes."""
         from training.service import train_layout
 
-        ranks = train_layout(self.config).ranks
-        return {} if ranks == self.config.pools.train.replicas else {"ranks": ranks}
+        layout = train_layout(self.config)
+        key = {} if layout.ranks == self.config.pools.train.replicas else {"ranks": layout.ranks}
+        # auto's one rank runs stage 0 (training/layout.py): another engine step than the configured ZeRO stage
+        return key if layout.zero_stage is None else {**key, "layout_zero_stage": layout.zero_stage}
 
     def _fit(self, spec: dict, examples: list[dict] | Blocks) -> dict:
         """Run a training phase on the train pool, its examples written for the ranks first."""

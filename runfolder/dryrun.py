@@ -43,7 +43,12 @@ from runfolder.state import (
 )
 
 # The config key behind a key component whose name does not say it.
-COMPONENT_CONFIG = {"world_size": "pools.train.replicas", "ranks": "training.layout", "seed": "run.seed"}
+COMPONENT_CONFIG = {
+    "world_size": "pools.train.replicas",
+    "ranks": "training.layout",
+    "layout_zero_stage": "training.layout",
+    "seed": "run.seed",
+}
 
 
 class NeedsOutput(BaseException):  # noqa: N818 (not an error: the walk's end; BaseException so no `except Exception` swallows it)

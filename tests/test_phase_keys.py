@@ -234,7 +234,13 @@ def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_p
 
     first = session()
     # training.layout auto on this embedded Ray: one rank with the pool's 2 CPUs, accumulating both ranks' batches
-    assert first["metrics"]["sft/layout"] == {"name": "one_rank", "ranks": 1, "threads": 2, "grad_accum": 2}
+    assert first["metrics"]["sft/layout"] == {
+        "name": "one_rank",
+        "ranks": 1,
+        "threads": 2,
+        "grad_accum": 2,
+        "zero_stage": 0,  # and DeepSpeed stage 0 for the configured ZeRO stage: one rank holds every partition
+    }
     assert "layout one_rank (auto: one machine (embedded Ray), CPU ranks" in (run / "driver.log").read_text()
 
     summary = json.loads((run / "summary.json").read_text())

@@ -36,6 +36,25 @@ def test_auto_takes_one_rank_on_an_embedded_cpu_pool_and_the_pool_elsewhere():
         assert layout.reason.startswith(reason), (what, layout.reason)
 
 
+def test_autos_one_rank_runs_stage_0_and_the_configured_stage_stays_where_it_partitions_something():
+    # One rank holds every ZeRO partition: stage 0 is the same update without ZeRO's buckets and copies.
+    one = resolve_layout("auto", CPU_POOL, 0, False, zero_stage=2)
+    assert (one.name, one.zero_stage) == ("one_rank", 0)
+    assert one.reason.endswith("DeepSpeed stage 0 for ZeRO-2 (one rank holds every partition)")
+    assert resolve_layout("auto", CPU_POOL, 0, False, zero_stage=0).zero_stage is None  # already stage 0
+    # the configured stage stays: optimizer offload is a ZeRO feature; an explicit one_rank (what the bench measures
+    # stage by stage); the pool layout and every layout auto keeps as the pool
+    assert resolve_layout("auto", CPU_POOL, 0, False, zero_stage=3, offload=True).zero_stage is None
+    assert resolve_layout("one_rank", CPU_POOL, 0, False, zero_stage=2).zero_stage is None
+    assert resolve_layout("pool", CPU_POOL, 0, False, zero_stage=2).zero_stage is None
+    assert resolve_layout("auto", CPU_POOL, 0, True, zero_stage=3).zero_stage is None
+    # in the phase key, so a folder trained at ZeRO-2 on one rank trains again once
+    from jobs.controller import Controller
+
+    config = load_config(None, ["pools.train.replicas=2", "training.deepspeed.zero_stage=2"])
+    assert Controller._ranks_key(type("C", (), {"config": config})()) == {"ranks": 1, "layout_zero_stage": 0}
+
+
 def test_explicit_layouts_and_threads():
     pool = resolve_layout("pool", CPU_POOL, 0, joined=False)
     assert (pool.name, pool.ranks, pool.threads, pool.reason) == ("pool", 2, 1, "training.layout=pool")

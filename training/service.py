@@ -141,7 +141,10 @@ def train_layout(config: JobConfig) -> Layout:
     """The ranks the train pool runs as (training.layout resolved for this driver's cluster; training/layout.py)."""
     training = config.training
     joins = joins_cluster(config.cluster) or joined_cluster()  # joined_cluster: a driver that connected already
-    return resolve_layout(training.layout, config.pools.train, training.threads_per_worker, joins)
+    ds = training.deepspeed
+    return resolve_layout(
+        training.layout, config.pools.train, training.threads_per_worker, joins, ds.zero_stage, ds.offload_optimizer
+    )
 
 
 def rank_env(config: JobConfig) -> dict[str, str]:

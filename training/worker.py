@@ -187,6 +187,8 @@ class PhaseRunner:
         self.data_parallel = self.layout["data_parallel"]
         accumulation = self.data_parallel // world_size
         self.t = {**spec["training"], "grad_accum": spec["training"]["grad_accum"] * accumulation}
+        if self.layout.get("zero_stage") is not None:  # auto's one rank: stage 0, nothing to partition over
+            self.t["deepspeed"] = {**self.t["deepspeed"], "zero_stage": self.layout["zero_stage"]}
         self.phase_dir = Path(spec["phase_dir"])
         self.ckpt_dir = self.phase_dir / "ckpt"
 
@@ -356,7 +358,12 @@ class PhaseRunner:
             "adapter": str(Path(out) / adapters.ADAPTER_DIR) if self.adapter else None,
             "allocator": loaded_allocator(),
             # where the arithmetic ran (training.layout) and the grad_accum each rank ran with to keep the pool's steps
-            "layout": {**self.layout, "ranks": self.world_size, "grad_accum": t["grad_accum"]},
+            "layout": {
+                **self.layout,
+                "ranks": self.world_size,
+                "grad_accum": t["grad_accum"],
+                "zero_stage": t["deepspeed"]["zero_stage"],
+            },
             # this rank's resident memory (rank 0's result reaches the driver): peak during the optimizer steps,
             # and what it held when they started (model, optimizer state, the process itself)
             "train_peak_rss_mib": train_peak_rss_mib,
