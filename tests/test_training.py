@@ -179,7 +179,7 @@ def test_gradient_checkpointing_lowers_a_ranks_peak_memory(service, tiny_model, 
     print(f"rank 0 memory growth during the steps: plain {growth[False]:.0f} MiB, checkpointed {growth[True]:.0f} MiB")
     # ~24 layers x ~9k floats per token x ~900 tokens per micro step are not kept: ~700 MiB by estimate (at 12
     # layers, 345 MiB less in one plain process's forward pass). 24, not 12: a rank's peak RSS moved by up to
-    # ~250 MiB run to run (12 layers: plain 1267 vs checkpointed 1161 MiB in the suite, 1361 vs 988 alone).
+    # ~250 MiB run to run (12 layers: plain 1267 vs checkpointed 1161 MiB in the suite, 1361 vs 988 in a rerun of it).
     assert growth[True] < growth[False] - 150
     # Same numerics: the recomputed activations are the ones it did not keep.
     assert checkpointed["steps"] == plain["steps"] == 3

@@ -31,7 +31,7 @@ Pure: no Ray.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 
@@ -89,18 +89,13 @@ def resolve_layout(
         return _with(as_configured, "auto: the pool asks for custom resources or node labels")
     one = _one_rank(pool, threads_per_worker, "auto: one machine (embedded Ray), CPU ranks")
     if zero_stage and not offload:
-        one = Layout(
-            **{
-                **asdict(one),
-                "zero_stage": 0,
-                "reason": f"{one.reason}, DeepSpeed stage 0 for ZeRO-{zero_stage} (one rank holds every partition)",
-            }
-        )
+        reason = f"{one.reason}, DeepSpeed stage 0 for ZeRO-{zero_stage} (one rank holds every partition)"
+        return replace(one, zero_stage=0, reason=reason)
     return one
 
 
 def _with(layout: Layout, reason: str) -> Layout:
-    return Layout(**{**asdict(layout), "reason": reason})
+    return replace(layout, reason=reason)
 
 
 def _one_rank(pool: Any, threads_per_worker: int, reason: str) -> Layout:
