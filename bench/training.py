@@ -171,7 +171,11 @@ def ray_cases(
     return results, startup
 
 
-def single_process(model: str, rows: list[dict], bf16: bool, queue) -> None:
+def single_process(model: str, rows: list[dict], bf16: bool, rounding: str, queue) -> None:
+    """One plain process's steady tok/s. bf16 with ``rounding='nearest'`` is plain autocast (the fastest loop, which
+    does not learn at fine-tuning lrs: NOTES.md "bf16 on the CPU: the cause"); 'stochastic' adds the ranks' own
+    stochastically rounded weight copies (training/precision.py), to split the default's gap into rounding and the
+    rest (Ray Train + DeepSpeed)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -186,6 +190,12 @@ def single_process(model: str, rows: list[dict], bf16: bool, queue) -> None:
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
     # bf16 as DeepSpeed's CPU bf16 mode would not be comparable here; autocast keeps fp32 master weights too.
     precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    compute = None
+    if bf16 and rounding == "stochastic":
+        from training.precision import Bf16Compute
+
+        compute = Bf16Compute(0, "stochastic")
+        compute.attach(net)
     report = TruncationReport()
     sequences = [build_sequence(tokenizer, r["id"], r["messages"], r["response"], 512, 256, report) for r in rows]
     # the batches (a)'s two ranks get, in the same order (training.group_by_length as configured)
@@ -197,6 +207,8 @@ def single_process(model: str, rows: list[dict], bf16: bool, queue) -> None:
     for i in range(0, len(batches) - 1, 2):  # two micro-batches of 4 = one global batch of 8, as (a)
         start = time.perf_counter()
         tokens = 0
+        if compute is not None:
+            compute.optimizer_step(i // 2 + 1)
         for indices in batches[i : i + 2]:
             batch = collate([sequences[j] for j in indices], tokenizer.pad_token_id)
             with precision:
@@ -274,7 +286,8 @@ def main(args) -> None:
     # The plain process gets the same allocator the ranks get (training.allocator), so only Ray + DeepSpeed differ.
     os.environ.update(allocator_env(load_config(None, []).training.allocator))
     plain_precisions = sorted(set(precisions) | {default[1]})  # the default's precision has a plain loop beside it
-    single = {bf16: in_subprocess(single_process, model, rows, bf16) for bf16 in plain_precisions}
+    single = {bf16: in_subprocess(single_process, model, rows, bf16, "nearest") for bf16 in plain_precisions}
+    plain_stochastic = in_subprocess(single_process, model, rows, True, "stochastic") if True in single else None
     mean_length = single[False][2]
     per_token = flops_per_token(model, mean_length)
     peak = {bf16: in_subprocess(peak_gflops, "bfloat16" if bf16 else "float32") for bf16 in plain_precisions}
@@ -306,6 +319,11 @@ def main(args) -> None:
         (f"plain PyTorch, 1 process x 2 threads, {'bf16' if bf16 else 'fp32'}", n, tok_s, mfu(tok_s, bf16), 1.0)
         for bf16, (tok_s, n, _) in single.items()
     ]
+    if plain_stochastic:
+        tok_s, n, _ = plain_stochastic
+        table.append(
+            ("plain PyTorch, 1 x 2, bf16 stochastic rounding", n, tok_s, mfu(tok_s, True), tok_s / single[True][0])
+        )
     # MFU of a LoRA row: no weight gradients of the frozen base, so 6 N overstates its work; shown as "-"
     table += [
         (f"Ray Train + ZeRO-{stage}, LoRA r 16 all-linear, fp32", steps, tok_s, "-", tok_s / single[False][0])
@@ -354,6 +372,12 @@ def main(args) -> None:
         f"MFU {mfu(default_tok_s, default[1]):.2f}, {default_tok_s / best_plain_tok_s:.2f}x the best plain loop "
         f"({'bf16' if best_plain_bf16 else 'fp32'}, {best_plain_tok_s:.1f} tok/s)"
     )
+    if plain_stochastic:
+        print(
+            f"plain bf16 with the ranks' stochastic rounding: {plain_stochastic[0]:.1f} tok/s "
+            f"({plain_stochastic[0] / single[True][0]:.2f}x plain autocast); the default is "
+            f"{default_tok_s / plain_stochastic[0]:.2f}x it (the rest: Ray Train + DeepSpeed)"
+        )
     emit(
         {
             "ray_zero3_tok_s": round(zero3_tok_s, 1),
@@ -385,6 +409,8 @@ def main(args) -> None:
             "best_plain_tok_s": round(best_plain_tok_s, 1),
             "default_vs_best_plain": round(default_tok_s / best_plain_tok_s, 3),
             "single_bf16_tok_s": round(single[True][0], 1) if True in single else None,
+            "plain_bf16_stochastic_tok_s": round(plain_stochastic[0], 1) if plain_stochastic else None,
+            "default_vs_plain_stochastic": round(default_tok_s / plain_stochastic[0], 3) if plain_stochastic else None,
             "best": case_name(best_stage, best_bf16),
             "bf16_speedup": round(ray_results[(3, True)][0] / ray_results[(3, False)][0], 3)
             if {(3, True), (3, False)} <= ray_results.keys()

@@ -322,10 +322,12 @@ def test_training_keys_hold_a_features_settings_only_where_the_phase_uses_it():
     def keyed(*overrides):
         return keyed_training_settings(asdict(load_config(None, list(overrides)).training))
 
-    plain = keyed()
-    assert "peft" not in plain and "bf16_rounding" not in plain["deepspeed"]  # as keyed before either existed
-    assert keyed("training.deepspeed.bf16_rounding=nearest") == plain  # fp32 ('auto' on a CPU rank): no rounding
-    native = keyed("training.deepspeed.bf16=native")
+    plain = keyed("training.deepspeed.bf16=auto")  # fp32 on a CPU rank, as every phase was keyed before either existed
+    assert "peft" not in plain and "bf16_rounding" not in plain["deepspeed"]
+    assert keyed("training.deepspeed.bf16=auto", "training.deepspeed.bf16_rounding=nearest") == plain  # no rounding
+    native = keyed()  # the default since 2026-12-04
+    assert native == keyed("training.deepspeed.bf16=native") != plain
     assert native["deepspeed"]["bf16_rounding"] == "stochastic"
+    assert native["deepspeed"]["bf16_rounding_draw"] == "per_optimizer_step"  # not the older per-micro-step draw
     assert keyed("training.deepspeed.bf16=native", "training.deepspeed.bf16_rounding=nearest") != native
     assert keyed("training.peft.enabled=true")["peft"]["r"] == 8

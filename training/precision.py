@@ -17,9 +17,16 @@ autocast: 63 s).
 
 What runs: the model keeps fp32 weights (DeepSpeed runs fp32: its master weights are the weights), every
 ``nn.Linear`` multiplies in bf16 with a stochastically rounded copy of its weight (``Bf16Compute.attach``), and
-the rest of the forward runs under ``torch.autocast('cpu', bf16)``. The rounding noise is keyed by (seed, micro
-step, layer), so a layer recomputed by gradient checkpointing, and a phase resumed at the same micro step, draw the
-same rounding. Gradients: bf16 GEMMs, accumulated into the fp32 weight's grad.
+the rest of the forward runs under ``torch.autocast('cpu', bf16)``. Gradients: bf16 GEMMs, accumulated into the fp32
+weight's grad.
+
+One draw per optimizer step: the weights change only when the optimizer steps, so every micro step of a step (a
+one-rank layout runs ``grad_accum x replicas`` of them) and gradient checkpointing's recompute reuse that step's
+rounded copy, as DeepSpeed's bf16 mode refreshes its bf16 weights once per step. The draw is keyed by (seed,
+optimizer step, layer), so a phase resumed from a step's checkpoint draws the same rounding. Memory: the copies
+were already all alive at the peak (each forward saves its layer's copy for backward); they now also stay alive
+between micro steps. The draw (a 32-bit random integer per weight) was ~20% of a bf16 step when it ran per forward
+and again in the recompute (NOTES.md: bf16 on the CPU, the cause; "Stochastic rounding once per optimizer step").
 """
 
 from __future__ import annotations
@@ -55,12 +62,14 @@ class _StochasticBf16LinearFn(torch.autograd.Function):
 
 
 class Bf16Compute:
-    """bf16 matmuls over a model's fp32 weights. ``attach`` swaps every Linear's forward; ``micro_step(n)`` keys the
-    rounding noise of the next forward; ``autocast()`` wraps a forward. ``rounding='nearest'`` is plain autocast
-    (the weights rounded to nearest per forward), kept to measure against."""
+    """bf16 matmuls over a model's fp32 weights. ``attach`` swaps every Linear's forward; ``optimizer_step(n)`` says
+    which step the next forwards belong to (a new step draws new roundings; forwards within a step reuse them);
+    ``autocast()`` wraps a forward. ``rounding='nearest'`` is plain autocast (the weights rounded to nearest per
+    forward), kept to measure against."""
 
     def __init__(self, seed: int, rounding: str = "stochastic"):  # rounding: training.deepspeed.bf16_rounding
         self.seed, self.rounding, self.step = seed, rounding, 0
+        self._rounded: dict[int, torch.Tensor] = {}  # layer index -> this step's bf16 copy of its weight
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.rounding == "nearest":
@@ -73,14 +82,18 @@ class Bf16Compute:
         def forward(x: torch.Tensor) -> torch.Tensor:
             if not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
                 return F.linear(x, module.weight, module.bias)  # an fp32 pass (SPIN's reference): no rounding
-            generator = torch.Generator().manual_seed(hash((self.seed, self.step, index)) & (2**63 - 1))
-            rounded = stochastic_round_bf16(module.weight, generator)
+            rounded = self._rounded.get(index)
+            if rounded is None:
+                generator = torch.Generator().manual_seed(hash((self.seed, self.step, index)) & (2**63 - 1))
+                rounded = self._rounded[index] = stochastic_round_bf16(module.weight, generator)
             return _StochasticBf16LinearFn.apply(x, module.weight, module.bias, rounded)
 
         return forward
 
-    def micro_step(self, step: int) -> None:
-        self.step = step
+    def optimizer_step(self, step: int) -> None:
+        """The optimizer step (1-based) the next forwards belong to; a new one drops the last step's copies."""
+        if step != self.step:
+            self.step, self._rounded = step, {}
 
     @staticmethod
     def autocast():

@@ -41,8 +41,9 @@ def native_bf16() -> bool:
 
 
 def uses_bf16(setting: bool | str) -> bool:
-    """training.deepspeed.bf16 on this rank: True/False as given; 'auto' is bf16 on a GPU with bf16 only; 'native'
-    also on a CPU that runs bf16 dot products in hardware (training.precision's stochastic-rounding bf16 compute)."""
+    """training.deepspeed.bf16 on this rank: True/False as given; 'native' (the default) is bf16 on a GPU with bf16 and
+    on a CPU that runs bf16 dot products in hardware (training.precision's stochastic-rounding bf16 compute); 'auto'
+    on such a GPU only."""
     gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if setting == "auto":
         return gpu
@@ -286,8 +287,8 @@ class PhaseRunner:
                 if micro_step <= start_micro:
                     continue
                 self.beat(steps_done, f"micro step {micro_step}")
-                if self.compute is not None:
-                    self.compute.micro_step(micro_step)  # keys the rounding (checkpointing's recompute draws the same)
+                if self.compute is not None:  # the step this micro step adds to: its forwards share one rounding
+                    self.compute.optimizer_step(math.ceil(micro_step / t["grad_accum"]))
                 if kind == "spin":
                     loss, metrics, tokens = self._spin_step(engine, items, indices, ref_logps, pad_id)
                 else:
