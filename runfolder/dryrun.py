@@ -251,6 +251,8 @@ class PlannedRun(Run):
                 reasons.append(f"{name}: {self.model_change(before_values.get(name), now_values[name])}")
             elif name in before_values and before_values[name] is not None and name in now_values:
                 reasons += [d + config_key for d in _differences(name, before_values[name], now_values[name])]
+            elif reasons and config_key and reasons[-1].endswith(config_key):  # two components of one setting
+                reasons[-1] = reasons[-1][: -len(config_key)] + f", {name}{config_key}"
             else:
                 reasons.append(name + config_key)
         return "; ".join(reasons) or "its key changed"

@@ -253,8 +253,7 @@ def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_p
     # (the first session ran as one rank for the pool's 2 (training.layout auto): its key holds ranks too)
     assert replicas["sft"] == (
         "run",
-        "key changed: layout_zero_stage (training.layout); ranks (training.layout); world_size: 2 -> 1 "
-        "(pools.train.replicas)",
+        "key changed: layout_zero_stage, ranks (training.layout); world_size: 2 -> 1 (pools.train.replicas)",
     )
     assert replicas["iter0/eval-answers"] == ("run", "upstream sft runs again")
     assert replicas["iter1/eval-verdicts"][0] == "run"  # not reached: the walk stops where a pending output is read
