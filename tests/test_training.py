@@ -269,7 +269,9 @@ def test_one_rank_layout_takes_the_pools_optimizer_steps(service, tiny_model, tm
     try:
         assert (one.layout.name, one.layout.ranks, one.layout.threads) == ("one_rank", 1, 2)
         assert one.layout.reason.startswith("auto: one machine (embedded Ray)")
-        zero2 = {"deepspeed": {**service.training["deepspeed"], "zero_stage": 2}}
+        # fp32: there the order of the float sums is the only difference. In bf16 (the default where the CPU has
+        # it) the GEMMs over other batch splits round otherwise: measured 7.0e-4 apart of 7.0e-3 moved.
+        zero2 = {"deepspeed": {**service.training["deepspeed"], "zero_stage": 2, "bf16": False}}
         pooled = service.train(spec(service, "layout-pool", "sft", tiny_model, training=zero2))
         single = one.train({**spec(service, "layout-one", "sft", tiny_model, training=zero2)})
     finally:
