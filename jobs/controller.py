@@ -102,9 +102,9 @@ def keyed_training_settings(training: dict) -> dict:
     if "deepspeed" in settings and settings["deepspeed"].get("bf16") not in (True, "native"):
         settings["deepspeed"] = {k: v for k, v in settings["deepspeed"].items() if k != "bf16_rounding"}
     elif settings.get("deepspeed", {}).get("bf16_rounding") == "stochastic":
-        # Since 2026-12-04 one draw per optimizer step (training/precision.py), another model than the per-micro-step
-        # draw before: folders trained with that train again.
-        settings["deepspeed"] = {**settings["deepspeed"], "bf16_rounding_draw": "per_optimizer_step"}
+        # Since 2026-12-04 one draw per optimizer step, and frozen weights rounded once to nearest
+        # (training/precision.py): another model than the per-micro-step draw before, so those folders train again.
+        settings["deepspeed"] = {**settings["deepspeed"], "bf16_rounding_draw": "per_optimizer_step, frozen nearest"}
     return settings
 
 

@@ -178,3 +178,22 @@ def test_one_rounding_per_optimizer_step_shared_by_its_micro_steps_and_the_recom
     assert not torch.equal(compute._rounded[0], first)
     moved = (compute._rounded[0].float() - first.float()).mean().item()
     assert 5e-5 < moved < 2e-4, moved  # unbiased: the mean bf16 weight moved by about the update (1e-4)
+
+
+def test_a_frozen_weight_is_rounded_once_to_nearest_and_gets_no_gradient():
+    """LoRA's base: a weight that never moves has no update for rounding to hide, so its bf16 copy is the nearest one,
+    made once for the phase; its backward skips the weight gradient, and the input's gradient still flows."""
+    torch.manual_seed(0)
+    frozen, trained = torch.nn.Linear(32, 32), torch.nn.Linear(32, 1)
+    frozen.weight.requires_grad_(False)
+    model = torch.nn.Sequential(frozen, trained)
+    compute = Bf16Compute(seed=1)
+    compute.attach(model)
+    x = torch.randn(4, 32, requires_grad=True)
+    for step in (1, 2):
+        compute.optimizer_step(step)
+        with compute.autocast():
+            model(x).float().sum().backward()
+        assert torch.equal(compute._frozen[0], frozen.weight.to(torch.bfloat16))  # nearest, the same every step
+    assert frozen.weight.grad is None and frozen.bias.grad is not None and x.grad is not None
+    assert trained.weight.grad is not None and 0 not in compute._rounded and 1 in compute._rounded

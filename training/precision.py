@@ -27,6 +27,12 @@ optimizer step, layer), so a phase resumed from a step's checkpoint draws the sa
 were already all alive at the peak (each forward saves its layer's copy for backward); they now also stay alive
 between micro steps. The draw (a 32-bit random integer per weight) was ~20% of a bf16 step when it ran per forward
 and again in the recompute (NOTES.md: bf16 on the CPU, the cause; "Stochastic rounding once per optimizer step").
+
+Frozen weights (a LoRA phase's base model) never move, so there is no update for rounding to hide: they are
+rounded once, to nearest (what a bf16 inference engine computes with), and kept; and their backward skips the
+weight-gradient GEMM nobody reads. Measured on the 2-core Xeon (AMX), SmolLM2 LoRA r 16 all-linear, 2 micro steps
+of 4 x 256 tokens per step: 6.13 s a step with the base redrawn each step and its weight gradients computed, 5.18
+without the gradients, 4.50 with the base rounded once as well (1.36x).
 """
 
 from __future__ import annotations
@@ -55,9 +61,11 @@ class _StochasticBf16LinearFn(torch.autograd.Function):
     def backward(ctx, grad):
         xb, rounded = ctx.saved_tensors
         gb = grad.to(torch.bfloat16)
-        grad_x = gb @ rounded
-        grad_w = (gb.reshape(-1, gb.shape[-1]).t() @ xb.reshape(-1, xb.shape[-1])).float()
-        grad_b = gb.reshape(-1, gb.shape[-1]).float().sum(0) if ctx.has_bias else None
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        grad_x = gb @ rounded if needs_x else None
+        # a frozen weight (LoRA's base) gets no gradient: skipping its GEMM saves a third of that layer's work
+        grad_w = (gb.reshape(-1, gb.shape[-1]).t() @ xb.reshape(-1, xb.shape[-1])).float() if needs_w else None
+        grad_b = gb.reshape(-1, gb.shape[-1]).float().sum(0) if ctx.has_bias and needs_b else None
         return grad_x, grad_w, grad_b, None
 
 
@@ -70,6 +78,7 @@ class Bf16Compute:
     def __init__(self, seed: int, rounding: str = "stochastic"):  # rounding: training.deepspeed.bf16_rounding
         self.seed, self.rounding, self.step = seed, rounding, 0
         self._rounded: dict[int, torch.Tensor] = {}  # layer index -> this step's bf16 copy of its weight
+        self._frozen: dict[int, torch.Tensor] = {}  # layer index -> the bf16 copy of a frozen weight, for good
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.rounding == "nearest":
@@ -82,6 +91,11 @@ class Bf16Compute:
         def forward(x: torch.Tensor) -> torch.Tensor:
             if not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
                 return F.linear(x, module.weight, module.bias)  # an fp32 pass (SPIN's reference): no rounding
+            if not module.weight.requires_grad:  # a frozen weight (LoRA's base) never moves: round it once, to nearest
+                rounded = self._frozen.get(index)
+                if rounded is None:
+                    rounded = self._frozen[index] = module.weight.detach().to(torch.bfloat16)
+                return _StochasticBf16LinearFn.apply(x, module.weight, module.bias, rounded)
             rounded = self._rounded.get(index)
             if rounded is None:
                 generator = torch.Generator().manual_seed(hash((self.seed, self.step, index)) & (2**63 - 1))
