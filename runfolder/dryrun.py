@@ -241,20 +241,24 @@ class PlannedRun(Run):
         before_values = stored.get("key_values") or {}
         now_values = {k: json.loads(json.dumps(v, sort_keys=True, default=str)) for k, v in components.items()}
         reasons = []
+        named_key = None  # the setting the last reason named components of, bare (its names can take one more)
         for name in sorted(before_parts.keys() | parts.keys()):
             if before_parts.get(name) == parts.get(name):
                 continue
             config_key = f" ({COMPONENT_CONFIG[name]})" if name in COMPONENT_CONFIG else ""
+            last_named_key, named_key = named_key, None
             if name in ("rows", "examples") and isinstance(now_values.get(name), list):
                 reasons.append(_rows_change(name, before_values.get(name), now_values[name]))
             elif isinstance(now_values.get(name), str) and now_values[name].startswith(("phase:", "content:")):
                 reasons.append(f"{name}: {self.model_change(before_values.get(name), now_values[name])}")
             elif name in before_values and before_values[name] is not None and name in now_values:
                 reasons += [d + config_key for d in _differences(name, before_values[name], now_values[name])]
-            elif reasons and config_key and reasons[-1].endswith(config_key):  # two components of one setting
+            elif config_key and config_key == last_named_key:  # two components of one setting: one reason
                 reasons[-1] = reasons[-1][: -len(config_key)] + f", {name}{config_key}"
+                named_key = config_key
             else:
                 reasons.append(name + config_key)
+                named_key = config_key
         return "; ".join(reasons) or "its key changed"
 
     def model_change(self, before: str | None, now: str) -> str:

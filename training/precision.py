@@ -26,7 +26,7 @@ rounded copy, as DeepSpeed's bf16 mode refreshes its bf16 weights once per step.
 optimizer step, layer), so a phase resumed from a step's checkpoint draws the same rounding. Memory: the copies
 were already all alive at the peak (each forward saves its layer's copy for backward); they now also stay alive
 between micro steps. The draw (a 32-bit random integer per weight) was ~20% of a bf16 step when it ran per forward
-and again in the recompute (NOTES.md: bf16 on the CPU, the cause; "Stochastic rounding once per optimizer step").
+and again in the recompute (NOTES.md: "bf16 on the CPU: the cause" and "Training on the Xeon").
 
 Frozen weights (a LoRA phase's base model) never move, so there is no update for rounding to hide: they are
 rounded once, to nearest (what a bf16 inference engine computes with), and kept; and their backward skips the
