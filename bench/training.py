@@ -21,7 +21,10 @@ What a user runs: ``default_tok_s`` is the case the embedded default (``configs/
 with, its ZeRO stage, precision and layout read from that file and resolved on this machine (auto's one rank runs
 stage 0; run even when ``--stages`` leaves it out); ``best_plain_tok_s`` the fastest plain loop of this run, and
 ``default_vs_best_plain`` their ratio (issue 32's goal: >= 0.9 on every machine kind). ``mfu`` holds every
-full-weight case, plain loops included. Last line: one JSON object.
+full-weight case, plain loops included. Every loop computes logits over the loss window only, as the ranks do
+(training.losses.loss_window); ``plain_full_logits_tok_s`` is a plain loop in the default's precision over every
+position, as transformers computes by default (``loss_window_speedup``: what the window saves). Last line: one JSON
+object.
 """
 
 from __future__ import annotations
@@ -171,16 +174,17 @@ def ray_cases(
     return results, startup
 
 
-def single_process(model: str, rows: list[dict], bf16: bool, rounding: str, queue) -> None:
+def single_process(model: str, rows: list[dict], bf16: bool, rounding: str, keep_window: bool, queue) -> None:
     """One plain process's steady tok/s. bf16 with ``rounding='nearest'`` is plain autocast (the fastest loop, which
     does not learn at fine-tuning lrs: NOTES.md "bf16 on the CPU: the cause"); 'stochastic' adds the ranks' own
     stochastically rounded weight copies (training/precision.py), to split the default's gap into rounding and the
-    rest (Ray Train + DeepSpeed)."""
+    rest (Ray Train + DeepSpeed). ``keep_window``: logits only over the loss window, as the ranks compute them
+    (training.losses.loss_window); False: every position's, as a plain transformers loop does by default."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from configs.schema import load_config
-    from training.losses import sft_loss
+    from training.losses import loss_window, sft_loss
     from training.sequences import TruncationReport, build_sequence, collate, micro_batches
 
     torch.set_num_threads(2)
@@ -211,9 +215,12 @@ def single_process(model: str, rows: list[dict], bf16: bool, rounding: str, queu
             compute.optimizer_step(i // 2 + 1)
         for indices in batches[i : i + 2]:
             batch = collate([sequences[j] for j in indices], tokenizer.pad_token_id)
+            window = loss_window(batch["labels"]) if keep_window else 0  # 0: every logit (transformers' default)
             with precision:
-                logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, _ = sft_loss(logits.float(), batch["labels"])
+                logits = net(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=window
+                ).logits
+            loss, _ = sft_loss(logits.float(), batch["labels"][:, -window or None :])
             (loss / 2).backward()
             tokens += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -286,8 +293,10 @@ def main(args) -> None:
     # The plain process gets the same allocator the ranks get (training.allocator), so only Ray + DeepSpeed differ.
     os.environ.update(allocator_env(load_config(None, []).training.allocator))
     plain_precisions = sorted(set(precisions) | {default[1]})  # the default's precision has a plain loop beside it
-    single = {bf16: in_subprocess(single_process, model, rows, bf16, "nearest") for bf16 in plain_precisions}
-    plain_stochastic = in_subprocess(single_process, model, rows, True, "stochastic") if True in single else None
+    single = {bf16: in_subprocess(single_process, model, rows, bf16, "nearest", True) for bf16 in plain_precisions}
+    plain_stochastic = in_subprocess(single_process, model, rows, True, "stochastic", True) if True in single else None
+    # every position's logits, as a transformers loop computes them by default: what the loss window saves
+    plain_full = in_subprocess(single_process, model, rows, default[1], "nearest", False)
     mean_length = single[False][2]
     per_token = flops_per_token(model, mean_length)
     peak = {bf16: in_subprocess(peak_gflops, "bfloat16" if bf16 else "float32") for bf16 in plain_precisions}
@@ -378,6 +387,11 @@ def main(args) -> None:
             f"({plain_stochastic[0] / single[True][0]:.2f}x plain autocast); the default is "
             f"{default_tok_s / plain_stochastic[0]:.2f}x it (the rest: Ray Train + DeepSpeed)"
         )
+    best_in_precision = single[default[1]][0]
+    print(
+        f"plain {'bf16' if default[1] else 'fp32'} with every position's logits: {plain_full[0]:.1f} tok/s; "
+        f"the loss window is {best_in_precision / plain_full[0]:.2f}x that (training.losses.loss_window)"
+    )
     emit(
         {
             "ray_zero3_tok_s": round(zero3_tok_s, 1),
@@ -410,6 +424,8 @@ def main(args) -> None:
             "default_vs_best_plain": round(default_tok_s / best_plain_tok_s, 3),
             "single_bf16_tok_s": round(single[True][0], 1) if True in single else None,
             "plain_bf16_stochastic_tok_s": round(plain_stochastic[0], 1) if plain_stochastic else None,
+            "plain_full_logits_tok_s": round(plain_full[0], 1),  # in the default's precision, no loss window
+            "loss_window_speedup": round(best_in_precision / plain_full[0], 3),
             "default_vs_plain_stochastic": round(default_tok_s / plain_stochastic[0], 3) if plain_stochastic else None,
             "best": case_name(best_stage, best_bf16),
             "bf16_speedup": round(ray_results[(3, True)][0] / ray_results[(3, False)][0], 3)

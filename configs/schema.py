@@ -582,8 +582,11 @@ class DeepSpeedConfig:
         "multiplies in bf16 with its weight rounded as bf16_rounding says, the rest under torch.autocast), because "
         "DeepSpeed's bf16 copy rounds each weight to nearest and so hides fine-tuning updates from the forward "
         "(NOTES.md: bf16 on the CPU, the cause). 'native' (the default): on where the rank's hardware runs bf16, "
-        "resolved on the rank's own node: a GPU with bf16, or a CPU with avx512_bf16 or AMX; fp32 on other CPUs "
-        "(emulated bf16 is slower than fp32). On the CPU it is measured to follow fp32's loss within 2.2% and to "
+        "resolved on the rank's own node: a GPU with bf16, or a CPU with avx512_bf16 or AMX whose oneDNN is not capped "
+        "below them (ONEDNN_MAX_CPU_ISA, e.g. in pools.train.env); fp32 on other CPUs (emulated bf16 is slower than "
+        "fp32). On an embedded Ray with CPU ranks the phase key holds what it resolved to where that is fp32, so a "
+        "folder is not resumed across machines of another precision; ranks that resolve it differently stop with "
+        "an error. On the CPU it is measured to follow fp32's loss within 2.2% and to "
         "learn the same labels (tests/test_bf16_learns.py), and to train 1.5-1.8x faster than fp32 (bench/training.py"
         "). 'auto': bf16 on GPU ranks only, fp32 on every CPU rank (the default until 2026-12-04). true/false: bf16 "
         "or fp32 on every rank (true on a CPU without bf16 hardware runs emulated).",

@@ -91,15 +91,23 @@ def check_adapter_targets(config: JobConfig, model_path: str) -> None:
         raise ConfigError(str(err)) from None
 
 
-def keyed_training_settings(training: dict) -> dict:
+def keyed_training_settings(training: dict, native: str | None = None) -> dict:
     """The training settings a phase's key holds: every one that shapes the model, without the run controls, and
     without the settings of a feature the phase does not use, so folders trained before the feature existed resume
     (adapters when ``peft`` is off; the bf16 rounding when the phase is not in CPU bf16: 'auto' is fp32 on a CPU
-    rank and DeepSpeed's own bf16 on a GPU, neither of which rounds as ``bf16_rounding`` says)."""
+    rank and DeepSpeed's own bf16 on a GPU, neither of which rounds as ``bf16_rounding`` says).
+
+    ``native``: what bf16 'native' resolves to on the train pool where the driver can tell
+    (``training.service.native_precision``). Where it is fp32 the key says so (``native_precision``), so a phase
+    trained in fp32 on a CPU without bf16 is not reused where 'native' means bf16, nor the reverse; where it is
+    bf16 the key is as before, so those folders resume."""
     settings = {k: v for k, v in training.items() if not is_run_control(f"training.{k}")}
     if not settings.get("peft", {}).get("enabled"):
         settings.pop("peft", None)
-    if "deepspeed" in settings and settings["deepspeed"].get("bf16") not in (True, "native"):
+    ds = settings.get("deepspeed", {})
+    if ds.get("bf16") == "native" and native == "fp32":
+        settings["deepspeed"] = {**{k: v for k, v in ds.items() if k != "bf16_rounding"}, "native_precision": "fp32"}
+    elif "deepspeed" in settings and ds.get("bf16") not in (True, "native"):
         settings["deepspeed"] = {k: v for k, v in settings["deepspeed"].items() if k != "bf16_rounding"}
     elif settings.get("deepspeed", {}).get("bf16_rounding") == "stochastic":
         # Since 2026-12-04 one draw per optimizer step, and frozen weights rounded once to nearest
@@ -357,7 +365,9 @@ class Controller:
             "chat_template": self.chat_templates["model.name"],
             **extra,
         }
-        settings = keyed_training_settings(training)
+        from training.service import native_precision
+
+        settings = keyed_training_settings(training, native_precision(self.config))
         # The key names the starting model by its key (not its path: models/sft retrained on other data is another
         # model), the examples by content, and every plan-shaping setting: the world size sets the global batch and
         # the micro-batch plan a half-done phase's step count is mapped onto.

@@ -81,3 +81,43 @@ def test_length_grouped_batches_pad_less_and_give_the_ranks_of_a_step_equal_work
     assert first == micro_batches(256, lengths, 4, 0, seed=3, epoch=1, group_by_length=True, ranks=2)  # resumable
     widths = [max(lengths[i] for i in b) for b in first]
     assert widths != sorted(widths) and widths != sorted(widths, reverse=True)  # steps shuffled, not long-to-short
+
+
+@pytest.mark.parametrize("kind", ["sft", "pairs"])
+def test_the_lm_head_over_the_loss_window_only_gives_the_same_loss_and_gradients(tiny_model, kind):
+    """A rank computes logits only over the batch's trailing loss window (training.losses.loss_window, the model's
+    logits_to_keep): the prompt positions every row has skip the LM head and the log-softmax over the vocabulary.
+    The loss and every parameter's gradient must be those of the full logits (fp32: up to the LM head GEMM's
+    summation order)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.losses import loss_window
+    from training.sequences import TruncationReport, build_sequence, collate
+    from training.worker import PhaseRunner
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    report = TruncationReport()
+    rows = [("a long question " * 9, "short."), ("q?", "a longer answer " * 5), ("mid question " * 4, "an answer")]
+    sequences = [
+        build_sequence(tokenizer, f"r{i}", [{"role": "user", "content": q}], a, 512, 256, report)
+        for i, (q, a) in enumerate(rows)
+    ]
+    batch = collate(sequences, tokenizer.pad_token_id)
+    width = batch["labels"].shape[1]
+    assert 1 < loss_window(batch["labels"]) < width - 10  # the shortest prompt's positions are skipped
+
+    def run(keeps_logits: bool):
+        runner = object.__new__(PhaseRunner)  # only what _logits reads: the model's support and no bf16 compute
+        runner.keeps_logits, runner.compute = keeps_logits, None
+        model.zero_grad()
+        logits, labels = runner._logits(model, batch)
+        value = sft_loss(logits, labels)[0] if kind == "sft" else sequence_logps(logits, labels)
+        (value if kind == "sft" else value.sum()).backward()
+        return logits.shape[1], value.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, windowed = run(False), run(True)
+    assert full[0] == width and windowed[0] == loss_window(batch["labels"])
+    assert torch.allclose(windowed[1], full[1], rtol=1e-6, atol=1e-6), (windowed[1], full[1])
+    for name, grad in full[2].items():
+        assert torch.allclose(windowed[2][name], grad, rtol=1e-5, atol=1e-7), name

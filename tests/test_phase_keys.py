@@ -214,6 +214,8 @@ def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_p
 
     from test_jobs import LORA_JOB, SPIN_TARGETS, assert_lora_models, assert_plain_format
 
+    from training.worker import native_bf16
+
     train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     _gsm8k_rows(train, 8, 3, "t")
     _gsm8k_rows(held_out, 4, 100, "e")
@@ -257,6 +259,17 @@ def test_an_in_place_edit_of_the_training_data_reruns_every_dependent_eval(tmp_p
     )
     assert replicas["iter0/eval-answers"] == ("run", "upstream sft runs again")
     assert replicas["iter1/eval-verdicts"][0] == "run"  # not reached: the walk stops where a pending output is read
+    # training.deepspeed.bf16 native (the default), resolved for these CPU ranks: with oneDNN capped below bf16 in the
+    # ranks' environment it is fp32, another model where this CPU ran bf16 and the same one where it ran fp32
+    capped = dry_run(command, "pools.train.env={ONEDNN_MAX_CPU_ISA: AVX2}")
+    if native_bf16():
+        # (and without the bf16 rounding fp32 does not use)
+        action, reason = capped["sft"]
+        assert action == "run" and reason.startswith("key changed: training.deepspeed.bf16_rounding"), reason
+        assert capped["sft"][1].endswith('training.deepspeed.native_precision: null -> "fp32"'), capped["sft"]
+        assert capped["iter0/eval-answers"] == ("run", "upstream sft runs again")
+    else:
+        assert set(capped.values()) == {("reuse", "")}, capped
     fresh = dry_run(command, "run.id=another")
     assert fresh["sft"] == ("run", "never ran") and {a for a, _ in fresh.values()} == {"run"}
     _gsm8k_rows(train, 8, 4, "t")  # edited in place: the same path and ids, other gold answers
@@ -331,3 +344,41 @@ def test_training_keys_hold_a_features_settings_only_where_the_phase_uses_it():
     assert native["deepspeed"]["bf16_rounding_draw"] == "per_optimizer_step, frozen nearest"
     assert keyed("training.deepspeed.bf16=native", "training.deepspeed.bf16_rounding=nearest") != native
     assert keyed("training.peft.enabled=true")["peft"]["r"] == 8
+
+
+def test_native_bf16_is_keyed_by_the_precision_it_resolves_to_on_the_ranks():
+    """training.deepspeed.bf16 'native' is bf16 or fp32 by the ranks' CPU: a phase trained in fp32 on a CPU without
+    bf16 must not be reused where 'native' means bf16, nor the reverse. On an embedded Ray the ranks run here, so
+    the driver resolves it, with the ranks' environment: a oneDNN ISA cap below avx512_core_bf16 (in
+    pools.train.env) makes bf16 GEMMs run as reference code, so 'native' is fp32 under it."""
+    from dataclasses import asdict
+
+    from configs.schema import load_config
+    from jobs.controller import keyed_training_settings
+    from training.service import native_precision, rank_env
+    from training.worker import native_bf16
+
+    def resolved(*overrides):
+        job = load_config(None, list(overrides))
+        return native_precision(job), keyed_training_settings(asdict(job.training), native_precision(job))
+
+    here, keyed_here = resolved()
+    assert here == ("bf16" if native_bf16() else "fp32")
+    capped, keyed_capped = resolved("pools.train.env={ONEDNN_MAX_CPU_ISA: avx2}")
+    assert capped == "fp32"
+    assert native_bf16(rank_env(load_config(None, ["pools.train.env={DNNL_MAX_CPU_ISA: AVX2}"]))) is False
+    assert native_bf16({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}) == native_bf16({})  # a cap above bf16 changes nothing
+    # fp32 is named in the key, without the rounding it does not use; bf16's key is the word 'native' as before
+    assert keyed_capped["deepspeed"]["native_precision"] == "fp32" and "bf16_rounding" not in keyed_capped["deepspeed"]
+    assert (keyed_here == keyed_capped) == (here == "fp32")
+    default = asdict(load_config(None, []).training)
+    as_bf16 = keyed_training_settings(default, "bf16")
+    assert "native_precision" not in as_bf16["deepspeed"] and as_bf16 == keyed_training_settings(default, None)
+    # 'auto' (fp32 on every CPU rank) and an explicit true/false do not depend on the machine: no change
+    for setting in ("auto", "true", "false"):
+        job = load_config(None, [f"training.deepspeed.bf16={setting}", "pools.train.env={ONEDNN_MAX_CPU_ISA: AVX2}"])
+        as_here = keyed_training_settings(asdict(job.training), None)
+        assert keyed_training_settings(asdict(job.training), native_precision(job)) == as_here
+    # where the ranks' own nodes decide, the driver does not guess (the phase result's precision says what ran)
+    assert native_precision(load_config(None, ["pools.train.num_gpus=1"])) is None
+    assert native_precision(load_config(None, ["cluster.address=ray://head:10001"])) is None

@@ -2,6 +2,7 @@
 
 - ``sft_loss``: token NLL on response tokens only; prompt and padding carry label -100.
 - ``sequence_logps``: summed log-probs of the labelled tokens of each sequence (DPO/SPIN bookkeeping).
+- ``loss_window``: the trailing positions those read logits at, so the LM head skips the batch's common prompt.
 - ``spin_loss``: SPIN (arXiv 2401.01335, official trainer): with
   m = (logπθ(y_real) − logπref(y_real)) − (logπθ(y_gen) − logπref(y_gen)),
   sigmoid: −logsigmoid(β·m); hinge: relu(1 − β·m). Chosen = the gold ("real") answer, rejected = the
@@ -14,6 +15,16 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+
+
+def loss_window(labels: torch.Tensor) -> int:
+    """How many trailing positions of a right-padded batch the loss reads logits at: from the one before the batch's
+    first label to the end (the model's ``logits_to_keep``). Prompt positions before it need no LM head and no
+    log-softmax over the vocabulary; the loss over ``labels[:, -window:]`` is the same. The whole width where
+    nothing is labelled."""
+    labelled = (labels[:, 1:] != IGNORE).any(0).nonzero()
+    width = labels.shape[1]
+    return width if not len(labelled) else width - int(labelled[0])
 
 
 def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

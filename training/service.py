@@ -147,6 +147,18 @@ def train_layout(config: JobConfig) -> Layout:
     )
 
 
+def native_precision(config: JobConfig) -> str | None:
+    """What training.deepspeed.bf16 'native' trains in, where the driver can tell: on an embedded Ray with CPU ranks
+    the ranks run on this machine, so this CPU and the ranks' environment (a oneDNN ISA cap in ``pools.train.env``)
+    decide: 'bf16' or 'fp32'. None where the ranks' own nodes decide (GPU ranks, or a cluster the job joins); there
+    the phase result's ``precision`` says what ran."""
+    from training.worker import native_bf16
+
+    if config.pools.train.num_gpus or joins_cluster(config.cluster) or joined_cluster():
+        return None
+    return "bf16" if native_bf16({**os.environ, **config.pools.train.env}) else "fp32"
+
+
 def rank_env(config: JobConfig) -> dict[str, str]:
     """Environment of every training rank process, Ray Train's and the benchmarks' bare ones alike."""
     return {**worker_env(), **allocator_env(config.training.allocator), **config.pools.train.env}

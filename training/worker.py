@@ -14,11 +14,13 @@ rank trains a fresh LoRA adapter on the starting model instead and writes the me
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +30,27 @@ from actors.chat import use_chat_template
 from cluster.storage import StorageError, check_storage
 from training import adapters, checkpoints
 from training.layout import rank_micro_batches
-from training.losses import sequence_logps, sft_loss, spin_loss
+from training.losses import loss_window, sequence_logps, sft_loss, spin_loss
 from training.precision import Bf16Compute
 from training.sequences import TruncationReport, build_sequence, collate, micro_batches, prompt_messages
 
+# oneDNN's ISA cap names (ONEDNN_MAX_CPU_ISA, or the older DNNL_MAX_CPU_ISA) below avx512_core_bf16. Under such a cap
+# torch still sends bf16 GEMMs to oneDNN, which then runs reference code: a 2048^3 bf16 matmul on 2 Xeon cores ran at
+# 0.3 GFLOP/s capped at AVX2, against 2800 uncapped and 439 in fp32 (which MKL runs, whatever oneDNN's cap).
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
 
-def native_bf16() -> bool:
-    """bf16 dot products in hardware: a GPU, or a CPU with avx512_bf16 or AMX (oneDNN then runs bf16 GEMMs)."""
+
+def native_bf16(env: Mapping[str, str] | None = None) -> bool:
+    """bf16 dot products in hardware: a GPU, or a CPU with avx512_bf16 or AMX (oneDNN then runs bf16 GEMMs) whose
+    oneDNN is not capped below them in ``env`` (the rank's environment; default: this process's)."""
     if torch.cuda.is_available():
         return True
+    env = os.environ if env is None else env
+    cap = (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap in ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
@@ -50,6 +64,19 @@ def uses_bf16(setting: bool | str) -> bool:
     if setting == "native":
         return gpu or (not torch.cuda.is_available() and native_bf16())
     return bool(setting)
+
+
+def check_ranks_agree_on_precision(phase: str, mine: str) -> None:
+    """'native' and 'auto' resolve on each rank's node: ranks on machines of different kinds (one CPU with bf16, one
+    without) would each compute in their own precision, a mix no phase key names. Every rank raises the same error."""
+    ranks = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(ranks, mine)
+    if len(set(ranks)) > 1:
+        seen = "; ".join(f"rank {i}: {p}" for i, p in enumerate(ranks))
+        raise ValueError(
+            f"phase {phase}: the ranks resolved training.deepspeed.bf16 to different precisions ({seen}); "
+            "set training.deepspeed.bf16 to true or false, or place the train pool on one kind of node"
+        )
 
 
 def deepspeed_bf16(setting: bool | str) -> bool:
@@ -229,6 +256,7 @@ class PhaseRunner:
         self.beat(0, "loading")
 
         deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo / NCCL)
+        check_ranks_agree_on_precision(spec["name"], precision_name(t["deepspeed"]))
         ds_config = deepspeed_config(t)
         ds_bf16 = deepspeed_bf16(t["deepspeed"]["bf16"])
         dtype = torch.bfloat16 if ds_bf16 else torch.float32
@@ -239,6 +267,8 @@ class PhaseRunner:
             spec["init_model"], dtype=dtype, trust_remote_code=spec.get("trust_remote_code", False)
         )
         model.config.use_cache = False
+        # transformers' causal LMs take logits_to_keep; a remote-code model may not, and then computes every logit
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.beat(0, "model loaded")
         if t["gradient_checkpointing"]:
             # Non-reentrant: recomputes each layer in backward under ZeRO-3's parameter gathers (the reentrant
@@ -398,19 +428,27 @@ class PhaseRunner:
             return contextlib.nullcontext()
         return self.compute.autocast()
 
+    def _logits(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits the loss reads, with their labels: where the model can keep fewer logits (``logits_to_keep``),
+        only the batch's trailing loss window (training.losses.loss_window), so the LM head and the fp32
+        log-softmax over the vocabulary skip the prompt positions every row of the batch has."""
+        labels, keep = batch["labels"], {}
+        if self.keeps_logits:
+            window = loss_window(labels)
+            labels, keep = labels[:, -window:], {"logits_to_keep": window}
+        with self._forward_precision():
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **keep).logits
+        return logits, labels
+
     def _sft_step(self, engine, items, indices, pad_id):
         batch = collate([items[i] for i in indices], pad_id)
-        with self._forward_precision():
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, _ = sft_loss(logits, batch["labels"])
+        loss, _ = sft_loss(*self._logits(engine, batch))
         return loss, {}, int(batch["attention_mask"].sum())
 
     def _pair_logps(self, engine, items, indices, pad_id) -> tuple[torch.Tensor, torch.Tensor, int]:
         sequences = [items[i][0] for i in indices] + [items[i][1] for i in indices]
         batch = collate(sequences, pad_id)
-        with self._forward_precision():
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps = sequence_logps(logits, batch["labels"])
+        logps = sequence_logps(*self._logits(engine, batch))
         return logps[: len(indices)], logps[len(indices) :], int(batch["attention_mask"].sum())
 
     def _spin_step(self, engine, items, indices, ref_logps, pad_id):
