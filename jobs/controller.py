@@ -110,9 +110,11 @@ def keyed_training_settings(training: dict, native: str | None = None) -> dict:
     elif "deepspeed" in settings and ds.get("bf16") not in (True, "native"):
         settings["deepspeed"] = {k: v for k, v in settings["deepspeed"].items() if k != "bf16_rounding"}
     elif settings.get("deepspeed", {}).get("bf16_rounding") == "stochastic":
-        # Since 2026-12-04 one draw per optimizer step, and frozen weights rounded once to nearest
-        # (training/precision.py): another model than the per-micro-step draw before, so those folders train again.
-        settings["deepspeed"] = {**settings["deepspeed"], "bf16_rounding_draw": "per_optimizer_step, frozen nearest"}
+        # Since 2026-12-04 one draw per optimizer step, and frozen weights rounded once to nearest; since 2026-12-04 #2
+        # the noise is a counter hash of (seed, step, layer, index), not torch's Mersenne Twister
+        # (training/precision.py): each is another model than the draw before, so those folders train again.
+        draw = "per_optimizer_step, counter hash, frozen nearest"
+        settings["deepspeed"] = {**settings["deepspeed"], "bf16_rounding_draw": draw}
     return settings
 
 

@@ -105,13 +105,41 @@ def label_accuracy(model, tok, rows, batch: int = 25) -> tuple[float, float]:
 
 
 def test_stochastic_rounding_is_unbiased_and_nearest_is_not():
-    weight = torch.full((200_000,), 1.0 + 2**-10)  # a quarter of the way between two bf16 values (spacing 2^-7)
-    rounded = stochastic_round_bf16(weight, torch.Generator().manual_seed(0)).float()
+    weight = torch.full((200_000,), 1.0 + 2**-10)  # an eighth of the way between two bf16 values (spacing 2^-7)
+    rounded = stochastic_round_bf16(weight, 0).float()
     assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
     assert abs(rounded.mean().item() - weight[0].item()) < 2e-5
     assert weight.to(torch.bfloat16).float().unique().tolist() == [1.0]  # nearest: the update is gone
     signs = torch.tensor([-3.0001, 3.0001, -0.5, 1e-30])
     assert torch.equal(stochastic_round_bf16(signs).float().sign(), signs.sign())
+    # every fraction rounds up as often as it says, in every layer's draw (the key), not only on average
+    fractions = torch.arange(1, 16) / 16
+    grid = (1.0 + fractions[:, None] * 2**-7).expand(15, 40_000).contiguous()
+    for key in (1, 2**40 + 7):
+        up = (stochastic_round_bf16(grid, key).float() > 1.0).float().mean(1)
+        torch.testing.assert_close(up, fractions, rtol=0, atol=0.01)
+
+
+def test_the_rounding_is_a_pure_function_of_its_key_and_the_fused_loop_gives_eager_bits():
+    """A phase resumed from a checkpoint, on another machine or thread count, draws the same rounding: the noise is
+    a counter hash of (key, index); torch.compile's fused loop must give exactly the eager function's bits."""
+    from training import precision
+    from training.precision import _round_bits
+
+    weight = torch.randn(3, 1000, 577)  # not a multiple of any vector width
+    bits = weight.view(-1).view(torch.int32)
+    for key in (0, 12345, 2**63 + 5):
+        halves = torch.tensor([key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF])
+        fused = stochastic_round_bf16(weight, key)
+        assert torch.equal(fused, _round_bits(bits, halves).view(weight.shape))
+        assert torch.equal(fused, stochastic_round_bf16(weight, key))  # the same draw again
+    assert not torch.equal(stochastic_round_bf16(weight, 1), stochastic_round_bf16(weight, 2))  # another draw
+    assert precision._compiled_round_bits is not _round_bits  # the fused loop ran, not the eager fallback
+    # each value lands on one of its two bf16 neighbours
+    rounded = stochastic_round_bf16(weight, 9).float()
+    below = weight.to(torch.bfloat16).float()
+    spacing = (below.abs() * 2**-7).clamp_min(1e-38)
+    assert ((rounded - weight).abs() <= spacing * 1.01).all()
 
 
 @native_bf16

@@ -341,7 +341,7 @@ def test_training_keys_hold_a_features_settings_only_where_the_phase_uses_it():
     assert native == keyed("training.deepspeed.bf16=native") != plain
     assert native["deepspeed"]["bf16_rounding"] == "stochastic"
     # not the older per-micro-step draw
-    assert native["deepspeed"]["bf16_rounding_draw"] == "per_optimizer_step, frozen nearest"
+    assert native["deepspeed"]["bf16_rounding_draw"] == "per_optimizer_step, counter hash, frozen nearest"
     assert keyed("training.deepspeed.bf16=native", "training.deepspeed.bf16_rounding=nearest") != native
     assert keyed("training.peft.enabled=true")["peft"]["r"] == 8
 
