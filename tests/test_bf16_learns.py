@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from training.losses import sft_loss
+from training.losses import loss_window, sft_loss
 from training.precision import Bf16Compute, stochastic_round_bf16
 
 native_bf16 = pytest.mark.skipif(
@@ -65,9 +65,10 @@ def sft(path, tok, rows, precision: str, steps: int, seed: int = 0):
             labels[k, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
         if compute is not None:
             compute.optimizer_step(step + 1)
+        window = loss_window(labels)  # logits only where the loss reads them, as the ranks compute them
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute is not None):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-        loss, _ = sft_loss(logits, labels)
+            logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=window).logits
+        loss, _ = sft_loss(logits, labels[:, -window:])
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -76,32 +77,35 @@ def sft(path, tok, rows, precision: str, steps: int, seed: int = 0):
     return losses, model
 
 
-def label_accuracy(model, tok, rows, batch: int = 25) -> tuple[float, float]:
-    """Accuracy by each label's log-likelihood (an fp32 forward, both labels of ``batch`` rows at once, right-padded),
-    and the fraction answered 'positive'."""
+def label_accuracy(model, tok, rows, batch: int = 50) -> tuple[float, float]:
+    """Accuracy by each label's log-likelihood (an fp32 forward of every (row, label) sequence, right-padded in
+    batches of similar length), and the fraction answered 'positive'. The LM head and log-softmax run only at the
+    label tokens' positions: the rest of the vocabulary projection (49k words at every position, padding included)
+    was most of this function's time."""
     labels = ("negative", "positive")
-    correct = positive = 0
+    label_ids = {label: tok(label, add_special_tokens=False)["input_ids"] for label in labels}
+    encoded = [(i, label, *encode(tok, row, label)) for i, row in enumerate(rows) for label in labels]
+    encoded.sort(key=lambda e: len(e[2]))  # similar lengths together: little padding
+    scores: dict[tuple[int, str], float] = {}
     model.eval()
-    for first in range(0, len(rows), batch):
-        chunk = rows[first : first + batch]
-        encoded = [(encode(tok, row, label), label) for row in chunk for label in labels]
-        width = max(len(ids) for (ids, _), _ in encoded)
-        input_ids = torch.full((len(encoded), width), tok.pad_token_id)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    for first in range(0, len(encoded), batch):
+        chunk = encoded[first : first + batch]
+        width = max(len(ids) for _, _, ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), tok.pad_token_id)
         mask = torch.zeros_like(input_ids)
-        for k, ((ids, _), _) in enumerate(encoded):
+        for k, (_, _, ids, _) in enumerate(chunk):
             input_ids[k, : len(ids)], mask[k, : len(ids)] = torch.tensor(ids), 1
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            logps = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
-        scores = []
-        for k, ((ids, prompt_len), label) in enumerate(encoded):
-            n = len(tok(label, add_special_tokens=False)["input_ids"])
-            targets = torch.tensor(ids[prompt_len : prompt_len + n])
-            scores.append(logps[k, prompt_len - 1 : prompt_len - 1 + n].gather(-1, targets[:, None]).sum().item())
-        for i, row in enumerate(chunk):
-            answer = labels[int(scores[2 * i + 1] > scores[2 * i])]
-            correct += answer == row["label"]
-            positive += answer == "positive"
-    return correct / len(rows), positive / len(rows)
+            hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            for k, (i, label, ids, prompt_len) in enumerate(chunk):
+                n = len(label_ids[label])
+                logps = head(hidden[k, prompt_len - 1 : prompt_len - 1 + n]).float().log_softmax(-1)
+                targets = torch.tensor(ids[prompt_len : prompt_len + n])
+                scores[i, label] = logps.gather(-1, targets[:, None]).sum().item()
+    answers = [labels[int(scores[i, "positive"] > scores[i, "negative"])] for i in range(len(rows))]
+    correct = sum(answer == row["label"] for answer, row in zip(answers, rows))
+    return correct / len(rows), answers.count("positive") / len(rows)
 
 
 def test_stochastic_rounding_is_unbiased_and_nearest_is_not():
@@ -148,8 +152,13 @@ def test_bf16_loss_curve_follows_fp32_with_stochastic_rounding_not_with_nearest(
     fp32, _ = sft(path, tok, sst2[0], "fp32", steps=4)
     stochastic, _ = sft(path, tok, sst2[0], "stochastic", steps=4)
     nearest, _ = sft(path, tok, sst2[0], "nearest", steps=4)
-    for step, (a, b) in enumerate(zip(fp32, stochastic)):
-        assert abs(b - a) <= 0.02 * a, (step, fp32, stochastic)
+    # The curve within 2% of fp32: its mean relative gap. One draw of the rounding moves single steps by more,
+    # either way: on the AVX-512 EPYC, -2.3% to +3.8% at single steps over 3 other draws x 6 steps and this one
+    # (-2.27% at step 2), each draw's mean within +-0.9% (NOTES.md "The bf16 loss curve on the AVX-512 EPYC").
+    # A step beyond 5% is no draw's noise.
+    gaps = [(b - a) / a for a, b in zip(fp32, stochastic)]
+    assert abs(sum(gaps) / len(gaps)) <= 0.02, (fp32, stochastic)
+    assert max(map(abs, gaps)) <= 0.05, (fp32, stochastic)
     # Round-to-nearest hides the first update from the forward (measured 0.76 vs fp32's 0.34 after one step).
     assert nearest[1] > 1.2 * fp32[1], (fp32, nearest)
 
