@@ -154,7 +154,7 @@ def test_bf16_loss_curve_follows_fp32_with_stochastic_rounding_not_with_nearest(
     nearest, _ = sft(path, tok, sst2[0], "nearest", steps=4)
     # The curve within 2% of fp32: its mean relative gap. One draw of the rounding moves single steps by more,
     # either way: on the AVX-512 EPYC, -2.3% to +3.8% at single steps over 3 other draws x 6 steps and this one
-    # (-2.27% at step 2), each draw's mean within +-0.9% (NOTES.md "The bf16 loss curve on the AVX-512 EPYC").
+    # (-2.27% at step 2), each draw's mean within +-0.9% (NOTES.md "Issue 32 on the AVX-512 EPYC").
     # A step beyond 5% is no draw's noise.
     gaps = [(b - a) / a for a, b in zip(fp32, stochastic)]
     assert abs(sum(gaps) / len(gaps)) <= 0.02, (fp32, stochastic)
